@@ -599,3 +599,21 @@ def test_schema_is_strict_everywhere():
 
     walk(copy.deepcopy(schema), "")
     assert not loose, f"object schemas without additionalProperties: false: {loose}"
+
+
+def test_readme_documents_every_value():
+    """The chart README's values table lists every leaf key of values.yaml."""
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict) and value and dotted not in ("resources", "podSecurityContext", "securityContext"):
+                walk(value, dotted + ".")
+            elif f"`{dotted}`" not in readme:
+                missing.append(dotted)
+
+    walk(values, "")
+    assert not missing, f"helm/dcam-stream/README.md lacks {missing}"
