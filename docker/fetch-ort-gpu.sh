@@ -6,9 +6,12 @@
 #   docker/fetch-ort-gpu.sh [DEST]
 #   ORT_VERSION=1.31.1        version of onnxruntime-gpu
 #   ORT_GPU_WHEEL=path.whl    use a local wheel instead of downloading one (offline builds, tests)
-#   TENSORRT_SPEC=tensorrt-cu13-libs==X.Y.Z
-#                             also put TensorRT's runtime libraries (libnvinfer*) in DEST/tensorrt;
-#                             pick the TensorRT major version this ONNX Runtime build links against
+#   TENSORRT_SPEC=tensorrt-cu13-libs==10.16.1.11
+#                             also put TensorRT's runtime libraries (libnvinfer, libnvonnxparser, ...)
+#                             in DEST/tensorrt. onnxruntime-gpu 1.31.1's TensorRT provider links
+#                             libnvinfer.so.10 + libnvonnxparser.so.10: TensorRT 10.x for CUDA 13.
+#                             PyPI only has sdists of these; the wheels come from NVIDIA's index:
+#   TENSORRT_INDEX_URL=https://pypi.nvidia.com   (extra index used for TENSORRT_SPEC)
 #   TENSORRT_WHEEL=path.whl   the same from a local wheel
 #
 # The CUDA execution provider needs CUDA 13 cuBLAS/cudart/cuRAND and cuDNN 9 at run time (the
@@ -54,6 +57,7 @@ TRT_WHEEL=${TENSORRT_WHEEL:-}
 if [ -z "$TRT_WHEEL" ] && [ -n "${TENSORRT_SPEC:-}" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.11 \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
+    --extra-index-url "${TENSORRT_INDEX_URL:-https://pypi.nvidia.com}" \
     -d "$tmp/trt" "$TENSORRT_SPEC"
   TRT_WHEEL=$(ls "$tmp"/trt/*.whl)
 fi
@@ -71,8 +75,9 @@ with zipfile.ZipFile(wheel) as z:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
             n += 1
-if not any(f.startswith("libnvinfer.so") for f in os.listdir(dest)):
-    sys.exit(f"{wheel}: no libnvinfer.so* inside")
+for lib in ("libnvinfer.so", "libnvonnxparser.so"):
+    if not any(f.startswith(lib) for f in os.listdir(dest)):
+        sys.exit(f"{wheel}: no {lib}* inside (the TensorRT provider needs it)")
 print(f"TensorRT: {n} libraries in {dest}")
 PY
 else

@@ -284,6 +284,7 @@ def test_fetch_ort_gpu_extracts_provider_libraries(tmp_path):
         capi + "onnxruntime_pybind11_state.so": b"python only",
     })
     trt = _wheel(tmp_path / "tensorrt_libs.whl", {"tensorrt_libs/libnvinfer.so.10": b"nvinfer",
+                                                 "tensorrt_libs/libnvonnxparser.so.10": b"parser",
                                                  "tensorrt_libs/__init__.py": b""})
     dest = tmp_path / "out"
     env = {**os.environ, "ORT_GPU_WHEEL": str(ort), "TENSORRT_WHEEL": str(trt), "ORT_VERSION": version}
@@ -295,6 +296,7 @@ def test_fetch_ort_gpu_extracts_provider_libraries(tmp_path):
                             "libonnxruntime_providers_cuda.so", "libonnxruntime_providers_tensorrt.so", "tensorrt"])
     assert (dest / "libonnxruntime.so").resolve().name == f"libonnxruntime.so.{version}"
     assert (dest / "tensorrt" / "libnvinfer.so.10").read_bytes() == b"nvinfer"
+    assert (dest / "tensorrt" / "libnvonnxparser.so.10").exists()
     # The Dockerfile's ORT_DYLIB_PATH names the file the script produced.
     env_cuda = env_of(runtime(DOCKER / "Dockerfile.cuda"))
     assert os.path.basename(env_cuda["ORT_DYLIB_PATH"]) in names
