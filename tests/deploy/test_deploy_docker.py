@@ -311,3 +311,13 @@ def test_fetch_ort_gpu_fails_without_cuda_provider(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "libonnxruntime_providers_cuda.so" in result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_rust_toolchain_meets_msrv(dockerfile):
+    cargo = tomllib.loads((REPO / "Cargo.toml").read_text())
+    msrv = tuple(int(x) for x in cargo["package"]["rust-version"].split("."))
+    build = parse(dockerfile)[1]
+    match = re.match(r"rust:(\d+)\.(\d+)", build["from"])
+    assert match, f"build stage should use an official rust image, got {build['from']}"
+    assert tuple(int(x) for x in match.groups()) >= msrv[:2]
