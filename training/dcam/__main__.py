@@ -1,0 +1,216 @@
+"""CLI: python -m dcam {train,evaluate,export,all,ablation} -- see training/README.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .backbones import build_teacher
+from .calibrate import DEFAULT_FPR, calibrate
+from .data import REPO_ROOT, discover_classes, load_test, load_train_val, resolve_data_root
+from .evaluate import evaluate_split, markdown_table, predict, synthetic_val_metrics, synthetic_val_split, write_reports
+from .export import export_onnx, run_onnx
+from .model import VARIANTS, DistillModel, load_checkpoint, save_checkpoint, variant_config
+from .train import cache_teacher, train
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-root", default=None, help="MVTec-layout root (default: ../shared/datasets from the repo root)")
+    p.add_argument("--classes", nargs="*", default=None, help="product classes (default: every class found)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="share of each class's train/good held out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default="dcam_fixed", choices=sorted(VARIANTS), help="method / ablation variant")
+    p.add_argument("--backbone", default=None, choices=["mobilenet_v2", "resnet18"])
+    p.add_argument("--teacher-weights", default=None, help="torchvision state dict for the teacher (needed for resnet18)")
+    p.add_argument("--input-size", type=int, default=None, help="S (default 256)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--no-attention", action="store_true", help="ablation: drop the CBAM blocks")
+    p.add_argument("--no-cos", action="store_true", help="ablation: drop the channel-wise cosine loss")
+    p.add_argument("--no-kl", action="store_true", help="ablation: drop the spatial KL loss")
+    p.add_argument("--max-per-class", type=int, default=None, help="cap train images per class (smoke runs)")
+    p.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="calibration: target false-positive rate on held-out good")
+
+
+def _classes(args) -> tuple[Path, list[str]]:
+    root = resolve_data_root(args.data_root)
+    classes = args.classes or discover_classes(root)
+    if not classes:
+        raise SystemExit(f"no classes with train/good images under {root}")
+    return root, classes
+
+
+def _config(args):
+    over = dict(backbone=args.backbone, input_size=args.input_size, temperature=args.temperature)
+    if args.no_attention:
+        over["attention"] = False
+    if args.no_cos:
+        over["w_cos"] = 0.0
+    if args.no_kl:
+        over["w_kl"] = 0.0
+    return variant_config(args.variant, **over)
+
+
+def cmd_train(args) -> Path:
+    root, classes = _classes(args)
+    cfg = _config(args)
+    out = Path(args.out or REPO_ROOT / "training" / "runs" / f"{args.variant}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[train] variant={args.variant} classes={classes} S={cfg.input_size} data={root}")
+    train_split, val_split = load_train_val(root, classes, cfg.input_size, args.val_fraction, args.seed,
+                                            not args.quiet, args.max_per_class)
+    print(f"[train] {len(train_split)} train / {len(val_split)} held-out good images")
+    model = DistillModel(cfg, args.teacher_weights)
+    info = train(model, train_split.images, val_split.images, args.epochs, args.batch_size, args.lr, args.seed,
+                 args.max_steps, not args.quiet)
+    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
+    cal = calibrate(val_scores, val_split.classes, args.fpr)
+    train_config = {**cfg.to_dict(), "variant": args.variant, "classes": classes, "epochs": args.epochs,
+                    "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam+cosine",
+                    "val_fraction": args.val_fraction, "seed": args.seed, "calibration_fpr": args.fpr,
+                    "n_train": len(train_split), "n_val": len(val_split), "steps": info["steps"],
+                    "best_epoch": info["best_epoch"], "train_time_s": info["train_time_s"],
+                    "hardware": f"CPU, {torch.get_num_threads()} threads"}
+    save_checkpoint(model, out / "model.pt", {"classes": classes, "calibration": cal, "train_config": train_config,
+                                              "teacher_weights": args.teacher_weights, "data_root": str(root)})
+    (out / "train.json").write_text(json.dumps({"train_config": train_config, **info, "calibration": cal}, indent=2))
+    print(f"[train] done in {info['train_time_s']:.0f}s, best epoch {info['best_epoch']}; checkpoint {out / 'model.pt'}")
+    print(f"[train] calibration: {json.dumps(cal)}")
+    return out / "model.pt"
+
+
+def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
+    ckpt_path = Path(checkpoint or args.checkpoint)
+    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
+    root = resolve_data_root(args.data_root or ckpt.get("data_root"))
+    classes = ckpt["classes"]
+    s = model.cfg.input_size
+    out = Path(args.out_eval or ckpt_path.parent / "eval")
+    _, val_split = load_train_val(root, classes, s, ckpt["train_config"]["val_fraction"], ckpt["train_config"]["seed"],
+                                  not args.quiet)
+    val_metrics = synthetic_val_metrics(model, val_split, not args.quiet)
+    test = load_test(root, classes, s, not args.quiet)
+    t0 = time.time()
+    metrics, maps, scores = evaluate_split(model, test, not args.quiet)
+    metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
+    metrics["val_synthetic"] = val_metrics
+    write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
+    print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
+    print(f"[evaluate] synthetic-validation mean: {val_metrics['mean']}; reports in {out}")
+    return metrics
+
+
+def cmd_export(args, checkpoint: Path | None = None) -> Path:
+    ckpt_path = Path(checkpoint or args.checkpoint)
+    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
+    metrics_path = Path(args.out_eval or ckpt_path.parent / "eval") / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic") if k in metrics}
+    out = Path(args.output)
+    export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"],
+                args.model_name, args.model_version)
+    # Parity check on random images: ONNX Runtime vs PyTorch.
+    imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
+    m_ort, s_ort = run_onnx(out, imgs)
+    m_pt, s_pt = predict(model, imgs, progress=False)
+    print(f"[export] {out} ({out.stat().st_size / 1e6:.1f} MB); ORT vs torch: max|dscore|={np.abs(s_ort - s_pt).max():.2e} "
+          f"max|dmap|={np.abs(m_ort - m_pt).max():.2e}")
+    return out
+
+
+def cmd_all(args) -> None:
+    ckpt = cmd_train(args)
+    cmd_evaluate(args, ckpt)
+    cmd_export(args, ckpt)
+
+
+def cmd_ablation(args) -> None:
+    """Train every variant on the same data, teacher cache, seed and budget; compare."""
+    root, classes = _classes(args)
+    s = args.input_size or 256
+    out = Path(args.out or REPO_ROOT / "training" / "runs" / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    train_split, val_split = load_train_val(root, classes, s, args.val_fraction, args.seed, not args.quiet, args.max_per_class)
+    test = load_test(root, classes, s, not args.quiet)
+    teacher = build_teacher(args.backbone or "mobilenet_v2", args.teacher_weights)
+    probe = DistillModel(variant_config("dcam", input_size=s, backbone=args.backbone), teacher=teacher)
+    t_train = cache_teacher(probe, train_split.images, progress=not args.quiet)
+    t_val = cache_teacher(probe, val_split.images, progress=not args.quiet)
+    t_synth = cache_teacher(probe, synthetic_val_split(val_split).images, progress=not args.quiet, dtype=torch.float32)
+    t_test = cache_teacher(probe, test.images, progress=not args.quiet, dtype=torch.float32)
+    results = json.loads((out / "ablation.json").read_text()) if (out / "ablation.json").exists() else {}
+    for name in args.variants:
+        if name in results:
+            continue
+        torch.manual_seed(args.seed)
+        model = DistillModel(variant_config(name, input_size=s, backbone=args.backbone), teacher=teacher)
+        print(f"[ablation] {name}")
+        info = train(model, train_split.images, val_split.images, args.epochs, args.batch_size, args.lr, args.seed,
+                     args.max_steps, not args.quiet, t_train=t_train, t_val=t_val)
+        val_m = synthetic_val_metrics(model, val_split, not args.quiet, t_cache=t_synth)
+        test_m, _, _ = evaluate_split(model, test, not args.quiet, t_cache=t_test)
+        results[name] = {"val_synthetic": val_m, "test": test_m, "train_time_s": info["train_time_s"],
+                         "best_epoch": info["best_epoch"], "steps": info["steps"], "config": model.cfg.to_dict()}
+        save_checkpoint(model, out / f"{name}.pt")
+        (out / "ablation.json").write_text(json.dumps(results, indent=2))
+        print(f"[ablation] {name}: val-synthetic {val_m['mean']} | test {test_m['mean']}")
+    (out / "ablation.md").write_text(ablation_table(results, classes))
+    print(ablation_table(results, classes))
+
+
+def ablation_table(results: dict, classes: list[str]) -> str:
+    head = "| variant | val-synth I-AUROC | val-synth P-AUROC | " + " | ".join(f"{c} I / P / PRO" for c in classes) + \
+           " | mean I-AUROC | mean P-AUROC | mean AU-PRO | train s |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in results.items():
+        v, t = r["val_synthetic"]["mean"], r["test"]
+        cells = [f"{t['per_class'][c]['image_auroc']:.1f} / {t['per_class'][c]['pixel_auroc']:.1f} / {t['per_class'][c]['au_pro']:.1f}"
+                 for c in classes]
+        lines.append(f"| {name} | {v['image_auroc']:.1f} | {v['pixel_auroc']:.1f} | " + " | ".join(cells) +
+                     f" | {t['mean']['image_auroc']:.1f} | {t['mean']['pixel_auroc']:.1f} | {t['mean']['au_pro']:.1f} | {r['train_time_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m dcam", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_train = sub.add_parser("train", help="train one student on all classes")
+    p_eval = sub.add_parser("evaluate", help="test-split metrics + reports for a checkpoint")
+    p_exp = sub.add_parser("export", help="export a checkpoint to ONNX (DESIGN.md section 1)")
+    p_all = sub.add_parser("all", help="train, evaluate and export")
+    p_abl = sub.add_parser("ablation", help="train and compare several variants on the same budget")
+    for p in (p_train, p_eval, p_exp, p_all, p_abl):
+        _data_args(p)
+    for p in (p_train, p_all, p_abl):
+        _train_args(p)
+        p.add_argument("--out", default=None, help="run directory (default training/runs/<name>-<time>)")
+    for p in (p_eval, p_exp):
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--teacher-weights", default=None)
+    for p in (p_eval, p_exp, p_all):
+        p.add_argument("--out-eval", default=None, help="report directory (default <run>/eval)")
+    for p in (p_exp, p_all):
+        p.add_argument("--output", default=str(REPO_ROOT / "models" / "dcam.onnx"))
+        p.add_argument("--model-name", default="dcam-mobilenetv2")
+        p.add_argument("--model-version", default=__version__)
+    p_abl.add_argument("--variants", nargs="+", default=["stfpm", "dcam", "dcam_fixed", "dcam_noatt", "dcam_cos", "dcam_kl"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "all": cmd_all, "ablation": cmd_ablation}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

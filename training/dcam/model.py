@@ -1,0 +1,131 @@
+"""Teacher-student model, its configuration and the named ablation variants."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .anomaly_map import AnomalyMap
+from .attention import CBAM
+from .backbones import build_backbone, build_teacher
+from .losses import channel_cosine_loss, position_cosine_loss, spatial_kl_loss, stfpm_loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "dcam"               # "dcam" (sum of maps) or "stfpm" (product of maps, STFPM loss)
+    backbone: str = "mobilenet_v2"
+    input_size: int = 256
+    attention: bool = True             # CBAM on each student scale before the losses (training only)
+    attend_teacher: bool = False       # also multiply the teacher map by the (detached) student CBAM masks
+    w_cos: float = 1.0                 # channel-wise cosine distance (over H*W)
+    w_kl: float = 1.0                  # spatial KL at temperature T
+    w_pos: float = 0.0                 # per-position cosine (over channels) on the raw, un-attended maps
+    temperature: float = 4.0
+    reduction: int = 4
+    scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    blur_sigma: float = 4.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Ablation variants; "dcam" is the method as specified in the paper/issue.
+VARIANTS: dict[str, ModelConfig] = {
+    "stfpm": ModelConfig(method="stfpm", attention=False, w_cos=0, w_kl=0),
+    "dcam": ModelConfig(),
+    "dcam_noatt": ModelConfig(attention=False),
+    "dcam_cos": ModelConfig(w_kl=0.0),
+    "dcam_kl": ModelConfig(w_cos=0.0),
+    # Fix for both DESIGN.md section 7 suspects: masks on teacher too, plus the per-position term on raw maps.
+    "dcam_fixed": ModelConfig(attend_teacher=True, w_pos=1.0),
+}
+
+
+def variant_config(name: str, **overrides) -> ModelConfig:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(VARIANTS[name], **overrides)
+
+
+class Normalize(nn.Module):
+    """uint8 NHWC RGB -> float NCHW, ImageNet-normalised (inside the exported graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+
+class DistillModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, teacher_weights: str | None = None, teacher: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.normalize = Normalize()
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.backbone, teacher_weights)
+        self.student = build_backbone(cfg.backbone)  # same architecture, random init
+        chans = self.student.channels
+        self.attention = nn.ModuleList(CBAM(c, cfg.reduction) for c in chans) if cfg.attention else None
+        self.anomaly_map = AnomalyMap(cfg.input_size, "prod" if cfg.method == "stfpm" else "sum", cfg.blur_sigma)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is frozen, BN statistics included
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, images_u8: torch.Tensor) -> list[torch.Tensor]:
+        return self.teacher(self.normalize(images_u8))
+
+    def loss(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        cfg, total, parts = self.cfg, 0.0, {"cos": 0.0, "kl": 0.0, "pos": 0.0, "stfpm": 0.0}
+        for i, (t, s, w) in enumerate(zip(t_feats, s_feats, cfg.scale_weights)):
+            if cfg.method == "stfpm":
+                terms = {"stfpm": stfpm_loss(t, s)}
+            else:
+                terms = {}
+                if cfg.w_pos:
+                    terms["pos"] = cfg.w_pos * position_cosine_loss(t, s)
+                ta, sa = t, s
+                if self.attention is not None:
+                    mc, ms = self.attention[i].masks(s)
+                    sa = s * mc * ms
+                    if cfg.attend_teacher:
+                        ta = t * (mc * ms).detach()
+                if cfg.w_cos:
+                    terms["cos"] = cfg.w_cos * channel_cosine_loss(ta, sa)
+                if cfg.w_kl:
+                    terms["kl"] = cfg.w_kl * spatial_kl_loss(ta, sa, cfg.temperature)
+            for k, v in terms.items():
+                parts[k] += float(v.detach()) * w
+                total = total + w * v
+        return total, parts
+
+    def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference path (attention dropped): uint8 NHWC -> (anomaly_map [N,S,S], score [N])."""
+        x = self.normalize(images_u8)
+        return self.anomaly_map(self.teacher(x), self.student(x))
+
+
+def save_checkpoint(model: DistillModel, path, extra: dict | None = None) -> None:
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+    torch.save({"config": model.cfg.to_dict(), "state_dict": state, **(extra or {})}, path)
+
+
+def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    cfgd = dict(ckpt["config"])
+    cfgd["scale_weights"] = tuple(cfgd["scale_weights"])
+    model = DistillModel(ModelConfig(**cfgd), teacher_weights or ckpt.get("teacher_weights"))
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    assert not unexpected and all(k.startswith("teacher.") for k in missing), (missing, unexpected)
+    model.eval()
+    return model, ckpt

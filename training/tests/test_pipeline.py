@@ -1,0 +1,98 @@
+"""Tiny end-to-end runs: train -> calibrate -> export -> ONNX Runtime parity; and the CLI."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from dcam.__main__ import main
+from dcam.calibrate import calibrate
+from dcam.data import load_test, load_train_val
+from dcam.evaluate import evaluate_split, predict
+from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
+from dcam.model import DistillModel, variant_config
+from dcam.train import train
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def trained(mvtec_root, tmp_path_factory):
+    classes = ["tile", "widget"]
+    tr, va = load_train_val(mvtec_root, classes, S, val_fraction=0.25, seed=0, progress=False)
+    model = DistillModel(variant_config("dcam_fixed", input_size=S))
+    info = train(model, tr.images, va.images, epochs=2, batch_size=4, progress=False, log=lambda *_: None)
+    _, val_scores = predict(model, va.images, progress=False)
+    cal = calibrate(val_scores, va.classes)
+    path = tmp_path_factory.mktemp("export") / "m.onnx"
+    export_onnx(model, path, classes, cal, {"mean": {}}, {"variant": "dcam_fixed"})
+    return model, path, classes, info
+
+
+@pytest.mark.parametrize("variant", ["stfpm", "dcam", "dcam_noatt", "dcam_cos", "dcam_kl", "dcam_fixed"])
+def test_every_variant_trains(variant, mvtec_root):
+    tr, va = load_train_val(mvtec_root, ["widget"], 32, val_fraction=0.25, seed=0, progress=False)
+    model = DistillModel(variant_config(variant, input_size=32))
+    info = train(model, tr.images, va.images, epochs=1, batch_size=3, max_steps=2, progress=False, log=lambda *_: None)
+    assert info["steps"] == 2 and np.isfinite(info["history"][0]["train_loss"])
+    maps, scores = predict(model, va.images, progress=False)
+    assert maps.shape == (len(va), 32, 32) and np.allclose(scores, maps.reshape(len(va), -1).max(1))
+
+
+def test_teacher_is_frozen(trained):
+    model = trained[0]
+    model.train()
+    assert not model.teacher.training and not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_export_contract(trained):
+    model, path, classes, _ = trained
+    assert check_contract(path) == []
+    meta = read_metadata(path)
+    assert json.loads(meta["dcam.classes"]) == classes and meta["dcam.input_size"] == str(S)
+    assert set(json.loads(meta["dcam.calibration"])) == {*classes, "_default"}
+    assert onnx.load(str(path)).opset_import[0].version >= 17
+    # the training-only attention is not in the graph
+    assert not any("attention" in i.name for i in onnx.load(str(path)).graph.initializer)
+
+
+def test_onnx_parity_and_dynamic_batch(trained, mvtec_root):
+    model, path, classes, _ = trained
+    test = load_test(mvtec_root, classes, S, progress=False)
+    m_pt, s_pt = predict(model, test.images, progress=False)
+    for bs in (1, 3, 8):
+        m_ort, s_ort = run_onnx(path, test.images, batch_size=bs)
+        assert m_ort.dtype == np.float32 and m_ort.shape == (len(test), S, S) and s_ort.shape == (len(test),)
+        assert np.abs(s_ort - s_pt).max() <= 1e-4
+        assert np.abs(m_ort - m_pt).max() <= 1e-3
+
+
+def test_evaluate_metrics(trained, mvtec_root):
+    model, _, classes, _ = trained
+    test = load_test(mvtec_root, classes, S, progress=False)
+    metrics, maps, scores = evaluate_split(model, test, progress=False)
+    assert set(metrics["per_class"]) == set(classes)
+    for k in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert 0 <= metrics["mean"][k] <= 100
+
+
+def test_cli_all(mvtec_root, tmp_path):
+    out = tmp_path / "run"
+    onnx_path = tmp_path / "cli.onnx"
+    main(["all", "--data-root", str(mvtec_root), "--input-size", "32", "--epochs", "1", "--max-steps", "2",
+          "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--output", str(onnx_path), "--quiet",
+          "--variant", "dcam"])
+    assert (out / "model.pt").exists() and (out / "eval" / "metrics.json").exists()
+    assert (out / "eval" / "overlays.png").exists() and (out / "eval" / "roc_widget.png").exists()
+    assert check_contract(onnx_path) == []
+    metrics = json.loads(read_metadata(onnx_path)["dcam.metrics"])
+    assert "image_auroc" in metrics["mean"]
+
+
+def test_cli_ablation(mvtec_root, tmp_path):
+    out = tmp_path / "abl"
+    main(["ablation", "--data-root", str(mvtec_root), "--input-size", "32", "--epochs", "1", "--max-steps", "1",
+          "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--quiet", "--variants", "stfpm", "dcam"])
+    res = json.loads((out / "ablation.json").read_text())
+    assert set(res) == {"stfpm", "dcam"} and "au_pro" in res["dcam"]["test"]["mean"]
+    assert "| stfpm |" in (out / "ablation.md").read_text()
