@@ -471,8 +471,12 @@ def test_rendered_config_passes_operator_config_check(values_set, tmp_path):
     """`dcam-stream config check` accepts the ConfigMap's TOML, with the env the pod would get."""
     name, values = values_set
     docs = manifests(values)
-    result = config_check(config_toml(docs), tmp_path, _pod_env(docs))
+    env = _pod_env(docs)
+    result = config_check(config_toml(docs), tmp_path, env)
     assert result.returncode == 0, f"{name}: config check failed:\n{result.stdout}\n{result.stderr}"
+    if "DCAM__DELIVERY__INSTANCE_ID" in env:
+        # The effective config carries the per-pod instance id (transactional id suffix).
+        assert 'instance_id = "rel-dcam-stream-0"' in result.stdout, result.stdout
 
 
 def test_config_check_rejects_unknown_key(tmp_path):
@@ -481,6 +485,8 @@ def test_config_check_rejects_unknown_key(tmp_path):
     result = config_check(bad, tmp_path)
     assert result.returncode != 0
     assert "bogus" in (result.stdout + result.stderr)
+    typo = config_check(config_toml(manifests({})), tmp_path, {"DCAM__KAFKA__SASL_PASWORD": "x"})
+    assert typo.returncode != 0, "a misspelt env override must be rejected too"
 
 
 def test_toml_writer_round_trips_values():
