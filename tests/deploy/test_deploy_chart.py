@@ -279,7 +279,7 @@ def test_probes_match_the_operator(values_set):
     expected_port = default_http_port()
     assert default_config()["telemetry"]["http_addr"].endswith(f":{expected_port}")
     assert ports["http"] == expected_port
-    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = c[probe]["httpGet"]
         assert get["path"] == path, probe
         assert get["port"] in ("http", expected_port), probe
