@@ -560,6 +560,8 @@ def test_schema_rejects_negative_batch_size(tmp_path):
     ({"heatmaps": {"storage": "s3"}}, "at '/heatmaps/s3/bucket': minLength"),
     ({"kafka": {"partitions": 0}}, "at '/kafka/partitions': minimum"),
     ({"replicaCount": "two"}, "at '/replicaCount'"),
+    ({"probes": {"liveness": {"path": "/health"}}}, "at '/probes/liveness/path': value must be one of '/healthz', '/readyz'"),
+    ({"config": {"telemetry": {"http_addr": "localhost:9464"}}}, "at '/config/telemetry/http_addr'"),
 ])
 def test_schema_rejects(values, expected):
     assert expected in _schema_error(values)
