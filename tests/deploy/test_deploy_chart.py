@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import tarfile
 import tomllib
 from typing import Any
 
@@ -625,3 +626,19 @@ def test_readme_documents_every_value():
 
     walk(values, "")
     assert not missing, f"helm/dcam-stream/README.md lacks {missing}"
+
+
+def test_package_and_render_archive(tmp_path):
+    """`helm package` works; the archive carries the schema and README but not the CI values."""
+    archive = helm().package(str(CHART), destination=str(tmp_path))
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "dcam-stream/values.schema.json" in names
+    assert "dcam-stream/README.md" in names
+    assert not [n for n in names if "/ci/" in n]
+    packaged = helm().Chart.load(archive)
+    try:
+        rendered = packaged.render(values={}, name=RELEASE, namespace="dcam")
+    finally:
+        packaged.close()
+    assert rendered.keys() == render({}).keys()
