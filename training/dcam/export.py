@@ -46,6 +46,13 @@ def export_onnx(model: DistillModel, path: str | Path, classes: list[str], calib
                           dynamic_axes={"image": {0: "N"}, "anomaly_map": {0: "N"}, "score": {0: "N"}},
                           do_constant_folding=True)
     proto = onnx.load(str(path))
+    # The TorchScript exporter leaves the outputs' spatial dims symbolic; pin them to S (only N is dynamic).
+    for out in proto.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for d in list(dims)[1:]:
+            d.ClearField("dim_param")
+            d.dim_value = s
+        dims[0].dim_param = "N"
     meta = {
         "dcam.format": FORMAT_VERSION,
         "dcam.input_size": str(s),
