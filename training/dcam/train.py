@@ -72,7 +72,7 @@ def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray,
             step += 1
             run_loss += float(loss.detach())
             n_done += 1
-            bar.set_postfix(loss=f"{float(loss):.4f}", **{k: f"{v:.3f}" for k, v in parts.items() if v})
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", **{k: f"{v:.3f}" for k, v in parts.items() if v})
         n_done = max(n_done, 1)
         val = val_discrepancy(model, val_images, t_val)
         history.append({"epoch": epoch + 1, "step": step, "train_loss": run_loss / n_done, "val_discrepancy": val,

@@ -33,7 +33,7 @@ def trained(mvtec_root, tmp_path_factory):
 def test_every_variant_trains(variant, mvtec_root):
     tr, va = load_train_val(mvtec_root, ["widget"], 32, val_fraction=0.25, seed=0, progress=False)
     model = DistillModel(variant_config(variant, input_size=32))
-    info = train(model, tr.images, va.images, epochs=1, batch_size=3, max_steps=2, progress=False, log=lambda *_: None)
+    info = train(model, tr.images, va.images, epochs=3, batch_size=3, max_steps=2, progress=False, log=lambda *_: None)
     assert info["steps"] == 2 and np.isfinite(info["history"][0]["train_loss"])
     maps, scores = predict(model, va.images, progress=False)
     assert maps.shape == (len(va), 32, 32) and np.allclose(scores, maps.reshape(len(va), -1).max(1))
