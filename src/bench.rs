@@ -1,0 +1,148 @@
+//! `dcam-stream bench`: in one run on one model, (a) raw ONNX Runtime throughput at several batch
+//! sizes and (b) end-to-end operator throughput through a broker at the same batch sizes, with
+//! the ratio (b)/(a). A table on stdout, never a timed assertion.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+
+use crate::config::{HeatmapPolicy, Settings};
+use crate::dataset::{self, Split};
+use crate::decode::Decoder;
+use crate::engine::Engine;
+use crate::operator::RunningOperator;
+use crate::produce::{self, WireFormat};
+
+pub struct BenchOptions {
+    pub dataset: std::path::PathBuf,
+    pub images: usize,
+    pub batches: Vec<usize>,
+    /// External brokers; default: librdkafka's in-process MockCluster.
+    pub brokers: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub batch: usize,
+    pub raw_ips: f64,
+    pub raw_p50_ms: f64,
+    pub raw_p99_ms: f64,
+    pub e2e_ips: f64,
+    pub e2e_p50_ms: f64,
+    pub e2e_p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// (a): batches of already-decoded images straight into the session. Latency is per batch.
+fn raw_throughput(engine: &Engine, inputs: &[Vec<u8>], batch: usize, total: usize) -> Result<(f64, f64, f64)> {
+    let mut buffer = Vec::new();
+    engine.run(0, &inputs[0].repeat(batch), batch)?; // warm this batch shape
+    let mut lat = Vec::new();
+    let started = Instant::now();
+    let mut done = 0;
+    while done < total {
+        buffer.clear();
+        for i in 0..batch {
+            buffer.extend_from_slice(&inputs[(done + i) % inputs.len()]);
+        }
+        let t = Instant::now();
+        engine.run(0, &buffer, batch)?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        done += batch;
+    }
+    let ips = done as f64 / started.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    Ok((ips, percentile(&lat, 0.5), percentile(&lat, 0.99)))
+}
+
+/// Returns the rows and the execution provider actually used.
+pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'static str)> {
+    let files = dataset::sample_per_class(dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)?, opts.images.div_ceil(2));
+    if files.is_empty() {
+        bail!("no images under {}", opts.dataset.display());
+    }
+    let files: Vec<_> = files.into_iter().cycle().take(opts.images).collect();
+    let mut engine_settings = settings.engine.clone();
+    engine_settings.sessions = 1;
+    let model = std::path::PathBuf::from(&settings.model.path);
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model, &engine_settings)).await??);
+    let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
+    let inputs: Vec<Vec<u8>> = files.iter().map(|f| decoder.decode_bytes(&std::fs::read(&f.path)?).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
+
+    let cluster = match &opts.brokers {
+        Some(_) => None,
+        None => Some(MockCluster::new(1)?),
+    };
+    let brokers = opts.brokers.clone().unwrap_or_else(|| cluster.as_ref().expect("mock").bootstrap_servers());
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("message.max.bytes", "20971520").create()?;
+    let mut rows = Vec::new();
+    for &batch in &opts.batches {
+        let e = engine.clone();
+        let inputs2 = inputs.clone();
+        let total = opts.images.max(batch * 4);
+        let (raw_ips, raw_p50, raw_p99) = tokio::task::spawn_blocking(move || raw_throughput(&e, &inputs2, batch, total)).await??;
+
+        // (b): the same images as Kafka events, published before the operator starts, so the
+        // clock measures the operator alone: consume → decode → batch → infer → publish → commit.
+        let run_id = rand::random::<u32>();
+        let (input, scores) = (format!("bench-images-{batch}-{run_id}"), format!("bench-scores-{batch}-{run_id}"));
+        if let Some(c) = &cluster {
+            c.create_topic(&input, 1, 1)?;
+            c.create_topic(&scores, 1, 1)?;
+        }
+        produce::publish(&producer, &input, &files, WireFormat::Raw).await?;
+        let mut s = settings.clone();
+        s.kafka.brokers = brokers.clone();
+        s.kafka.input_topics = vec![input.clone()];
+        s.kafka.group_id = format!("bench-{run_id}");
+        s.kafka.session_timeout_ms = s.kafka.session_timeout_ms.max(6000);
+        s.topics.scores = scores.clone();
+        s.topics.dead_letter = format!("{scores}.dlq");
+        s.batch.max_batch = batch;
+        s.batch.queue_capacity = s.batch.queue_capacity.max(batch * 4);
+        s.pipeline.max_in_flight = s.pipeline.max_in_flight.max(batch * 8);
+        s.heatmap.policy = HeatmapPolicy::None;
+        s.telemetry.http_addr = "127.0.0.1:0".into();
+        let started = Instant::now();
+        let op = RunningOperator::start(s, Some(engine.clone())).await?;
+        let records = crate::demo::read_scores(&brokers, &scores, files.len(), Duration::from_secs(1800)).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        op.stop().await?;
+        let mut lat: Vec<f64> = records.iter().map(|r| r.latency_ms.total).collect();
+        lat.sort_by(f64::total_cmp);
+        rows.push(Row {
+            batch,
+            raw_ips,
+            raw_p50_ms: raw_p50,
+            raw_p99_ms: raw_p99,
+            e2e_ips: records.len() as f64 / elapsed,
+            e2e_p50_ms: percentile(&lat, 0.5),
+            e2e_p99_ms: percentile(&lat, 0.99),
+        });
+        eprintln!("batch {batch}: done");
+    }
+    Ok((rows, engine.provider))
+}
+
+pub fn print_table(rows: &[Row], provider: &str, images: usize) {
+    println!("dcam-stream bench: {images} images per run, provider {provider}");
+    println!("(a) raw = ONNX Runtime session alone, pre-decoded input, latency per batch");
+    println!("(b) e2e = operator through the broker: consume, decode, batch, infer, publish, commit; latency per image\n");
+    println!("| batch | (a) raw img/s | (a) p50 ms | (a) p99 ms | (b) e2e img/s | (b) p50 ms | (b) p99 ms | (b)/(a) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} |",
+            r.batch, r.raw_ips, r.raw_p50_ms, r.raw_p99_ms, r.e2e_ips, r.e2e_p50_ms, r.e2e_p99_ms, r.e2e_ips / r.raw_ips
+        );
+    }
+}

@@ -1,0 +1,161 @@
+//! Image files on disk: a plain folder, or a dataset in MVTec AD layout
+//! (`<class>/{train,test}/<label>/*.png`), with class, label and a stable id from the path.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub class: Option<String>,
+    /// `good` or the defect name, when the layout says.
+    pub label: Option<String>,
+    pub image_id: String,
+}
+
+const EXTENSIONS: [&str; 8] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "gif", "webp"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || "._:-".contains(c) { c } else { '_' }).collect()
+}
+
+/// Which split of an MVTec-layout dataset to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Split {
+    Train,
+    Test,
+    All,
+}
+
+fn is_class_dir(p: &Path) -> bool {
+    p.join("test").is_dir() || p.join("train").is_dir()
+}
+
+/// Lists images under each path in a stable order (sorted), with metadata from the layout.
+pub fn list(paths: &[PathBuf], split: Split) -> Result<Vec<ImageFile>> {
+    let mut out = Vec::new();
+    for root in paths {
+        if root.is_file() {
+            out.push(plain(root, None));
+        } else if root.is_dir() {
+            if is_class_dir(root) {
+                list_class(root, split, &mut out);
+            } else {
+                let mut classes: Vec<PathBuf> = std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir() && is_class_dir(p)).collect();
+                classes.sort();
+                if classes.is_empty() {
+                    let class = root.file_name().and_then(|n| n.to_str()).map(str::to_string);
+                    for path in walk(root) {
+                        out.push(plain(&path, class.clone()));
+                    }
+                } else {
+                    for c in classes {
+                        list_class(&c, split, &mut out);
+                    }
+                }
+            }
+        } else {
+            bail!("{} does not exist", root.display());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_file() && is_image(e.path()))
+        .map(|e| e.into_path())
+        .collect();
+    files.sort();
+    files
+}
+
+fn plain(path: &Path, class: Option<String>) -> ImageFile {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let image_id = match &class {
+        Some(c) => sanitize(&format!("{c}-{stem}")),
+        None => sanitize(stem),
+    };
+    ImageFile { path: path.to_path_buf(), class, label: None, image_id }
+}
+
+fn list_class(class_dir: &Path, split: Split, out: &mut Vec<ImageFile>) {
+    let class = class_dir.file_name().and_then(|n| n.to_str()).unwrap_or("unknown").to_string();
+    let splits: &[&str] = match split {
+        Split::Train => &["train"],
+        Split::Test => &["test"],
+        Split::All => &["train", "test"],
+    };
+    for s in splits {
+        for path in walk(&class_dir.join(s)) {
+            let label = path.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).map(str::to_string);
+            let stem = path.file_stem().and_then(|x| x.to_str()).unwrap_or("image");
+            let image_id = sanitize(&format!("{class}-{s}-{}-{stem}", label.as_deref().unwrap_or("x")));
+            out.push(ImageFile { path, class: Some(class.clone()), label, image_id });
+        }
+    }
+}
+
+/// Takes up to `n` files per class, spread evenly over each class's list (so every label shows up).
+pub fn sample_per_class(files: Vec<ImageFile>, n: usize) -> Vec<ImageFile> {
+    let mut by_class: std::collections::BTreeMap<Option<String>, Vec<ImageFile>> = Default::default();
+    for f in files {
+        by_class.entry(f.class.clone()).or_default().push(f);
+    }
+    let mut out = Vec::new();
+    for (_, list) in by_class {
+        if list.len() <= n {
+            out.extend(list);
+        } else {
+            let step = list.len() as f64 / n as f64;
+            out.extend((0..n).map(|i| list[(i as f64 * step) as usize].clone()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mvtec_layout_gives_class_label_and_id() {
+        let dir = tempfile::tempdir().unwrap();
+        for p in ["bottle/test/good/000.png", "bottle/test/broken large/001.png", "bottle/train/good/002.png", "tile/test/crack/a.jpg", "tile/test/crack/notes.txt"] {
+            let path = dir.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"x").unwrap();
+        }
+        let files = list(&[dir.path().to_path_buf()], Split::Test).unwrap();
+        let ids: Vec<_> = files.iter().map(|f| f.image_id.as_str()).collect();
+        assert_eq!(ids, vec!["bottle-test-broken_large-001", "bottle-test-good-000", "tile-test-crack-a"]);
+        assert_eq!(files[0].label.as_deref(), Some("broken large"));
+        assert_eq!(files[2].class.as_deref(), Some("tile"));
+        assert_eq!(list(&[dir.path().join("bottle")], Split::All).unwrap().len(), 3);
+        for f in &files {
+            crate::event::validate_image_id(&f.image_id).unwrap();
+        }
+    }
+
+    #[test]
+    fn plain_folder_takes_class_from_its_name_and_sampling_spreads() {
+        let dir = tempfile::tempdir().unwrap();
+        let cam = dir.path().join("cam3");
+        std::fs::create_dir_all(&cam).unwrap();
+        for i in 0..10 {
+            std::fs::write(cam.join(format!("{i:02}.png")), b"x").unwrap();
+        }
+        let files = list(&[cam], Split::Test).unwrap();
+        assert_eq!(files.len(), 10);
+        assert_eq!(files[3].image_id, "cam3-03");
+        let s = sample_per_class(files, 5);
+        assert_eq!(s.iter().map(|f| f.image_id.as_str()).collect::<Vec<_>>(), vec!["cam3-00", "cam3-02", "cam3-04", "cam3-06", "cam3-08"]);
+    }
+}

@@ -1,0 +1,244 @@
+//! Delivery bookkeeping: which consumed offsets are finished, and how far each partition may be
+//! committed. An offset is committable only when it and every earlier consumed offset of its
+//! partition have all their outputs acknowledged (DESIGN.md §4).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub type PartitionKey = (String, i32);
+
+/// Identifies one consumed record; `generation` changes when the partition is (re)assigned,
+/// so completions from before a revoke/rewind are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    generation: u64,
+    pending: BTreeSet<i64>,
+    /// One past the highest offset registered in this generation.
+    next: Option<i64>,
+    /// Position last handed out for committing.
+    committed: Option<i64>,
+}
+
+impl PartitionState {
+    fn position(&self) -> Option<i64> {
+        match self.pending.first() {
+            Some(first) => Some(*first),
+            None => self.next,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    partitions: HashMap<PartitionKey, PartitionState>,
+    next_generation: u64,
+    in_flight: usize,
+}
+
+/// Thread-safe tracker shared by the source (register, commit) and the sinks (complete).
+#[derive(Debug, Default)]
+pub struct OffsetTracker {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts tracking a partition (on assignment); earlier tickets for it become stale.
+    pub fn assign(&self, topic: &str, partition: i32) {
+        let mut inner = self.inner.lock().expect("tracker");
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        if let Some(old) = inner.partitions.insert((topic.to_string(), partition), PartitionState { generation, ..Default::default() }) {
+            inner.in_flight -= old.pending.len();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Stops tracking a partition (revoked, or rewound after an aborted transaction).
+    pub fn forget(&self, topic: &str, partition: i32) {
+        let mut inner = self.inner.lock().expect("tracker");
+        if let Some(old) = inner.partitions.remove(&(topic.to_string(), partition)) {
+            inner.in_flight -= old.pending.len();
+        }
+        self.changed.notify_all();
+    }
+
+    /// Records a consumed offset. Offsets of a partition arrive in increasing order.
+    pub fn register(&self, topic: &str, partition: i32, offset: i64) -> Ticket {
+        let mut inner = self.inner.lock().expect("tracker");
+        let key = (topic.to_string(), partition);
+        if !inner.partitions.contains_key(&key) {
+            inner.next_generation += 1;
+            let generation = inner.next_generation;
+            inner.partitions.insert(key.clone(), PartitionState { generation, ..Default::default() });
+        }
+        let state = inner.partitions.get_mut(&key).expect("inserted");
+        let generation = state.generation;
+        let added = state.pending.insert(offset);
+        state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        if added {
+            inner.in_flight += 1;
+        }
+        Ticket { topic: topic.to_string(), partition, offset, generation }
+    }
+
+    /// Marks a ticket's outputs as acknowledged. Returns false for a stale ticket.
+    pub fn complete(&self, ticket: &Ticket) -> bool {
+        let mut inner = self.inner.lock().expect("tracker");
+        let Some(state) = inner.partitions.get_mut(&(ticket.topic.clone(), ticket.partition)) else {
+            return false;
+        };
+        if state.generation != ticket.generation || !state.pending.remove(&ticket.offset) {
+            return false;
+        }
+        inner.in_flight -= 1;
+        self.changed.notify_all();
+        true
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().expect("tracker").in_flight
+    }
+
+    /// Whether a ticket still belongs to the current assignment.
+    pub fn is_current(&self, ticket: &Ticket) -> bool {
+        let inner = self.inner.lock().expect("tracker");
+        inner.partitions.get(&(ticket.topic.clone(), ticket.partition)).is_some_and(|s| s.generation == ticket.generation)
+    }
+
+    /// Positions (next offset to read) that advanced since the last call: what to commit now.
+    pub fn take_commits(&self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
+        let mut inner = self.inner.lock().expect("tracker");
+        let mut out = Vec::new();
+        for (key, state) in inner.partitions.iter_mut().filter(|(k, _)| only.is_none_or(|o| o.contains(k))) {
+            if let Some(pos) = state.position() {
+                if state.committed.is_none_or(|c| pos > c) {
+                    state.committed = Some(pos);
+                    out.push((key.clone(), pos));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Current committable positions of the given partitions (or all), without marking them.
+    pub fn positions(&self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
+        let inner = self.inner.lock().expect("tracker");
+        let mut out: Vec<_> = inner
+            .partitions
+            .iter()
+            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
+            .filter_map(|(k, s)| s.position().map(|p| (k.clone(), p)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Marks positions as committed by the caller (after a successful commit).
+    pub fn mark_committed(&self, commits: &[(PartitionKey, i64)]) {
+        let mut inner = self.inner.lock().expect("tracker");
+        for (key, pos) in commits {
+            if let Some(s) = inner.partitions.get_mut(key) {
+                s.committed = Some(s.committed.map_or(*pos, |c| c.max(*pos)));
+            }
+        }
+    }
+
+    /// Waits until none of `partitions` (all if `None`) has pending work, or the timeout passes.
+    /// Returns whether they drained.
+    pub fn wait_drained(&self, partitions: Option<&[PartitionKey]>, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut inner = self.inner.lock().expect("tracker");
+        loop {
+            let busy = inner.partitions.iter().any(|(k, s)| !s.pending.is_empty() && partitions.is_none_or(|p| p.contains(k)));
+            if !busy {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            inner = self.changed.wait_timeout(inner, deadline - now).expect("tracker").0;
+        }
+    }
+
+    /// Waits until the in-flight count is below `limit` or the timeout passes.
+    pub fn wait_below(&self, limit: usize, timeout: Duration) -> bool {
+        let inner = self.inner.lock().expect("tracker");
+        let (inner, _) = self.changed.wait_timeout_while(inner, timeout, |i| i.in_flight >= limit).expect("tracker");
+        inner.in_flight < limit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_the_contiguous_finished_prefix() {
+        let t = OffsetTracker::new();
+        let a = t.register("img", 0, 10);
+        let b = t.register("img", 0, 11);
+        let c = t.register("img", 0, 12);
+        assert_eq!(t.take_commits(None), vec![(("img".into(), 0), 10)], "nothing finished: position stays at the first");
+        assert!(t.complete(&c));
+        assert!(t.complete(&b));
+        assert_eq!(t.take_commits(None), vec![], "10 is unfinished, so 11 and 12 cannot be committed");
+        assert!(t.complete(&a));
+        assert_eq!(t.take_commits(None), vec![(("img".into(), 0), 13)]);
+        assert_eq!(t.in_flight(), 0);
+        assert_eq!(t.take_commits(None), vec![], "no change, no commit");
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let t = OffsetTracker::new();
+        let a0 = t.register("img", 0, 5);
+        let _a1 = t.register("img", 1, 7);
+        t.complete(&a0);
+        assert_eq!(t.positions(None), vec![(("img".into(), 0), 6), (("img".into(), 1), 7)]);
+    }
+
+    #[test]
+    fn stale_tickets_after_reassignment_are_ignored() {
+        let t = OffsetTracker::new();
+        let old = t.register("img", 0, 1);
+        t.forget("img", 0);
+        assert_eq!(t.in_flight(), 0);
+        t.assign("img", 0);
+        let new = t.register("img", 0, 1);
+        assert!(!t.complete(&old), "completion from the revoked generation");
+        assert!(!t.is_current(&old));
+        assert_eq!(t.in_flight(), 1);
+        assert!(t.complete(&new));
+    }
+
+    #[test]
+    fn drain_wait_wakes_on_completion() {
+        let t = std::sync::Arc::new(OffsetTracker::new());
+        let tk = t.register("img", 0, 1);
+        assert!(!t.wait_drained(None, Duration::from_millis(20)));
+        let t2 = t.clone();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            t2.complete(&tk);
+        });
+        assert!(t.wait_drained(Some(&[("img".into(), 0)]), Duration::from_secs(5)));
+        h.join().unwrap();
+        assert!(t.wait_below(1, Duration::from_millis(1)));
+    }
+}

@@ -1,0 +1,132 @@
+//! `dcam-stream demo`: the embedded default. An in-process Kafka (librdkafka's MockCluster),
+//! real images published as events, the real operator scoring them, and a report read back
+//! from the scores topic. Needs nothing running beforehand.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+
+use crate::config::{HeatmapPolicy, Settings};
+use crate::dataset::{self, ImageFile, Split};
+use crate::event::ScoreRecord;
+use crate::operator::RunningOperator;
+use crate::produce::{self, WireFormat};
+
+pub struct DemoOptions {
+    pub dataset: PathBuf,
+    pub per_class: usize,
+    pub heatmaps: Option<PathBuf>,
+    pub partitions: i32,
+    pub quiet: bool,
+}
+
+/// Reads `n` score records from `topic` (any consumer group), or fails after `timeout`.
+pub async fn read_scores(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Result<Vec<ScoreRecord>> {
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("dcam-reader-{}", rand::random::<u32>()))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("only {} of {n} score records arrived on {topic} within {timeout:?}", out.len());
+        }
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(serde_json::from_slice(m.payload().unwrap_or_default()).context("score record is not valid JSON")?),
+            Ok(Err(e)) => tracing::debug!(error = %e, "reader error"),
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
+    let files = dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)
+        .with_context(|| format!("reading the demo dataset {} (use --dataset DIR)", opts.dataset.display()))?;
+    if files.is_empty() {
+        bail!("no images found under {}", opts.dataset.display());
+    }
+    let files = dataset::sample_per_class(files, opts.per_class);
+
+    let cluster = MockCluster::new(1).context("starting the in-process Kafka (MockCluster)")?;
+    let brokers = cluster.bootstrap_servers();
+    let topic = settings.kafka.input_topics[0].clone();
+    for t in [&topic, &settings.topics.scores, &settings.topics.dead_letter] {
+        cluster.create_topic(t, opts.partitions, 1)?;
+    }
+    let heatmaps = opts.heatmaps.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dcam-demo-heatmaps-{}", std::process::id())));
+    settings.kafka.brokers = brokers.clone();
+    settings.kafka.session_timeout_ms = settings.kafka.session_timeout_ms.max(6000);
+    settings.kafka.group_id = "dcam-demo".into();
+    settings.telemetry.http_addr = "127.0.0.1:0".into();
+    settings.heatmap.store = format!("file://{}", heatmaps.display());
+    if settings.heatmap.policy == HeatmapPolicy::None {
+        settings.heatmap.policy = HeatmapPolicy::Anomalies;
+    }
+
+    println!("dcam-stream demo: in-process Kafka at {brokers}, {} images from {}", files.len(), opts.dataset.display());
+    let op = RunningOperator::start(settings.clone(), None).await?;
+    println!(
+        "model {} v{} ({} classes, {}px) on {}; metrics at http://{}/metrics",
+        op.engine.info.name,
+        op.engine.info.version,
+        op.engine.info.classes.len(),
+        op.engine.info.input_size,
+        op.engine.provider,
+        op.http_addr
+    );
+    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("message.max.bytes", "20971520").create()?;
+    let started = Instant::now();
+    produce::publish(&producer, &topic, &files, WireFormat::Mixed).await?;
+    let records = read_scores(&brokers, &settings.topics.scores, files.len(), Duration::from_secs(600)).await?;
+    let elapsed = started.elapsed();
+    op.stop().await?;
+    report(&files, &records, elapsed, &heatmaps, opts.quiet);
+    Ok(())
+}
+
+fn report(files: &[ImageFile], records: &[ScoreRecord], elapsed: Duration, heatmaps: &std::path::Path, quiet: bool) {
+    let by_id: HashMap<&str, &ImageFile> = files.iter().map(|f| (f.image_id.as_str(), f)).collect();
+    let mut rows: Vec<&ScoreRecord> = records.iter().collect();
+    rows.sort_by(|a, b| a.image_id.cmp(&b.image_id));
+    if !quiet {
+        println!("\n{:<44} {:<14} {:<16} {:>6} {:>9}  {}", "image_id", "class", "truth", "score", "verdict", "heatmap");
+        for r in &rows {
+            let truth = by_id.get(r.image_id.as_str()).and_then(|f| f.label.clone()).unwrap_or_default();
+            let verdict = if r.is_anomaly { "ANOMALY" } else { "ok" };
+            let heat = r.heatmap_uri.as_deref().map_or("-".to_string(), |u| u.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"));
+            println!("{:<44} {:<14} {:<16} {:>6.3} {:>9}  {}", r.image_id, r.class.as_deref().unwrap_or("-"), truth, r.score, verdict, heat);
+        }
+    }
+    let anomalies = records.iter().filter(|r| r.is_anomaly).count();
+    let (mut correct, mut labelled) = (0, 0);
+    for r in records {
+        if let Some(label) = by_id.get(r.image_id.as_str()).and_then(|f| f.label.as_deref()) {
+            labelled += 1;
+            if (label != "good") == r.is_anomaly {
+                correct += 1;
+            }
+        }
+    }
+    let heatmap_count = records.iter().filter(|r| r.heatmap_uri.is_some()).count();
+    println!("\nsummary");
+    println!("  images scored     {}", records.len());
+    println!("  anomalies         {anomalies}");
+    if labelled > 0 {
+        println!("  agree with labels {correct}/{labelled} ({:.1}%)", 100.0 * correct as f64 / labelled as f64);
+    }
+    println!("  throughput        {:.1} images/s end to end ({:.1} s)", records.len() as f64 / elapsed.as_secs_f64(), elapsed.as_secs_f64());
+    println!("  heatmaps          {heatmap_count} PNGs under {}", heatmaps.display());
+}

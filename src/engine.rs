@@ -1,0 +1,188 @@
+//! Engine: ONNX Runtime sessions for the DCAM model (loaded dynamically, DESIGN.md §7).
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ort::ep::{self, ExecutionProvider as _};
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use ort::value::TensorRef;
+
+use crate::config::{EngineSettings, Provider};
+use crate::model::ModelInfo;
+
+static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
+
+/// Loads `libonnxruntime.so` once per process. A missing library becomes a clear error, not a panic.
+pub fn environment() -> Result<&'static ort::environment::Environment> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let path = std::env::var("ORT_DYLIB_PATH").unwrap_or_else(|_| default_dylib_path());
+    if !Path::new(&path).exists() {
+        bail!("ONNX Runtime library not found at {path:?}: run scripts/fetch-ort.sh or set ORT_DYLIB_PATH");
+    }
+    let builder = ort::init_from(&path).map_err(|e| anyhow!("cannot load ONNX Runtime from {path:?}: {e}"))?;
+    let env = builder.with_name("dcam-stream").build().map_err(|e| anyhow!("cannot create ONNX Runtime environment: {e}"))?;
+    Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// Next to the binary (container layout) or the repo's `.ort/` (development).
+fn default_dylib_path() -> String {
+    let beside_exe = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("libonnxruntime.so")));
+    match beside_exe {
+        Some(p) if p.exists() => p.display().to_string(),
+        _ => concat!(env!("CARGO_MANIFEST_DIR"), "/.ort/libonnxruntime.so").to_string(),
+    }
+}
+
+/// Model outputs for one batch.
+#[derive(Debug, Clone)]
+pub struct BatchOutput {
+    /// `n * size * size` raw anomaly maps, row-major per image.
+    pub maps: Vec<f32>,
+    pub scores: Vec<f32>,
+}
+
+pub struct Engine {
+    sessions: Vec<Mutex<Session>>,
+    pub info: ModelInfo,
+    /// The execution provider that actually serves the sessions.
+    pub provider: &'static str,
+}
+
+impl Engine {
+    pub fn load(model_path: &Path, settings: &EngineSettings) -> Result<Self> {
+        let env = environment()?;
+        if !model_path.exists() {
+            bail!("model file {} does not exist", model_path.display());
+        }
+        let mut sessions = Vec::new();
+        let mut provider = "cpu";
+        for _ in 0..settings.sessions {
+            let (session, used) = build_session(env, model_path, settings)?;
+            provider = used;
+            sessions.push(Mutex::new(session));
+        }
+        let info = {
+            let s = sessions[0].lock().expect("fresh mutex");
+            check_signature(&s)?;
+            let meta = s.metadata().map_err(|e| anyhow!("cannot read model metadata: {e}"))?;
+            ModelInfo::from_metadata(|k| meta.custom(k)).with_context(|| format!("model {} does not follow the contract", model_path.display()))?
+        };
+        Ok(Self { sessions, info, provider })
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn input_size(&self) -> u32 {
+        self.info.input_size
+    }
+
+    /// Runs `n` images (`n*S*S*3` RGB bytes) on session `slot`.
+    pub fn run(&self, slot: usize, images: &[u8], n: usize) -> Result<BatchOutput> {
+        let s = self.info.input_size as usize;
+        if images.len() != n * s * s * 3 {
+            bail!("batch buffer holds {} bytes, expected {}", images.len(), n * s * s * 3);
+        }
+        let mut session = self.sessions[slot % self.sessions.len()].lock().map_err(|_| anyhow!("session poisoned"))?;
+        let input = TensorRef::from_array_view(([n, s, s, 3], images)).map_err(|e| anyhow!("input tensor: {e}"))?;
+        let outputs = session.run(ort::inputs!["image" => input]).map_err(|e| anyhow!("inference failed: {e}"))?;
+        let (map_shape, maps) = outputs["anomaly_map"].try_extract_tensor::<f32>().map_err(|e| anyhow!("anomaly_map: {e}"))?;
+        let (_, scores) = outputs["score"].try_extract_tensor::<f32>().map_err(|e| anyhow!("score: {e}"))?;
+        if maps.len() != n * s * s || scores.len() != n {
+            bail!("model returned anomaly_map {:?} and {} scores for a batch of {n}", &**map_shape, scores.len());
+        }
+        Ok(BatchOutput { maps: maps.to_vec(), scores: scores.to_vec() })
+    }
+
+    /// Runs `batches` dummy batches of `batch` images so the first real request is not slow.
+    pub fn warm_up(&self, batch: usize, batches: usize) -> Result<()> {
+        let s = self.info.input_size as usize;
+        let zeros = vec![127u8; batch * s * s * 3];
+        for slot in 0..self.sessions.len() {
+            for _ in 0..batches {
+                self.run(slot, &zeros, batch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn build_session(env: &ort::environment::Environment, path: &Path, settings: &EngineSettings) -> Result<(Session, &'static str)> {
+    // Builder errors are not Send: turn them into strings before `?`.
+    let mut builder = Session::builder(env)
+        .map_err(|e| anyhow!("session builder: {e}"))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| anyhow!("optimization level: {e}"))?;
+    if settings.intra_threads > 0 {
+        builder = builder.with_intra_threads(settings.intra_threads).map_err(|e| anyhow!("intra threads: {e}"))?;
+    }
+    let provider = match settings.provider {
+        Provider::Cpu => "cpu",
+        Provider::Cuda | Provider::Tensorrt => {
+            let (name, dispatch) = gpu_provider(settings);
+            match dispatch.error_on_failure().register(&mut builder) {
+                Ok(()) => name,
+                Err(e) if settings.require_gpu => bail!("engine.provider = {name} could not be used and engine.require_gpu is set: {e}"),
+                Err(e) => {
+                    tracing::warn!(provider = name, error = %e, "GPU execution provider unavailable, falling back to CPU");
+                    "cpu"
+                }
+            }
+        }
+    };
+    let session = builder.commit_from_file(path).map_err(|e| anyhow!("cannot load model {}: {e}", path.display()))?;
+    Ok((session, provider))
+}
+
+fn gpu_provider(settings: &EngineSettings) -> (&'static str, ep::ExecutionProviderDispatch) {
+    match settings.provider {
+        Provider::Tensorrt => {
+            let mut trt = ep::TensorRT::default().with_device_id(settings.device_id).with_fp16(settings.trt_fp16);
+            if !settings.trt_engine_cache.is_empty() {
+                trt = trt.with_engine_cache(true).with_engine_cache_path(&settings.trt_engine_cache);
+            }
+            ("tensorrt", trt.build())
+        }
+        _ => ("cuda", ep::CUDA::default().with_device_id(settings.device_id).build()),
+    }
+}
+
+/// Whether a provider is compiled into the loaded ONNX Runtime library.
+pub fn provider_available(provider: Provider) -> bool {
+    match provider {
+        Provider::Cpu => true,
+        Provider::Cuda => ep::CUDA::is_available().unwrap_or(false),
+        Provider::Tensorrt => ep::TensorRT::is_available().unwrap_or(false),
+    }
+}
+
+/// Checks input/output names and element types against DESIGN.md §1.
+fn check_signature(session: &Session) -> Result<()> {
+    use ort::value::TensorElementType as T;
+    use ort::value::ValueType;
+    let want_in = [("image", T::Uint8)];
+    let want_out = [("anomaly_map", T::Float32), ("score", T::Float32)];
+    for (name, ty) in want_in {
+        let Some(input) = session.inputs().iter().find(|i| i.name() == name) else {
+            bail!("model has no input {name:?}");
+        };
+        match input.dtype() {
+            ValueType::Tensor { ty: t, .. } if *t == ty => {}
+            other => bail!("model input {name:?} is {other:?}, expected a {ty:?} tensor"),
+        }
+    }
+    for (name, ty) in want_out {
+        let Some(output) = session.outputs().iter().find(|o| o.name() == name) else {
+            bail!("model has no output {name:?}");
+        };
+        match output.dtype() {
+            ValueType::Tensor { ty: t, .. } if *t == ty => {}
+            other => bail!("model output {name:?} is {other:?}, expected a {ty:?} tensor"),
+        }
+    }
+    Ok(())
+}

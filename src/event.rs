@@ -1,0 +1,311 @@
+//! Event schemas (DESIGN.md §2, §3): parsing input events and the records we publish.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+/// Why an input went to the dead-letter topic; the wire value of `dcam-error-kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    Schema,
+    Decode,
+    TooLarge,
+    UnsupportedFormat,
+    Fetch,
+    Inference,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 6] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Schema => "schema",
+            Self::Decode => "decode",
+            Self::TooLarge => "too_large",
+            Self::UnsupportedFormat => "unsupported_format",
+            Self::Fetch => "fetch",
+            Self::Inference => "inference",
+        }
+    }
+}
+
+/// A failure that sends the input to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+/// Where an input came from; copied into every output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRef {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Broker or producer timestamp, milliseconds since the epoch.
+    pub timestamp: Option<i64>,
+}
+
+/// Where the image bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    Inline(Vec<u8>),
+    Uri(String),
+}
+
+/// An input event after schema parsing, before the image is decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageEvent {
+    pub image_id: String,
+    pub class: Option<String>,
+    pub image: ImageSource,
+    pub content_type: Option<String>,
+    pub captured_at: Option<String>,
+    pub attributes: serde_json::Value,
+}
+
+// Unknown top-level fields are ignored so producers can add fields without breaking us.
+#[derive(Deserialize)]
+struct Envelope {
+    image_id: Option<serde_json::Value>,
+    class: Option<String>,
+    image: Option<String>,
+    image_uri: Option<String>,
+    content_type: Option<String>,
+    captured_at: Option<String>,
+    #[serde(default)]
+    attributes: Option<serde_json::Value>,
+}
+
+pub const HEADER_IMAGE_ID: &str = "dcam-image-id";
+pub const HEADER_CLASS: &str = "dcam-class";
+
+/// Checks an id against DESIGN.md §2: 1–256 chars of `[A-Za-z0-9._:-]`.
+pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
+    let ok_len = (1..=256).contains(&id.len());
+    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        let shown: String = id.chars().take(64).collect();
+        Err(Rejection::new(ErrorKind::Schema, format!("invalid image_id {shown:?}: need 1-256 chars of [A-Za-z0-9._:-]")))
+    }
+}
+
+fn validate_class(class: &str) -> Result<(), Rejection> {
+    if class.is_empty() || class.len() > 128 || class.chars().any(|c| c.is_control()) {
+        return Err(Rejection::new(ErrorKind::Schema, "class must be 1-128 printable characters"));
+    }
+    Ok(())
+}
+
+/// Parses a Kafka record value (plus id/class headers) into an event.
+/// A value starting with `{` is a JSON envelope; anything else is raw image bytes.
+pub fn parse_event(value: Option<&[u8]>, header_id: Option<&str>, header_class: Option<&str>, source: &SourceRef) -> Result<ImageEvent, Rejection> {
+    let value = value.unwrap_or_default();
+    if value.is_empty() {
+        return Err(Rejection::new(ErrorKind::Schema, "empty payload"));
+    }
+    let first = value.iter().copied().find(|b| !b.is_ascii_whitespace());
+    if first == Some(b'{') {
+        parse_envelope(value)
+    } else {
+        let image_id = match header_id {
+            Some(id) => id.to_string(),
+            None => format!("{}-{}-{}", source.topic, source.partition, source.offset),
+        };
+        validate_image_id(&image_id)?;
+        if let Some(c) = header_class {
+            validate_class(c)?;
+        }
+        Ok(ImageEvent {
+            image_id,
+            class: header_class.map(str::to_string),
+            image: ImageSource::Inline(value.to_vec()),
+            content_type: None,
+            captured_at: None,
+            attributes: serde_json::Value::Null,
+        })
+    }
+}
+
+fn parse_envelope(value: &[u8]) -> Result<ImageEvent, Rejection> {
+    let env: Envelope = serde_json::from_slice(value).map_err(|e| Rejection::new(ErrorKind::Schema, format!("not a valid JSON envelope: {e}")))?;
+    let image_id = match env.image_id {
+        Some(serde_json::Value::String(s)) => s,
+        Some(other) => return Err(Rejection::new(ErrorKind::Schema, format!("image_id must be a string, got {other}"))),
+        None => return Err(Rejection::new(ErrorKind::Schema, "missing required field image_id")),
+    };
+    validate_image_id(&image_id)?;
+    if let Some(c) = &env.class {
+        validate_class(c)?;
+    }
+    let image = match (env.image, env.image_uri) {
+        (Some(b64), None) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| Rejection::new(ErrorKind::Decode, format!("image is not valid base64: {e}")))?;
+            if bytes.is_empty() {
+                return Err(Rejection::new(ErrorKind::Schema, "image is empty"));
+            }
+            ImageSource::Inline(bytes)
+        }
+        (None, Some(uri)) => ImageSource::Uri(uri),
+        (Some(_), Some(_)) => return Err(Rejection::new(ErrorKind::Schema, "exactly one of image and image_uri is allowed, got both")),
+        (None, None) => return Err(Rejection::new(ErrorKind::Schema, "one of image (base64) or image_uri is required")),
+    };
+    let attributes = env.attributes.unwrap_or(serde_json::Value::Null);
+    if !(attributes.is_null() || attributes.is_object()) {
+        return Err(Rejection::new(ErrorKind::Schema, "attributes must be a JSON object"));
+    }
+    Ok(ImageEvent { image_id, class: env.class, image, content_type: env.content_type, captured_at: env.captured_at, attributes })
+}
+
+/// Builds a JSON envelope (used by `produce` and the tests).
+pub fn envelope_json(image_id: &str, class: Option<&str>, bytes: &[u8], content_type: &str) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "image_id": image_id,
+        "image": base64::engine::general_purpose::STANDARD.encode(bytes),
+        "content_type": content_type,
+        "captured_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    });
+    if let Some(c) = class {
+        v["class"] = serde_json::Value::String(c.to_string());
+    }
+    serde_json::to_vec(&v).expect("json")
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// From the record's timestamp to the moment we consumed it.
+    pub queue: f64,
+    /// The batch's model run.
+    pub inference: f64,
+    /// From consume to publish.
+    pub total: f64,
+}
+
+/// One record on the scores topic (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRecord {
+    pub image_id: String,
+    pub class: Option<String>,
+    pub score: f32,
+    pub raw_score: f32,
+    pub threshold: f32,
+    pub is_anomaly: bool,
+    pub heatmap_uri: Option<String>,
+    pub model: ModelRef,
+    pub source: SourceRef,
+    pub scored_at: String,
+    pub latency_ms: Latency,
+    pub attributes: serde_json::Value,
+}
+
+/// Headers carried over to outputs and to dead letters.
+pub type Headers = Vec<(String, Vec<u8>)>;
+
+pub fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+    headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
+/// Dead-letter headers: the originals plus the error description.
+pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
+    let mut h: Headers = original.iter().filter(|(k, _)| !k.starts_with("dcam-error") && k != "dcam-source").cloned().collect();
+    h.push(("dcam-error-kind".into(), rejection.kind.as_str().as_bytes().to_vec()));
+    h.push(("dcam-error".into(), rejection.message.as_bytes().to_vec()));
+    h.push(("dcam-source".into(), format!("{}/{}/{}", source.topic, source.partition, source.offset).into_bytes()));
+    h
+}
+
+/// Keeps a copy of just the W3C trace headers, to continue the trace on outputs.
+pub fn trace_headers(headers: &Headers) -> BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == "traceparent" || k == "tracestate")
+        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src() -> SourceRef {
+        SourceRef { topic: "images".into(), partition: 2, offset: 41, timestamp: None }
+    }
+
+    #[test]
+    fn raw_bytes_take_id_from_header_or_position() {
+        let e = parse_event(Some(b"\x89PNG...."), Some("cam-1"), Some("bottle"), &src()).unwrap();
+        assert_eq!(e.image_id, "cam-1");
+        assert_eq!(e.class.as_deref(), Some("bottle"));
+        let e = parse_event(Some(b"\xff\xd8\xff"), None, None, &src()).unwrap();
+        assert_eq!(e.image_id, "images-2-41");
+        assert_eq!(e.class, None);
+    }
+
+    #[test]
+    fn envelope_round_trip() {
+        let v = envelope_json("a:b.c-1", Some("tile"), b"abc", "image/png");
+        let e = parse_event(Some(&v), None, None, &src()).unwrap();
+        assert_eq!(e.image_id, "a:b.c-1");
+        assert_eq!(e.image, ImageSource::Inline(b"abc".to_vec()));
+        assert_eq!(e.class.as_deref(), Some("tile"));
+    }
+
+    #[test]
+    fn malformed_envelopes_are_rejected_with_kind() {
+        let cases: Vec<(&[u8], ErrorKind, &str)> = vec![
+            (b"", ErrorKind::Schema, "empty"),
+            (b"{not json", ErrorKind::Schema, "JSON"),
+            (br#"{"image": "AAAA"}"#, ErrorKind::Schema, "image_id"),
+            (br#"{"image_id": "bad id!", "image": "AAAA"}"#, ErrorKind::Schema, "invalid image_id"),
+            (br#"{"image_id": 7, "image": "AAAA"}"#, ErrorKind::Schema, "string"),
+            (br#"{"image_id": "x", "image": "@@@"}"#, ErrorKind::Decode, "base64"),
+            (br#"{"image_id": "x"}"#, ErrorKind::Schema, "required"),
+            (br#"{"image_id": "x", "image": "AAAA", "image_uri": "file:///a"}"#, ErrorKind::Schema, "both"),
+            (br#"{"image_id": "x", "image": "AAAA", "attributes": [1]}"#, ErrorKind::Schema, "attributes"),
+        ];
+        for (value, kind, needle) in cases {
+            let err = parse_event(Some(value), None, None, &src()).unwrap_err();
+            assert_eq!(err.kind, kind, "{}", String::from_utf8_lossy(value));
+            assert!(err.message.contains(needle), "{} -> {}", String::from_utf8_lossy(value), err.message);
+        }
+        let long = "x".repeat(257);
+        assert!(validate_image_id(&long).is_err());
+        assert!(validate_image_id(&"x".repeat(256)).is_ok());
+    }
+
+    #[test]
+    fn dead_letter_headers_keep_originals() {
+        let orig: Headers = vec![("traceparent".into(), b"00-abc".to_vec()), ("dcam-error".into(), b"old".to_vec())];
+        let h = dead_letter_headers(&orig, &Rejection::new(ErrorKind::TooLarge, "12 MB"), &src());
+        assert_eq!(header_str(&h, "traceparent"), Some("00-abc"));
+        assert_eq!(header_str(&h, "dcam-error-kind"), Some("too_large"));
+        assert_eq!(header_str(&h, "dcam-error"), Some("12 MB"));
+        assert_eq!(header_str(&h, "dcam-source"), Some("images/2/41"));
+        assert_eq!(h.iter().filter(|(k, _)| k == "dcam-error").count(), 1);
+    }
+}

@@ -1,0 +1,75 @@
+//! librdkafka client configuration shared by the consumer, the producers and the tools.
+
+use rdkafka::ClientConfig;
+
+use crate::config::{KafkaSettings, OffsetReset, Settings};
+
+/// Connection and security settings, then the free-form pass-through (applied last, so it wins).
+pub fn base_config(k: &KafkaSettings) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers).set("client.id", &k.client_id).set("security.protocol", k.security_protocol.as_librdkafka());
+    let optional = [
+        ("sasl.mechanisms", &k.sasl_mechanism),
+        ("sasl.username", &k.sasl_username),
+        ("sasl.password", &k.sasl_password),
+        ("ssl.ca.location", &k.ssl_ca_location),
+        ("ssl.certificate.location", &k.ssl_certificate_location),
+        ("ssl.key.location", &k.ssl_key_location),
+        ("ssl.key.password", &k.ssl_key_password),
+    ];
+    for (key, value) in optional {
+        if !value.is_empty() {
+            c.set(key, value);
+        }
+    }
+    c
+}
+
+fn apply_extra(mut c: ClientConfig, k: &KafkaSettings) -> ClientConfig {
+    for (key, value) in &k.extra {
+        c.set(key, value);
+    }
+    c
+}
+
+/// Consumer in the operator's group with manual offset handling.
+pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
+    let k = &s.kafka;
+    let mut c = base_config(k);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", match k.auto_offset_reset {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        })
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        // Skip records of aborted upstream transactions.
+        .set("isolation.level", "read_committed")
+        // Bound librdkafka's prefetch: pausing is our back-pressure, not its buffers.
+        .set("queued.max.messages.kbytes", "32768")
+        .set("fetch.message.max.bytes", "16777216")
+        .set("max.poll.interval.ms", "300000");
+    apply_extra(c, k)
+}
+
+/// Idempotent producer; transactional when `transactional_id` is given.
+pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientConfig {
+    let k = &s.kafka;
+    let mut c = base_config(k);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "20971520")
+        .set("message.timeout.ms", "120000");
+    if let Some(id) = transactional_id {
+        c.set("transactional.id", id).set("transaction.timeout.ms", s.delivery.transaction_timeout_ms.to_string());
+    }
+    apply_extra(c, k)
+}
+
+/// The transactional id of an instance: stable across restarts of the same pod (KIP-447 fencing).
+pub fn transactional_id(s: &Settings) -> String {
+    format!("{}-{}", s.kafka.group_id, s.instance_id())
+}

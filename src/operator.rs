@@ -1,0 +1,189 @@
+//! The operator: wires source → pipeline → sink with telemetry, and shuts down in order.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, Producer};
+
+use crate::config::{DeliveryMode, HeatmapPolicy, Settings};
+use crate::delivery::OffsetTracker;
+use crate::engine::Engine;
+use crate::event::ModelRef;
+use crate::kafka;
+use crate::model::Scorer;
+use crate::pipeline::Pipeline;
+use crate::sink::{KafkaSink, Publisher, SinkSettings};
+use crate::source::{self, SourceContext, SourceOptions};
+use crate::store::BlobStore;
+use crate::telemetry::{Health, Metrics, ProviderLabels};
+use crate::transaction::Transactions;
+
+/// Loads the model named in the settings and warms it up (blocking; call off the executor).
+pub fn load_engine(settings: &Settings) -> Result<Arc<Engine>> {
+    let engine = Engine::load(Path::new(&settings.model.path), &settings.engine)?;
+    engine.warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches)?;
+    tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
+    Ok(Arc::new(engine))
+}
+
+pub struct RunningOperator {
+    shutdown: Arc<AtomicBool>,
+    source: Option<std::thread::JoinHandle<Result<()>>>,
+    pipeline: Option<Pipeline>,
+    producer: FutureProducer,
+    http: tokio::task::JoinHandle<()>,
+    pub http_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub engine: Arc<Engine>,
+    pub heatmap_store: Option<String>,
+}
+
+impl RunningOperator {
+    /// Starts everything; returns once the consumer is subscribed and `/readyz` is ready.
+    pub async fn start(settings: Settings, engine: Option<Arc<Engine>>) -> Result<Self> {
+        let metrics = Metrics::new();
+        let health = Health::new();
+        let listener = tokio::net::TcpListener::bind(&settings.telemetry.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on telemetry.http_addr {}", settings.telemetry.http_addr))?;
+        let http_addr = listener.local_addr()?;
+        let http = {
+            let (m, h) = (metrics.clone(), health.clone());
+            tokio::spawn(async move {
+                if let Err(e) = crate::telemetry::serve_http(listener, m, h).await {
+                    tracing::error!(error = %e, "http server stopped");
+                }
+            })
+        };
+        let engine = match engine {
+            Some(e) => e,
+            None => {
+                let s = settings.clone();
+                tokio::task::spawn_blocking(move || load_engine(&s)).await??
+            }
+        };
+        metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
+        let store = match settings.heatmap.policy {
+            HeatmapPolicy::None => None,
+            _ => Some(BlobStore::from_settings(&settings.heatmap)?),
+        };
+        let heatmap_store = store.as_ref().map(BlobStore::describe);
+        let tracker = Arc::new(OffsetTracker::new());
+        let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
+        let model = ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() };
+
+        let (producer, transactions, publisher) = match settings.delivery.mode {
+            DeliveryMode::AtLeastOnce => {
+                let p: FutureProducer = kafka::producer_config(&settings, None).create().context("creating the producer")?;
+                (p.clone(), None, Publisher::Direct(p))
+            }
+            DeliveryMode::ExactlyOnce => {
+                let id = kafka::transactional_id(&settings);
+                let p: FutureProducer = kafka::producer_config(&settings, Some(&id)).create().context("creating the transactional producer")?;
+                let (t, m, timeout) = (tracker.clone(), metrics.clone(), Duration::from_millis(settings.delivery.transaction_timeout_ms));
+                let p2 = p.clone();
+                let tx = tokio::task::spawn_blocking(move || Transactions::new(p2, t, m, timeout)).await?.map_err(|e| anyhow!("{e}"))?;
+                tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
+                let tx = Arc::new(tx);
+                let buffer = tx.buffer.clone();
+                (p, Some(tx), Publisher::Transactional(buffer))
+            }
+        };
+        let sink = KafkaSink::new(
+            SinkSettings::from_settings(&settings, model),
+            scorer,
+            store,
+            publisher,
+            tracker.clone(),
+            metrics.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        let pipeline = Pipeline::start(engine.clone(), &settings.decode, &settings.batch, metrics.clone(), Arc::new(sink));
+
+        let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
+            .create_with_context(SourceContext::new(tracker, transactions))
+            .context("creating the consumer")?;
+        let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).context("subscribing")?;
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let source = {
+            let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
+            let opts = SourceOptions { max_in_flight: settings.pipeline.max_in_flight, commit_interval: Duration::from_millis(settings.delivery.commit_interval_ms) };
+            std::thread::Builder::new().name("source".into()).spawn(move || {
+                let result = source::run(&consumer, &submit, &opts, &shutdown, &metrics, &health);
+                drop(consumer); // leaves the group
+                result
+            })?
+        };
+        health.set_ready(
+            true,
+            serde_json::json!({
+                "provider": engine.provider,
+                "model": {"name": engine.info.name, "version": engine.info.version, "classes": engine.info.classes, "input_size": engine.info.input_size},
+                "topics": topics,
+                "delivery": settings.delivery.mode,
+            }),
+        );
+        tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running");
+        Ok(Self { shutdown, source: Some(source), pipeline: Some(pipeline), producer, http, http_addr, metrics, health, engine, heatmap_store })
+    }
+
+    /// Asks the operator to stop; `wait` then drains and commits.
+    pub fn request_stop(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs until a stop request (or a fatal source error), then shuts down in order:
+    /// stop fetching → finish in-flight → publish → commit → leave the group.
+    pub async fn wait(mut self) -> Result<()> {
+        let source = self.source.take().expect("source thread");
+        let shutdown = self.shutdown.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let r = source.join().map_err(|_| anyhow!("source thread panicked")).and_then(|r| r);
+            shutdown.store(true, Ordering::SeqCst);
+            r
+        })
+        .await?;
+        self.health.set_ready(false, serde_json::json!({"state": "stopping"}));
+        if let Some(p) = self.pipeline.take() {
+            tokio::task::spawn_blocking(move || p.finish()).await?;
+        }
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30))).await?.ok();
+        self.http.abort();
+        result
+    }
+
+    /// Stop and wait.
+    pub async fn stop(self) -> Result<()> {
+        self.request_stop();
+        self.wait().await
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// `dcam-stream run`: runs until SIGTERM/SIGINT or a fatal error.
+pub async fn run(settings: Settings) -> Result<()> {
+    let op = RunningOperator::start(settings, None).await?;
+    let stop = op.shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.store(true, Ordering::SeqCst);
+    });
+    op.wait().await
+}

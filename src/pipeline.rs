@@ -1,0 +1,221 @@
+//! The processing stages between the source and the sink:
+//! decode pool → dynamic batcher → engine workers, all on plain threads so the async executor
+//! only ever does I/O. Every job leaves as exactly one `Outcome`, success or rejection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use crate::config::{BatchSettings, DecodeSettings};
+use crate::decode::{Decoder, ModelInput};
+use crate::delivery::Ticket;
+use crate::engine::Engine;
+use crate::event::{parse_event, ErrorKind, Headers, ImageEvent, ImageSource, Rejection, SourceRef, HEADER_CLASS, HEADER_IMAGE_ID};
+use crate::telemetry::Metrics;
+
+/// One consumed record, from the source to its outcome.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub ticket: Ticket,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Headers,
+    /// Record timestamp (ms since epoch), if the broker gave one.
+    pub timestamp: Option<i64>,
+    pub consumed_at: Instant,
+}
+
+impl Job {
+    /// A copy for bookkeeping, without the payload bytes.
+    pub fn without_payload(&self) -> Job {
+        Job { ticket: self.ticket.clone(), key: self.key.clone(), value: None, headers: self.headers.clone(), timestamp: self.timestamp, consumed_at: self.consumed_at }
+    }
+
+    pub fn source(&self) -> SourceRef {
+        SourceRef { topic: self.ticket.topic.clone(), partition: self.ticket.partition, offset: self.ticket.offset, timestamp: self.timestamp }
+    }
+}
+
+/// A scored image.
+#[derive(Debug)]
+pub struct Scored {
+    pub job: Job,
+    pub event: ImageEvent,
+    pub input: ModelInput,
+    pub raw_score: f32,
+    pub map: Vec<f32>,
+    pub inference_ms: f64,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Scored(Box<Scored>),
+    Rejected { job: Job, rejection: Rejection },
+}
+
+impl Outcome {
+    pub fn job(&self) -> &Job {
+        match self {
+            Outcome::Scored(s) => &s.job,
+            Outcome::Rejected { job, .. } => job,
+        }
+    }
+}
+
+/// Where outcomes go: the Kafka sink, or a collector for offline scoring and tests.
+pub trait OutcomeSink: Send + Sync + 'static {
+    fn accept(&self, outcome: Outcome);
+}
+
+impl OutcomeSink for Sender<Outcome> {
+    fn accept(&self, outcome: Outcome) {
+        let _ = self.send(outcome);
+    }
+}
+
+struct Decoded {
+    job: Job,
+    event: ImageEvent,
+    input: ModelInput,
+}
+
+/// Handle to running stages. Dropping every clone of the submitter shuts them down in order.
+pub struct Pipeline {
+    submit: Option<Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    pub fn start(engine: Arc<Engine>, decode: &DecodeSettings, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+        let workers = if decode.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decode.workers };
+        let (submit, jobs) = bounded::<Job>(batch.queue_capacity);
+        let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
+        let (to_engine, batches) = bounded::<Vec<Decoded>>(engine.session_count());
+        let decoder = Arc::new(Decoder::new(decode.clone(), engine.input_size()));
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let (jobs, to_batch, decoder, sink, metrics) = (jobs.clone(), to_batch.clone(), decoder.clone(), sink.clone(), metrics.clone());
+            threads.push(spawn(format!("decode-{i}"), move || decode_loop(jobs, to_batch, &decoder, &*sink, &metrics)));
+        }
+        drop(to_batch);
+        let settings = batch.clone();
+        let m = metrics.clone();
+        threads.push(spawn("batcher".into(), move || batch_loop(decoded, to_engine, &settings, &m)));
+        for slot in 0..engine.session_count() {
+            let (batches, engine, sink, metrics) = (batches.clone(), engine.clone(), sink.clone(), metrics.clone());
+            threads.push(spawn(format!("engine-{slot}"), move || engine_loop(slot, batches, &engine, &*sink, &metrics)));
+        }
+        Self { submit: Some(submit), threads }
+    }
+
+    /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        self.submit.as_ref().expect("open").send(job).map_err(|e| e.0)
+    }
+
+    pub fn submitter(&self) -> Sender<Job> {
+        self.submit.as_ref().expect("open").clone()
+    }
+
+    /// Closes the input and waits until every submitted job has reached the sink.
+    pub fn finish(mut self) {
+        self.submit.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new().name(name).spawn(f).expect("spawn pipeline thread")
+}
+
+/// Parses and decodes one job; the image bytes are dropped once decoded.
+pub fn prepare(job: &mut Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput), Rejection> {
+    let value = job.value.as_deref();
+    // Base64 inflates by 4/3; anything beyond that is over the limit whatever it holds.
+    let limit = decoder.max_payload_bytes() / 3 * 4 + 64 * 1024;
+    if value.map_or(0, <[u8]>::len) > limit {
+        return Err(Rejection::new(ErrorKind::TooLarge, format!("record value is {} bytes, over the limit for decode.max_payload_bytes", value.map_or(0, <[u8]>::len))));
+    }
+    let id = crate::event::header_str(&job.headers, HEADER_IMAGE_ID);
+    let class = crate::event::header_str(&job.headers, HEADER_CLASS);
+    let mut event = parse_event(value, id, class, &job.source())?;
+    let input = decoder.decode(&event.image)?;
+    event.image = ImageSource::Inline(Vec::new());
+    Ok((event, input))
+}
+
+fn decode_loop(jobs: Receiver<Job>, to_batch: Sender<Decoded>, decoder: &Decoder, sink: &dyn OutcomeSink, metrics: &Metrics) {
+    for mut job in jobs {
+        match prepare(&mut job, decoder) {
+            Ok((event, input)) => {
+                job.value = None;
+                metrics.queue_depth.inc();
+                if to_batch.send(Decoded { job, event, input }).is_err() {
+                    return;
+                }
+            }
+            Err(rejection) => sink.accept(Outcome::Rejected { job, rejection }),
+        }
+    }
+}
+
+/// Triton-style dynamic batching: a batch closes when full or `max_delay_ms` after its first item.
+fn batch_loop(decoded: Receiver<Decoded>, to_engine: Sender<Vec<Decoded>>, settings: &BatchSettings, metrics: &Metrics) {
+    let max_delay = Duration::from_millis(settings.max_delay_ms);
+    loop {
+        let Ok(first) = decoded.recv() else { return };
+        let deadline = Instant::now() + max_delay;
+        let mut batch = vec![first];
+        let mut closed = false;
+        while batch.len() < settings.max_batch {
+            match decoded.recv_deadline(deadline) {
+                Ok(item) => batch.push(item),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        metrics.queue_depth.dec_by(batch.len() as i64);
+        metrics.batch_size.observe(batch.len() as f64);
+        metrics.batches.inc();
+        metrics.batched_images.inc_by(batch.len() as u64);
+        if to_engine.send(batch).is_err() || closed {
+            return;
+        }
+    }
+}
+
+fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, engine: &Engine, sink: &dyn OutcomeSink, metrics: &Metrics) {
+    let s = engine.input_size() as usize;
+    let mut buffer = Vec::new();
+    for batch in batches {
+        buffer.clear();
+        for d in &batch {
+            buffer.extend_from_slice(&d.input.rgb);
+        }
+        let started = Instant::now();
+        let result = engine.run(slot, &buffer, batch.len());
+        let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
+        metrics.inference_seconds.observe(inference_ms / 1000.0);
+        match result {
+            Ok(out) => {
+                for (i, d) in batch.into_iter().enumerate() {
+                    let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
+                    let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
+                    sink.accept(Outcome::Scored(Box::new(scored)));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, size = batch.len(), "inference failed; dead-lettering the batch");
+                for d in batch {
+                    sink.accept(Outcome::Rejected { job: d.job, rejection: Rejection::new(ErrorKind::Inference, format!("{e:#}")) });
+                }
+            }
+        }
+    }
+}

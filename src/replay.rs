@@ -1,0 +1,296 @@
+//! `dcam-stream replay`: re-scores a time range of a topic (or a folder/dataset) with any model.
+//! Start offsets come from `offsets_for_times`, end offsets are fixed when the replay starts, and
+//! the replay reads with explicit assignment and a group of its own that never commits, so the
+//! live group's offsets are never touched. Heatmaps go under `replay/<replay id>/...`.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{HeatmapPolicy, Settings};
+use crate::delivery::OffsetTracker;
+use crate::event::ModelRef;
+use crate::kafka;
+use crate::model::Scorer;
+use crate::pipeline::Pipeline;
+use crate::sink::{KafkaSink, Publisher, SinkSettings};
+use crate::source::job_from_message;
+use crate::store::BlobStore;
+use crate::telemetry::Metrics;
+
+pub struct ReplayRequest {
+    pub input_topic: String,
+    pub from: DateTime<Utc>,
+    pub to: Option<DateTime<Utc>>,
+    pub partitions: Option<Vec<i32>>,
+    pub output_topic: String,
+    pub dead_letter_topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub records: u64,
+    pub scored: u64,
+    pub anomalies: u64,
+    pub dead_letters: u64,
+    pub duration: Duration,
+    /// Per partition: [start, end) offsets replayed.
+    pub ranges: BTreeMap<i32, (i64, i64)>,
+}
+
+impl std::fmt::Display for ReplaySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replayed {} records ({} scored, {} anomalies, {} dead letters) in {:.1}s; ranges {:?}",
+            self.records,
+            self.scored,
+            self.anomalies,
+            self.dead_letters,
+            self.duration.as_secs_f64(),
+            self.ranges
+        )
+    }
+}
+
+/// A stable id for a replay request, so re-running it overwrites the same heatmaps.
+pub fn replay_id(req: &ReplayRequest, model_version: &str) -> String {
+    let to = req.to.map_or("end".to_string(), |t| t.timestamp_millis().to_string());
+    let parts = req.partitions.as_ref().map_or("all".to_string(), |p| p.iter().map(i32::to_string).collect::<Vec<_>>().join("."));
+    format!("{}-{}-{to}-{parts}-{}", req.input_topic, req.from.timestamp_millis(), model_version)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .collect()
+}
+
+/// Resolves [start, end) offsets per partition for the time range.
+fn resolve_ranges(consumer: &BaseConsumer, req: &ReplayRequest) -> Result<BTreeMap<i32, (i64, i64)>> {
+    let timeout = Duration::from_secs(15);
+    let md = consumer.fetch_metadata(Some(&req.input_topic), timeout).context("fetching topic metadata")?;
+    let topic = md.topics().first().ok_or_else(|| anyhow!("topic {} not found", req.input_topic))?;
+    if topic.partitions().is_empty() {
+        bail!("topic {} has no partitions (does it exist?)", req.input_topic);
+    }
+    let all: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+    let partitions = match &req.partitions {
+        Some(p) => {
+            for x in p {
+                if !all.contains(x) {
+                    bail!("partition {x} does not exist in {} (has {all:?})", req.input_topic);
+                }
+            }
+            p.clone()
+        }
+        None => all,
+    };
+    let lookup = |at: DateTime<Utc>| -> Result<BTreeMap<i32, Option<i64>>> {
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&req.input_topic, *p, Offset::Offset(at.timestamp_millis()))?;
+        }
+        let found = consumer.offsets_for_times(tpl, timeout).context("offsets_for_times")?;
+        Ok(found.elements().iter().map(|e| (e.partition(), e.offset().to_raw().filter(|o| *o >= 0))).collect())
+    };
+    let starts = lookup(req.from)?;
+    let ends = match req.to {
+        Some(to) => Some(lookup(to)?),
+        None => None,
+    };
+    let mut out = BTreeMap::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(&req.input_topic, p, timeout).context("fetching watermarks")?;
+        // No record at/after the time means the range starts at the end.
+        let start = starts.get(&p).copied().flatten().unwrap_or(high).max(low);
+        let end = ends.as_ref().map_or(high, |e| e.get(&p).copied().flatten().unwrap_or(high)).min(high);
+        out.insert(p, (start, end.max(start)));
+    }
+    Ok(out)
+}
+
+/// Runs a topic replay to completion.
+pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<ReplaySummary> {
+    let started = Instant::now();
+    let engine = {
+        let s = settings.clone();
+        tokio::task::spawn_blocking(move || crate::operator::load_engine(&s)).await??
+    };
+    let id = replay_id(&req, &engine.info.version);
+    let group = format!("{}-replay-{}", settings.kafka.group_id, rand::random::<u32>());
+    let consumer: BaseConsumer = kafka::consumer_config(&settings, &group).create().context("creating the replay consumer")?;
+    let ranges = {
+        let (c, r) = (&consumer, &req);
+        tokio::task::block_in_place(|| resolve_ranges(c, r))?
+    };
+    let total: i64 = ranges.values().map(|(s, e)| e - s).sum();
+    tracing::info!(replay_id = %id, ?ranges, total, "replay range resolved");
+
+    let metrics = Metrics::new();
+    let tracker = Arc::new(OffsetTracker::new());
+    let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
+    let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() });
+    sink_settings.scores_topic = req.output_topic.clone();
+    sink_settings.anomalies_topic = None;
+    sink_settings.dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
+    sink_settings.heatmap_prefix = format!("replay/{id}");
+    let store = match settings.heatmap.policy {
+        HeatmapPolicy::None => None,
+        _ => Some(BlobStore::from_settings(&settings.heatmap)?),
+    };
+    let sink = KafkaSink::new(
+        sink_settings,
+        Scorer::new(&engine.info, &settings.model.thresholds)?,
+        store,
+        Publisher::Direct(producer.clone()),
+        tracker.clone(),
+        metrics.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let pipeline = Pipeline::start(engine, &settings.decode, &settings.batch, metrics.clone(), Arc::new(sink));
+
+    let mut tpl = TopicPartitionList::new();
+    for (p, (start, end)) in &ranges {
+        if end > start {
+            tpl.add_partition_offset(&req.input_topic, *p, Offset::Offset(*start))?;
+            tracker.assign(&req.input_topic, *p);
+        }
+    }
+    let submit = pipeline.submitter();
+    let progress = Progress::new(total as u64);
+    let consumed = tokio::task::block_in_place(|| -> Result<u64> {
+        consumer.assign(&tpl).context("assigning replay partitions")?;
+        let mut open: BTreeMap<i32, i64> = ranges.iter().filter(|(_, (s, e))| e > s).map(|(p, (_, e))| (*p, *e)).collect();
+        let mut consumed = 0u64;
+        while !open.is_empty() {
+            // Bounded in-flight work, as in the operator.
+            tracker.wait_below(settings.pipeline.max_in_flight, Duration::from_secs(1));
+            let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let m = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replay consumer error");
+                    continue;
+                }
+            };
+            let p = rdkafka::Message::partition(&m);
+            let Some(&end) = open.get(&p) else { continue };
+            let offset = rdkafka::Message::offset(&m);
+            if offset < end {
+                let job = job_from_message(&m, &tracker);
+                drop(m);
+                submit.send(job).map_err(|_| anyhow!("pipeline stopped"))?;
+                consumed += 1;
+                progress.tick(consumed, &metrics);
+            }
+            if offset + 1 >= end {
+                open.remove(&p);
+                let mut done = TopicPartitionList::new();
+                done.add_partition(&req.input_topic, p);
+                let _ = consumer.pause(&done);
+            }
+        }
+        Ok(consumed)
+    })?;
+    drop(submit);
+    tokio::task::block_in_place(|| tracker.wait_drained(None, Duration::from_secs(3600)));
+    tokio::task::spawn_blocking(move || pipeline.finish()).await?;
+    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(30))).context("flushing replay output")?;
+    progress.finish();
+    let t = &metrics.totals;
+    Ok(ReplaySummary {
+        records: consumed,
+        scored: t.scored.load(Ordering::Relaxed),
+        anomalies: t.anomalies.load(Ordering::Relaxed),
+        dead_letters: t.dead_letters.load(Ordering::Relaxed),
+        duration: started.elapsed(),
+        ranges,
+    })
+}
+
+/// A progress bar on a terminal, periodic log lines otherwise.
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_log: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    pub fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} ETA {eta} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            b
+        });
+        Self { bar, total, last_log: std::sync::Mutex::new(Instant::now()) }
+    }
+
+    pub fn tick(&self, done: u64, metrics: &Metrics) {
+        if let Some(b) = &self.bar {
+            b.set_position(done);
+            b.set_message(format!("{} anomalies", metrics.totals.anomalies.load(Ordering::Relaxed)));
+            return;
+        }
+        let mut last = self.last_log.lock().expect("progress");
+        if last.elapsed() >= Duration::from_secs(5) {
+            *last = Instant::now();
+            tracing::info!(done, total = self.total, "replay progress");
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+/// `replay --dir`: scores files in file order without Kafka; JSON lines to `output` or stdout.
+pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::path::Path>, heatmaps: Option<&std::path::Path>) -> Result<ReplaySummary> {
+    use std::io::Write;
+    let started = Instant::now();
+    let files = crate::dataset::list(paths, crate::dataset::Split::All)?;
+    let engine = crate::operator::load_engine(settings)?;
+    let mut out: Box<dyn Write> = match output {
+        Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let progress = Progress::new(files.len() as u64);
+    let metrics = Metrics::new();
+    let mut summary = ReplaySummary::default();
+    let mut write_err = None;
+    crate::offline::score_files(settings, engine, &files, heatmaps, |r| {
+        summary.records += 1;
+        match r.is_anomaly {
+            Some(a) => {
+                summary.scored += 1;
+                summary.anomalies += a as u64;
+            }
+            None => summary.dead_letters += 1,
+        }
+        if let Err(e) = writeln!(out, "{}", serde_json::to_string(r).expect("json")) {
+            write_err.get_or_insert(e);
+        }
+        progress.tick(summary.records, &metrics);
+    })?;
+    progress.finish();
+    if let Some(e) = write_err {
+        return Err(e).context("writing replay output");
+    }
+    out.flush()?;
+    summary.duration = started.elapsed();
+    Ok(summary)
+}
+
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-11-27T08:00:00Z)"))
+}

@@ -1,0 +1,230 @@
+//! Sink: turns outcomes into score, anomaly and dead-letter records plus heatmap blobs, then
+//! publishes them (at-least-once) or hands them to the transaction (exactly-once). Only when
+//! all of an input's outputs are acknowledged is its offset marked finished.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::config::{HeatmapPolicy, Settings};
+use crate::delivery::OffsetTracker;
+use crate::event::{dead_letter_headers, Latency, ModelRef, Rejection, ScoreRecord};
+use crate::heatmap;
+use crate::model::Scorer;
+use crate::pipeline::{Job, Outcome, OutcomeSink, Scored};
+use crate::store::BlobStore;
+use crate::telemetry::Metrics;
+
+/// A record ready to publish.
+#[derive(Debug, Clone)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutRecord {
+    pub fn to_future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
+        for (k, v) in &self.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+        }
+        let mut r = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = &self.key {
+            r = r.key(k.as_slice());
+        }
+        if let Some(p) = &self.payload {
+            r = r.payload(p.as_slice());
+        }
+        r
+    }
+}
+
+/// Where finished records go.
+pub enum Publisher {
+    /// Publish now, retrying until acknowledged.
+    Direct(FutureProducer),
+    /// Buffer for the next transaction.
+    Transactional(Arc<crate::transaction::TxnBuffer>),
+}
+
+/// What the sink needs to build records.
+pub struct SinkSettings {
+    pub scores_topic: String,
+    pub anomalies_topic: Option<String>,
+    pub dead_letter_topic: String,
+    pub heatmap_policy: HeatmapPolicy,
+    pub overlay: bool,
+    /// Blob key prefix: empty for the live operator, `replay/<id>` for replays.
+    pub heatmap_prefix: String,
+    pub model: ModelRef,
+}
+
+impl SinkSettings {
+    pub fn from_settings(s: &Settings, model: ModelRef) -> Self {
+        Self {
+            scores_topic: s.topics.scores.clone(),
+            anomalies_topic: (!s.topics.anomalies.is_empty()).then(|| s.topics.anomalies.clone()),
+            dead_letter_topic: s.topics.dead_letter.clone(),
+            heatmap_policy: s.heatmap.policy,
+            overlay: s.heatmap.overlay,
+            heatmap_prefix: String::new(),
+            model,
+        }
+    }
+}
+
+struct Inner {
+    settings: SinkSettings,
+    scorer: Scorer,
+    store: Option<BlobStore>,
+    publisher: Publisher,
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct KafkaSink {
+    inner: Arc<Inner>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl KafkaSink {
+    pub fn new(
+        settings: SinkSettings,
+        scorer: Scorer,
+        store: Option<BlobStore>,
+        publisher: Publisher,
+        tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { settings, scorer, store, publisher, tracker, metrics }), runtime }
+    }
+}
+
+impl OutcomeSink for KafkaSink {
+    fn accept(&self, outcome: Outcome) {
+        let inner = self.inner.clone();
+        self.runtime.spawn(async move { inner.handle(outcome).await });
+    }
+}
+
+impl Inner {
+    async fn handle(&self, outcome: Outcome) {
+        let job = outcome.job().without_payload();
+        if !self.tracker.is_current(&job.ticket) {
+            return; // revoked or rewound: the new owner scores it again
+        }
+        let span = crate::telemetry::image_span(&job.headers, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
+        let records = match outcome {
+            Outcome::Scored(scored) => self.score_records(*scored, &span).await,
+            Outcome::Rejected { job, rejection } => vec![self.dead_letter(job, &rejection)],
+        };
+        match &self.publisher {
+            Publisher::Direct(producer) => {
+                for r in &records {
+                    publish_until_acked(producer, r).await;
+                }
+            }
+            Publisher::Transactional(buffer) => buffer.push(&job.ticket, records),
+        }
+        if self.tracker.complete(&job.ticket) {
+            self.metrics.end_to_end_seconds.observe(job.consumed_at.elapsed().as_secs_f64());
+        }
+    }
+
+    fn dead_letter(&self, job: Job, rejection: &Rejection) -> OutRecord {
+        tracing::warn!(topic = %job.ticket.topic, partition = job.ticket.partition, offset = job.ticket.offset, kind = rejection.kind.as_str(), error = %rejection.message, "dead-lettering input");
+        self.metrics.dead_letters.get_or_create(&crate::telemetry::KindLabels { kind: rejection.kind.as_str().into() }).inc();
+        self.metrics.count_image("dead_letter", crate::event::header_str(&job.headers, crate::event::HEADER_CLASS));
+        let source = job.source();
+        OutRecord { topic: self.settings.dead_letter_topic.clone(), key: job.key, payload: job.value, headers: dead_letter_headers(&job.headers, rejection, &source) }
+    }
+
+    async fn score_records(&self, scored: Scored, span: &tracing::Span) -> Vec<OutRecord> {
+        let Scored { job, event, input, raw_score, map, inference_ms } = scored;
+        let class = event.class.as_deref();
+        let verdict = self.scorer.judge(class, raw_score);
+        let wants_heatmap = match self.settings.heatmap_policy {
+            HeatmapPolicy::All => true,
+            HeatmapPolicy::Anomalies => verdict.is_anomaly,
+            HeatmapPolicy::None => false,
+        };
+        let mut heatmap_uri = None;
+        if let (true, Some(store)) = (wants_heatmap, &self.store) {
+            let key = heatmap::key(&self.settings.heatmap_prefix, &self.settings.model.version, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
+            let (overlay, calibration, size) = (self.settings.overlay, verdict.calibration, input.size);
+            let png = tokio::task::spawn_blocking(move || heatmap::render_png(&map, size, &calibration, overlay.then_some(input.rgb.as_slice())))
+                .await
+                .expect("heatmap render");
+            heatmap_uri = put_with_retries(store, &key, png).await;
+        }
+        let queue_ms = job.timestamp.map_or(0.0, |ts| {
+            let consumed_wall = chrono::Utc::now().timestamp_millis() as f64 - job.consumed_at.elapsed().as_secs_f64() * 1000.0;
+            (consumed_wall - ts as f64).max(0.0)
+        });
+        let record = ScoreRecord {
+            image_id: event.image_id.clone(),
+            class: event.class.clone(),
+            score: verdict.score,
+            raw_score,
+            threshold: verdict.threshold,
+            is_anomaly: verdict.is_anomaly,
+            heatmap_uri,
+            model: self.settings.model.clone(),
+            source: job.source(),
+            scored_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            latency_ms: Latency { queue: queue_ms, inference: inference_ms, total: job.consumed_at.elapsed().as_secs_f64() * 1000.0 },
+            attributes: event.attributes.clone(),
+        };
+        self.metrics.count_image(if verdict.is_anomaly { "anomaly" } else { "normal" }, class);
+        let payload = serde_json::to_vec(&record).expect("score record serialises");
+        let mut headers: Vec<(String, Vec<u8>)> = crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        headers.push(("dcam-source".into(), format!("{}/{}/{}", job.ticket.topic, job.ticket.partition, job.ticket.offset).into_bytes()));
+        let score = OutRecord { topic: self.settings.scores_topic.clone(), key: Some(event.image_id.clone().into_bytes()), payload: Some(payload), headers };
+        let mut out = vec![score.clone()];
+        if let (true, Some(topic)) = (verdict.is_anomaly, &self.settings.anomalies_topic) {
+            out.push(OutRecord { topic: topic.clone(), ..score });
+        }
+        out
+    }
+}
+
+/// A heatmap is best effort after retries: the score still goes out, with `heatmap_uri: null`.
+async fn put_with_retries(store: &BlobStore, key: &str, png: Vec<u8>) -> Option<String> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match store.put(key, png.clone()).await {
+            Ok(uri) => return Some(uri),
+            Err(e) if attempt == 5 => {
+                tracing::error!(key, error = %format!("{e:#}"), "heatmap write failed; publishing the score without it");
+            }
+            Err(e) => {
+                tracing::warn!(key, attempt, error = %format!("{e:#}"), "heatmap write failed, retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    None
+}
+
+/// At-least-once publishing: an input is never marked finished before its outputs are acked,
+/// so on persistent broker trouble we keep retrying instead of dropping.
+pub async fn publish_until_acked(producer: &FutureProducer, record: &OutRecord) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match producer.send(record.to_future_record(), Duration::from_secs(30)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(topic = %record.topic, error = %e, "publish failed, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}

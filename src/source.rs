@@ -1,0 +1,229 @@
+//! Source: the consumer-group member. Runs on its own thread with librdkafka's blocking API:
+//! polls records into the pipeline, pauses partitions when too much is in flight, commits
+//! finished offsets (or runs the transaction step), and drains before letting partitions go.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Result};
+use crossbeam_channel::Sender;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::delivery::{OffsetTracker, PartitionKey};
+use crate::pipeline::Job;
+use crate::telemetry::{Health, Metrics, PartitionLabels};
+use crate::transaction::{Transactions, TxnError};
+
+/// How long a revoke or shutdown waits for in-flight work before letting go without committing it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct SourceContext {
+    pub tracker: Arc<OffsetTracker>,
+    pub transactions: Option<Arc<Transactions>>,
+    /// Set when a rebalance callback hit an error that must stop the instance.
+    fatal: Mutex<Option<String>>,
+}
+
+impl SourceContext {
+    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>) -> Self {
+        Self { tracker, transactions, fatal: Mutex::new(None) }
+    }
+
+    /// Commits what is finished for `only` (or every partition): plain offsets in
+    /// at-least-once mode, a transaction in exactly-once mode.
+    fn commit(&self, consumer: &BaseConsumer<Self>, only: Option<&[PartitionKey]>, mode: CommitMode) -> Result<(), TxnError> {
+        if let Some(tx) = &self.transactions {
+            return tx.commit_step(consumer, only).map(|_| ());
+        }
+        let commits = self.tracker.take_commits(only);
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), pos) in &commits {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos));
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // Not fatal in at-least-once: the next commit carries a later position anyway.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+        Ok(())
+    }
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let keys = partition_keys(tpl);
+        if keys.is_empty() {
+            return;
+        }
+        // Drain: let in-flight work of the revoked partitions finish, then commit it.
+        if !self.tracker.wait_drained(Some(&keys), DRAIN_TIMEOUT) {
+            tracing::warn!(?keys, "revoked partitions did not drain in time; their unfinished records will be scored by the next owner");
+        }
+        match self.commit(consumer, Some(&keys), CommitMode::Sync) {
+            Ok(()) => {}
+            Err(TxnError::Aborted(e)) => tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores"),
+            Err(TxnError::Fatal(e)) => *self.fatal.lock().expect("fatal") = Some(e),
+        }
+        for (topic, partition) in &keys {
+            self.tracker.forget(topic, *partition);
+            if let Some(tx) = &self.transactions {
+                tx.buffer.clear(&(topic.clone(), *partition));
+            }
+        }
+        tracing::info!(?keys, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let keys = partition_keys(tpl);
+            for (topic, partition) in &keys {
+                self.tracker.assign(topic, *partition);
+            }
+            tracing::info!(?keys, "partitions assigned");
+        }
+    }
+}
+
+fn partition_keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
+    tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
+}
+
+pub struct SourceOptions {
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+}
+
+/// Turns a record into a job and registers its offset.
+pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job {
+    let headers = m
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
+        .unwrap_or_default();
+    Job {
+        ticket: tracker.register(m.topic(), m.partition(), m.offset()),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+        timestamp: m.timestamp().to_millis(),
+        consumed_at: Instant::now(),
+    }
+}
+
+/// The source loop; returns when `shutdown` is set (after draining and committing) or on a
+/// fatal error.
+pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &SourceOptions, shutdown: &AtomicBool, metrics: &Metrics, health: &Health) -> Result<()> {
+    let ctx = consumer.context();
+    let tracker = &ctx.tracker;
+    let mut paused = false;
+    let mut last_commit = Instant::now();
+    let mut last_pause_check = Instant::now();
+    let mut last_lag = Instant::now();
+    while !shutdown.load(Ordering::SeqCst) {
+        health.beat();
+        let in_flight = tracker.in_flight();
+        metrics.in_flight.set(in_flight as i64);
+        // Back-pressure with hysteresis; re-pause periodically to cover newly assigned partitions.
+        if in_flight >= opts.max_in_flight && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
+            if let Ok(a) = consumer.assignment() {
+                let _ = consumer.pause(&a);
+            }
+            paused = true;
+            last_pause_check = Instant::now();
+        } else if paused && in_flight <= opts.max_in_flight / 2 {
+            if let Ok(a) = consumer.assignment() {
+                let _ = consumer.resume(&a);
+            }
+            paused = false;
+        }
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                let job = job_from_message(&m, tracker);
+                drop(m);
+                if submit.send(job).is_err() {
+                    return Err(anyhow!("pipeline stopped unexpectedly"));
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            None => {}
+        }
+        if let Some(fatal) = ctx.fatal.lock().expect("fatal").take() {
+            return Err(anyhow!("fatal transaction error during rebalance: {fatal}"));
+        }
+        if last_commit.elapsed() >= opts.commit_interval {
+            last_commit = Instant::now();
+            handle_commit(consumer, CommitMode::Async)?;
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            report_lag(consumer, metrics);
+        }
+    }
+    tracing::info!(in_flight = tracker.in_flight(), "shutting down: draining in-flight work");
+    if !tracker.wait_drained(None, DRAIN_TIMEOUT) {
+        tracing::warn!("in-flight work did not drain in time; it will be re-scored after restart");
+    }
+    handle_commit(consumer, CommitMode::Sync)?;
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// What a commit turn did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// The transaction aborted and the consumer went back to the committed offsets.
+    Rewound,
+}
+
+/// One commit turn; an aborted transaction leads to a rewind, a fatal one to an error.
+pub fn handle_commit(consumer: &BaseConsumer<SourceContext>, mode: CommitMode) -> Result<CommitOutcome> {
+    match consumer.context().commit(consumer, None, mode) {
+        Ok(()) => Ok(CommitOutcome::Committed),
+        Err(TxnError::Aborted(e)) => {
+            tracing::warn!(error = %e, "transaction aborted; rewinding to the last committed offsets");
+            rewind(consumer)?;
+            Ok(CommitOutcome::Rewound)
+        }
+        Err(TxnError::Fatal(e)) => Err(anyhow!("{e}")),
+    }
+}
+
+/// After an aborted transaction: seek every assigned partition back to its committed offset
+/// and forget in-flight work, so everything after the last commit is scored again.
+pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
+    let ctx = consumer.context();
+    let assignment = consumer.assignment().map_err(|e| anyhow!("assignment: {e}"))?;
+    let committed = consumer.committed_offsets(assignment, Duration::from_secs(10)).map_err(|e| anyhow!("committed offsets: {e}"))?;
+    for e in committed.elements() {
+        let (topic, partition) = (e.topic().to_string(), e.partition());
+        let target = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        ctx.tracker.assign(&topic, partition);
+        if let Some(tx) = &ctx.transactions {
+            tx.buffer.clear(&(topic.clone(), partition));
+        }
+        if let Err(err) = consumer.seek(&topic, partition, target, Duration::from_secs(10)) {
+            return Err(anyhow!("seek {topic}/{partition} to {target:?}: {err}"));
+        }
+    }
+    drop(committed);
+    Ok(())
+}
+
+fn report_lag(consumer: &BaseConsumer<SourceContext>, metrics: &Metrics) {
+    for ((topic, partition), pos) in consumer.context().tracker.positions(None) {
+        if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500)) {
+            metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set((high - pos).max(0));
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Telemetry: logs (text/JSON), OpenTelemetry traces (OTLP, off by default), Prometheus
+//! metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{LogFormat, TelemetrySettings};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    pub provider: String,
+}
+
+/// Plain totals for summaries (replay, demo); the labelled families are for Prometheus.
+#[derive(Default, Debug)]
+pub struct Totals {
+    pub scored: std::sync::atomic::AtomicU64,
+    pub anomalies: std::sync::atomic::AtomicU64,
+    pub dead_letters: std::sync::atomic::AtomicU64,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    pub totals: Totals,
+    pub registry: Mutex<Registry>,
+    pub images: Family<OutcomeLabels, Counter>,
+    pub dead_letters: Family<KindLabels, Counter>,
+    pub batch_size: Histogram,
+    pub batches: Counter,
+    pub batched_images: Counter,
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
+    pub inference_seconds: Histogram,
+    pub end_to_end_seconds: Histogram,
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    pub provider: Family<ProviderLabels, Gauge>,
+    pub transactions: Family<KindLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let m = Self {
+            totals: Totals::default(),
+            registry: Mutex::new(Registry::with_prefix("dcam")),
+            images: Family::default(),
+            dead_letters: Family::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            batches: Counter::default(),
+            batched_images: Counter::default(),
+            queue_depth: Gauge::default(),
+            in_flight: Gauge::default(),
+            inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            end_to_end_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            consumer_lag: Family::default(),
+            provider: Family::default(),
+            transactions: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("fresh");
+            r.register("images", "Input events by outcome (normal, anomaly, dead_letter) and class", m.images.clone());
+            r.register("dead_letters", "Dead-lettered inputs by error kind", m.dead_letters.clone());
+            r.register("batch_size", "Images per model run", m.batch_size.clone());
+            r.register("batches", "Model runs", m.batches.clone());
+            r.register("batched_images", "Images run through the model (batched_images / batches = average batch size)", m.batched_images.clone());
+            r.register("queue_depth", "Decoded images waiting for a batch", m.queue_depth.clone());
+            r.register("in_flight", "Consumed events not yet committed", m.in_flight.clone());
+            r.register("inference_seconds", "Model run time per batch", m.inference_seconds.clone());
+            r.register("end_to_end_seconds", "From consume to all outputs acknowledged", m.end_to_end_seconds.clone());
+            r.register("consumer_lag", "High watermark minus committed position", m.consumer_lag.clone());
+            r.register("execution_provider", "1 for the ONNX Runtime execution provider in use", m.provider.clone());
+            r.register("transactions", "Kafka transactions by result (committed, aborted)", m.transactions.clone());
+        }
+        Arc::new(m)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().expect("registry")).expect("encode metrics");
+        out
+    }
+
+    pub fn count_image(&self, outcome: &str, class: Option<&str>) {
+        let total = match outcome {
+            "dead_letter" => &self.totals.dead_letters,
+            "anomaly" => &self.totals.anomalies,
+            _ => &self.totals.scored,
+        };
+        total.fetch_add(1, Ordering::Relaxed);
+        if outcome == "anomaly" {
+            self.totals.scored.fetch_add(1, Ordering::Relaxed);
+        }
+        self.images.get_or_create(&OutcomeLabels { outcome: outcome.into(), class: class.unwrap_or("_none").into() }).inc();
+    }
+}
+
+/// What `/readyz` reports, and the heartbeat behind `/healthz`.
+#[derive(Default)]
+pub struct Health {
+    pub ready: AtomicBool,
+    pub details: Mutex<serde_json::Value>,
+    pub started: std::sync::OnceLock<Instant>,
+    /// Milliseconds since `started` of the source loop's last turn; 0 = not running yet.
+    heartbeat_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A source loop silent for longer than this is stuck: `/healthz` fails so the pod restarts.
+pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        let h = Self::default();
+        let _ = h.started.set(Instant::now());
+        Arc::new(h)
+    }
+
+    pub fn set_ready(&self, ready: bool, details: serde_json::Value) {
+        *self.details.lock().expect("health") = details;
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Called by the source loop on every turn.
+    pub fn beat(&self) {
+        let ms = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64).max(1);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Alive unless the source loop has started and then stopped turning.
+    pub fn is_alive(&self) -> bool {
+        let last = self.heartbeat_ms.load(Ordering::Relaxed);
+        let now = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64);
+        last == 0 || now.saturating_sub(last) < HEARTBEAT_TIMEOUT.as_millis() as u64
+    }
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` until the task is dropped.
+pub async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<()> {
+    use axum::{http::StatusCode, routing::get, Json, Router};
+    let m = metrics.clone();
+    let h = health.clone();
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get({
+                let h = health.clone();
+                move || {
+                    let h = h.clone();
+                    async move {
+                        if h.is_alive() {
+                            (StatusCode::OK, "ok\n")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "source loop stalled\n")
+                        }
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let h = h.clone();
+                async move {
+                    let mut body = h.details.lock().expect("health").clone();
+                    let ready = h.is_ready();
+                    if let serde_json::Value::Object(ref mut o) = body {
+                        o.insert("ready".into(), ready.into());
+                    } else {
+                        body = serde_json::json!({ "ready": ready });
+                    }
+                    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                    (code, Json(body))
+                }
+            }),
+        );
+    axum::serve(listener, app).await.context("http server")
+}
+
+/// Installs the log subscriber, plus an OTLP trace exporter when configured.
+/// Returns the tracer provider so the caller can flush it on exit.
+pub fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
+    let (provider, otel_layer) = if settings.otlp_endpoint.is_empty() {
+        (None, None)
+    } else {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_otlp::WithExportConfig;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(&settings.otlp_endpoint)
+            .build()
+            .context("building the OTLP exporter")?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+        let tracer = provider.tracer("dcam-stream");
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer)))
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let result = match settings.log_format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+    };
+    // A second init (tests, demo) keeps the first subscriber.
+    let _ = result;
+    Ok(provider)
+}
+
+struct HeaderExtractor<'a>(&'a crate::event::Headers);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        crate::event::header_str(self.0, key)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// A span for one input, continuing the W3C trace from its headers.
+pub fn image_span(headers: &crate::event::Headers, topic: &str, partition: i32, offset: i64) -> tracing::Span {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
+    let span = tracing::info_span!("score_image", topic, partition, offset);
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// Trace headers for an output: the span's context when tracing is on, else the input's own.
+pub fn output_trace_headers(span: &tracing::Span, input: &crate::event::Headers) -> Vec<(String, String)> {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut injected = std::collections::HashMap::new();
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut injected));
+    if injected.contains_key("traceparent") {
+        return injected.into_iter().collect();
+    }
+    crate::event::trace_headers(input).into_iter().collect()
+}

@@ -1,0 +1,152 @@
+//! Exactly-once delivery (DESIGN.md §4, KIP-447): finished outputs wait in a buffer; each
+//! commit step publishes those whose input offsets are committable, together with the offsets,
+//! in one Kafka transaction. Outputs of inputs behind an unfinished one wait for a later step,
+//! so a crash between steps never leaves an output without its offset or vice versa.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::delivery::{OffsetTracker, PartitionKey, Ticket};
+use crate::sink::OutRecord;
+use crate::telemetry::{KindLabels, Metrics};
+
+/// Finished outputs per partition and offset, tagged with the ticket generation.
+#[derive(Default)]
+pub struct TxnBuffer {
+    inner: Mutex<HashMap<PartitionKey, BTreeMap<i64, (u64, Vec<OutRecord>)>>>,
+}
+
+impl TxnBuffer {
+    pub fn push(&self, ticket: &Ticket, records: Vec<OutRecord>) {
+        let mut inner = self.inner.lock().expect("txn buffer");
+        inner.entry((ticket.topic.clone(), ticket.partition)).or_default().insert(ticket.offset, (ticket.generation, records));
+    }
+
+    /// Removes and returns the records of offsets below each partition's position.
+    fn take_below(&self, positions: &[(PartitionKey, i64)]) -> Vec<OutRecord> {
+        let mut inner = self.inner.lock().expect("txn buffer");
+        let mut out = Vec::new();
+        for (key, pos) in positions {
+            if let Some(by_offset) = inner.get_mut(key) {
+                let rest = by_offset.split_off(pos);
+                for (_, (_, records)) in std::mem::replace(by_offset, rest) {
+                    out.extend(records);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn clear(&self, key: &PartitionKey) {
+        self.inner.lock().expect("txn buffer").remove(key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.lock().expect("txn buffer").values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a failed transaction must be handled.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// Aborted: rewind the consumer to the committed offsets and carry on.
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+    /// Fenced or fatal: this instance must stop (the orchestrator restarts it).
+    #[error("fatal transaction error: {0}")]
+    Fatal(String),
+}
+
+pub struct Transactions {
+    pub producer: FutureProducer,
+    pub buffer: Arc<TxnBuffer>,
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    timeout: Duration,
+}
+
+impl Transactions {
+    /// Initialises the transactional producer; fences any older instance with the same id.
+    pub fn new(producer: FutureProducer, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
+        producer.init_transactions(timeout).map_err(|e| TxnError::Fatal(format!("init_transactions: {e}")))?;
+        Ok(Self { producer, buffer: Arc::new(TxnBuffer::default()), tracker, metrics, timeout })
+    }
+
+    /// Publishes all committable outputs and their offsets in one transaction.
+    /// `only` restricts the step to some partitions (used on revoke).
+    pub fn commit_step<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>) -> Result<usize, TxnError> {
+        // Only partitions whose position advanced; a failed step is followed by a rewind,
+        // which resets the tracker, so marking them here is safe.
+        let positions = self.tracker.take_commits(only);
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let records = self.buffer.take_below(&positions);
+        let count = records.len();
+        match self.run_transaction(consumer, &records, &positions) {
+            Ok(()) => {
+                self.metrics.transactions.get_or_create(&KindLabels { kind: "committed".into() }).inc();
+                Ok(count)
+            }
+            Err(e) => {
+                self.metrics.transactions.get_or_create(&KindLabels { kind: "aborted".into() }).inc();
+                Err(e)
+            }
+        }
+    }
+
+    fn run_transaction<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, records: &[OutRecord], positions: &[(PartitionKey, i64)]) -> Result<(), TxnError> {
+        let classify = |stage: &str, e: KafkaError| -> TxnError {
+            let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort()) || !is_fatal(&e);
+            if abortable {
+                if let Err(abort) = self.producer.abort_transaction(self.timeout) {
+                    return TxnError::Fatal(format!("{stage}: {e}; abort failed: {abort}"));
+                }
+                TxnError::Aborted(format!("{stage}: {e}"))
+            } else {
+                TxnError::Fatal(format!("{stage}: {e}"))
+            }
+        };
+        self.producer.begin_transaction().map_err(|e| TxnError::Fatal(format!("begin_transaction: {e}")))?;
+        for r in records {
+            let mut record = r.to_future_record();
+            // Enqueue without awaiting; commit_transaction flushes and fails if any failed.
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(_delivery) => break,
+                    Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                        self.producer.poll(Duration::from_millis(50));
+                        record = back;
+                    }
+                    Err((e, _)) => return Err(classify("produce", e)),
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), pos) in positions {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos)).map_err(|e| TxnError::Fatal(format!("offsets: {e}")))?;
+        }
+        // Group metadata is re-read every time: it changes with each rebalance (KIP-447).
+        let group = consumer.group_metadata().ok_or_else(|| TxnError::Fatal("consumer has no group metadata".into()))?;
+        self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| classify("send_offsets_to_transaction", e))?;
+        self.producer.commit_transaction(self.timeout).map_err(|e| classify("commit_transaction", e))?;
+        Ok(())
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_fatal(),
+        _ => false,
+    }
+}
