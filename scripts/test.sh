@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite: Rust unit + integration tests (real broker process, real ONNX Runtime,
+# the committed trained model, real images), the training package's tests, and the Helm/Docker
+# checks. Installs what it needs on a fresh machine (ONNX Runtime library, Python venv with the
+# broker, torch and the Helm SDK).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== setup: ONNX Runtime library and Python environment"
+scripts/fetch-ort.sh
+scripts/setup-python.sh
+
+echo "== build"
+cargo build --locked --bins --tests
+export DCAM_BIN="$PWD/target/debug/dcam-stream"
+
+echo "== Rust tests (unit + integration against a noida-db broker process)"
+# Broker-backed tests serialise themselves; two threads keep the light ones moving.
+cargo test --locked -- --test-threads=2
+
+echo "== Python tests (training package, Helm chart and Dockerfiles)"
+.venv/bin/python -m pytest -q training/tests tests/deploy

@@ -1,0 +1,357 @@
+//! Integration-test harness: a real Kafka-protocol broker process (noida-db, started and
+//! stopped here) or an external cluster from `DCAM_TEST_BROKERS`, plus helpers to run the real
+//! `dcam-stream` binary and read topics back.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientConfig;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn datasets() -> PathBuf {
+    std::env::var("DCAM_DATASETS").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("../shared/datasets"))
+}
+
+pub fn model_path() -> PathBuf {
+    repo_root().join("models/dcam.onnx")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A broker for one test: a noida-db child process with its own port and data dir.
+pub struct Broker {
+    pub brokers: String,
+    child: Option<Child>,
+    port: u16,
+    data_dir: Option<tempfile::TempDir>,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        if let Ok(external) = std::env::var("DCAM_TEST_BROKERS") {
+            return Broker { brokers: external, child: None, port: 0, data_dir: None };
+        }
+        let data_dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut b = Broker { brokers: format!("127.0.0.1:{port}"), child: None, port, data_dir: Some(data_dir) };
+        b.spawn();
+        b
+    }
+
+    pub fn is_external(&self) -> bool {
+        self.data_dir.is_none()
+    }
+
+    fn spawn(&mut self) {
+        let bin = std::env::var("NOIDA_DB_BIN").map(PathBuf::from).unwrap_or_else(|_| repo_root().join(".venv/bin/noida-db"));
+        assert!(bin.exists(), "noida-db not found at {} (run scripts/setup-python.sh, or set DCAM_TEST_BROKERS)", bin.display());
+        let dir = self.data_dir.as_ref().unwrap().path();
+        let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["start", "--only", "kafka", "--kafka-port", &self.port.to_string(), "--data-dir"])
+            .arg(dir.join("data"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning noida-db");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "broker did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the broker process and starts it again on the same port and data dir.
+    pub fn restart(&mut self, down_for: Duration) {
+        assert!(!self.is_external(), "cannot restart an external cluster");
+        self.kill();
+        std::thread::sleep(down_for);
+        self.spawn();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = rt.block_on(admin.create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))).unwrap();
+        for r in res {
+            if let Err((t, e)) = r {
+                assert!(e == rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "creating {t}: {e}");
+            }
+        }
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new().set("bootstrap.servers", &self.brokers).set("message.max.bytes", "20971520").set("enable.idempotence", "true").create().unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Unique topic names so tests sharing an external cluster do not collide.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), rand::random::<u32>())
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.value.as_deref().unwrap_or_default()).expect("record value is JSON")
+    }
+}
+
+/// Reads a topic from the beginning until `n` records or `timeout`; read_committed.
+pub fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Vec<Record> {
+    read_topic_until(brokers, topic, timeout, |got| got.len() >= n)
+}
+
+pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline && !done(&out) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|h| h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                .unwrap_or_default();
+            out.push(Record { partition: m.partition(), offset: m.offset(), key: m.key().map(<[u8]>::to_vec), value: m.payload().map(<[u8]>::to_vec), headers });
+        }
+    }
+    out
+}
+
+/// Committed offsets of a group for a topic's partitions.
+pub fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).set("group.id", group).create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    let out = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(-1)).collect();
+    drop(committed);
+    out
+}
+
+/// A running `dcam-stream run` process.
+pub struct OperatorProcess {
+    pub child: Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+pub struct OperatorConfig {
+    pub env: Vec<(String, String)>,
+    pub log_dir: PathBuf,
+}
+
+impl OperatorConfig {
+    pub fn new(brokers: &str, input: &str, scores: &str, dlq: &str, group: &str, log_dir: &Path) -> Self {
+        let env = vec![
+            ("DCAM__KAFKA__BROKERS", brokers.to_string()),
+            ("DCAM__KAFKA__INPUT_TOPICS", input.to_string()),
+            ("DCAM__KAFKA__GROUP_ID", group.to_string()),
+            ("DCAM__KAFKA__SESSION_TIMEOUT_MS", "6000".to_string()),
+            ("DCAM__TOPICS__SCORES", scores.to_string()),
+            ("DCAM__TOPICS__DEAD_LETTER", dlq.to_string()),
+            ("DCAM__MODEL__PATH", model_path().display().to_string()),
+            ("DCAM__DELIVERY__COMMIT_INTERVAL_MS", "200".to_string()),
+            ("DCAM__BATCH__MAX_BATCH", "8".to_string()),
+            ("DCAM__ENGINE__WARMUP_BATCHES", "0".to_string()),
+        ];
+        Self { env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(), log_dir: log_dir.to_path_buf() }
+    }
+
+    pub fn set(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.into()));
+        self
+    }
+
+    pub fn spawn(&self, name: &str) -> OperatorProcess {
+        let http_port = free_port();
+        let log = self.log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_dcam-stream"))
+            .arg("run")
+            .envs(self.env.iter().cloned())
+            .env("DCAM__TELEMETRY__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
+            .env("DCAM__TELEMETRY__LOG_LEVEL", "info,rdkafka=warn")
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("spawning dcam-stream run");
+        OperatorProcess { child, http_port, log }
+    }
+}
+
+impl OperatorProcess {
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("operator exited early with {status}:\n{}", self.log_text());
+            }
+            if http_get(self.http_port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "operator not ready in {timeout:?}:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "operator did not stop on SIGTERM:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics").map(|(_, body)| body).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Minimal HTTP/1.1 GET on localhost: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
+
+/// Real test images from the shared datasets: (class, label, path), `per_class` of each class.
+pub fn sample_images(per_class: usize) -> Vec<dcam_stream::dataset::ImageFile> {
+    let files = dcam_stream::dataset::list(&[datasets()], dcam_stream::dataset::Split::Test).expect("shared datasets present");
+    dcam_stream::dataset::sample_per_class(files, per_class)
+}
+
+/// Heavy tests (broker + operator processes) run one at a time on this 2-core machine.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Publishes `(key, value, headers)` records in order and waits for every ack.
+pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)]) -> Vec<(i32, i64)> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut out = Vec::new();
+        for (key, value, headers) in records {
+            let mut h = OwnedHeaders::new();
+            for (k, v) in headers {
+                h = h.insert(Header { key: k, value: Some(v.as_slice()) });
+            }
+            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value.as_slice()).headers(h);
+            if let Some(k) = key {
+                r = r.key(k.as_slice());
+            }
+            let d = producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("publish");
+            out.push((d.partition, d.offset));
+        }
+        out
+    })
+}
+
+/// `n` valid raw-image records (id and class headers) cycling over real test images.
+pub fn image_records(n: usize, id_prefix: &str) -> (Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)>, Vec<String>) {
+    let files = sample_images(6);
+    let mut records = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let f = &files[i % files.len()];
+        let id = format!("{id_prefix}-{i:05}");
+        let bytes = std::fs::read(&f.path).unwrap();
+        let headers = vec![("dcam-image-id".to_string(), id.clone().into_bytes()), ("dcam-class".to_string(), f.class.clone().unwrap().into_bytes())];
+        records.push((Some(id.clone().into_bytes()), bytes, headers));
+        ids.push(id);
+    }
+    (records, ids)
+}
