@@ -24,7 +24,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", nargs="*", default=None, help="product classes (default: every class found)")
     p.add_argument("--val-fraction", type=float, default=0.15, help="share of each class's train/good held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    # Default 1: on a small machine shared with other jobs, 2 OpenMP threads spin-waiting on 2 busy
+    # cores ran ~10x slower per step than 1 thread. Raise it on a dedicated machine.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

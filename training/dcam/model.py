@@ -29,6 +29,7 @@ class ModelConfig:
     reduction: int = 4
     scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     blur_sigma: float = 4.0
+    combine: str = ""                  # how per-scale maps are merged: "sum" / "prod"; "" = sum for dcam, prod for stfpm
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +44,8 @@ VARIANTS: dict[str, ModelConfig] = {
     "dcam_kl": ModelConfig(w_cos=0.0),
     # Fix for both DESIGN.md section 7 suspects: masks on teacher too, plus the per-position term on raw maps.
     "dcam_fixed": ModelConfig(attend_teacher=True, w_pos=1.0),
+    # Same as dcam_fixed but merges the scales like STFPM (product): tests the map fusion, not the loss.
+    "dcam_fixed_prod": ModelConfig(attend_teacher=True, w_pos=1.0, combine="prod"),
 }
 
 
@@ -74,7 +77,8 @@ class DistillModel(nn.Module):
         self.student = build_backbone(cfg.backbone)  # same architecture, random init
         chans = self.student.channels
         self.attention = nn.ModuleList(CBAM(c, cfg.reduction) for c in chans) if cfg.attention else None
-        self.anomaly_map = AnomalyMap(cfg.input_size, "prod" if cfg.method == "stfpm" else "sum", cfg.blur_sigma)
+        combine = cfg.combine or ("prod" if cfg.method == "stfpm" else "sum")
+        self.anomaly_map = AnomalyMap(cfg.input_size, combine, cfg.blur_sigma)
 
     def train(self, mode: bool = True):
         super().train(mode)

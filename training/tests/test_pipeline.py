@@ -10,7 +10,7 @@ from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
 from dcam.evaluate import evaluate_split, predict
 from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
-from dcam.model import DistillModel, variant_config
+from dcam.model import VARIANTS, DistillModel, variant_config
 from dcam.train import train
 
 S = 64
@@ -29,7 +29,7 @@ def trained(mvtec_root, tmp_path_factory):
     return model, path, classes, info
 
 
-@pytest.mark.parametrize("variant", ["stfpm", "dcam", "dcam_noatt", "dcam_cos", "dcam_kl", "dcam_fixed"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_trains(variant, mvtec_root):
     tr, va = load_train_val(mvtec_root, ["widget"], 32, val_fraction=0.25, seed=0, progress=False)
     model = DistillModel(variant_config(variant, input_size=32))
