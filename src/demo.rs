@@ -72,6 +72,7 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
     settings.kafka.group_id = "dcam-demo".into();
     settings.telemetry.http_addr = "127.0.0.1:0".into();
     settings.heatmap.store = format!("file://{}", heatmaps.display());
+    settings.heatmap.overlay = true;
     if settings.heatmap.policy == HeatmapPolicy::None {
         settings.heatmap.policy = HeatmapPolicy::Anomalies;
     }

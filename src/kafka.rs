@@ -64,7 +64,9 @@ pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientCo
         .set("message.max.bytes", "20971520")
         .set("message.timeout.ms", "120000");
     if let Some(id) = transactional_id {
-        c.set("transactional.id", id).set("transaction.timeout.ms", s.delivery.transaction_timeout_ms.to_string());
+        // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
+        let txn = s.delivery.transaction_timeout_ms;
+        c.set("transactional.id", id).set("transaction.timeout.ms", txn.to_string()).set("message.timeout.ms", txn.min(120_000).to_string());
     }
     apply_extra(c, k)
 }

@@ -149,7 +149,12 @@ fn real_main(cli: Cli) -> Result<()> {
         print!("{}", settings.to_toml_masked());
         return Ok(());
     }
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    // One-shot tools print tables and JSON; keep their logs to warnings unless asked otherwise.
+    let one_shot = !matches!(cli.command, Command::Run);
+    if one_shot && settings.telemetry.log_level == "info" && std::env::var_os("RUST_LOG").is_none() {
+        settings.telemetry.log_level = "warn".into();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _guard = runtime.enter();
     let tracer = telemetry::init(&settings.telemetry)?;

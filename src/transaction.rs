@@ -91,6 +91,7 @@ impl Transactions {
         if positions.is_empty() {
             return Ok(0);
         }
+        tracing::debug!(?positions, "transaction step");
         let records = self.buffer.take_below(&positions);
         let count = records.len();
         match self.run_transaction(consumer, &records, &positions) {
