@@ -13,7 +13,8 @@ from . import __version__
 from .backbones import build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
 from .data import REPO_ROOT, discover_classes, load_test, load_train_val, resolve_data_root
-from .evaluate import evaluate_split, markdown_table, predict, synthetic_val_metrics, synthetic_val_split, write_reports
+from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
+                       write_reports)
 from .export import export_onnx, run_onnx
 from .model import VARIANTS, DistillModel, load_checkpoint, save_checkpoint, variant_config
 from .train import cache_teacher, train
@@ -109,6 +110,7 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     metrics, maps, scores = evaluate_split(model, test, not args.quiet)
     metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
     metrics["val_synthetic"] = val_metrics
+    metrics["score_rules"] = score_rules(test, maps)  # reported only; the rule is chosen on val_synthetic
     write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
     print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
     print(f"[evaluate] synthetic-validation mean: {val_metrics['mean']}; reports in {out}")

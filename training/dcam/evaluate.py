@@ -92,6 +92,13 @@ def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = 
         sel = classes == cls
         per_class[cls] = class_metrics(split.labels[sel], scores[sel], None if split.masks is None else split.masks[sel],
                                        maps[sel], with_pro)
+        if split.defects:  # image AUROC of each defect type against the class's good images
+            defects = np.asarray(split.defects)
+            good = sel & (defects == "good")
+            per_class[cls]["per_defect_image_auroc"] = {
+                d: round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
+                                      np.r_[scores[good], scores[sel & (defects == d)]]), 2)
+                for d in sorted(set(defects[sel])) if d != "good"}
     return {"per_class": {k: _round(v) for k, v in per_class.items()}, "mean": _round(_mean(per_class))}, maps, scores
 
 
@@ -107,8 +114,20 @@ def synthetic_val_metrics(model, val: Split, progress: bool = True, t_cache: lis
     """Model-selection proxy that never touches test: held-out good vs CutPaste-style fakes of them.
     t_cache, when given, must be the teacher maps of synthetic_val_split(val).images."""
     both = synthetic_val_split(val)
-    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=False, t_cache=t_cache)
+    metrics, maps, _ = evaluate_split(model, both, progress=progress, with_pro=False, t_cache=t_cache)
+    metrics["score_rules"] = score_rules(both, maps)
     return metrics
+
+
+def score_rules(split: Split, maps: np.ndarray) -> dict:
+    """Image AUROC per class for alternative image-score rules computed from the same maps
+    (max = what the exported graph outputs; top-1% mean = mean of the largest 1 % of map values)."""
+    flat = maps.reshape(len(maps), -1)
+    k = max(1, flat.shape[1] // 100)
+    rules = {"max": flat.max(1), "top1pct_mean": np.partition(flat, -k, axis=1)[:, -k:].mean(1)}
+    classes = np.asarray(split.classes)
+    return {name: {cls: round(100 * _auroc(split.labels[classes == cls], sc[classes == cls]), 2)
+                   for cls in sorted(set(split.classes))} for name, sc in rules.items()}
 
 
 def _round(d: dict) -> dict:
