@@ -148,6 +148,14 @@ impl OffsetTracker {
         out
     }
 
+    /// One past the highest offset registered per partition: where consumption continues.
+    pub fn next_offsets(&self) -> Vec<(PartitionKey, i64)> {
+        let inner = self.inner.lock().expect("tracker");
+        let mut out: Vec<_> = inner.partitions.iter().filter_map(|(k, s)| s.next.map(|n| (k.clone(), n))).collect();
+        out.sort();
+        out
+    }
+
     /// Marks positions as committed by the caller (after a successful commit).
     pub fn mark_committed(&self, commits: &[(PartitionKey, i64)]) {
         let mut inner = self.inner.lock().expect("tracker");

@@ -34,6 +34,7 @@ pub fn load_engine(settings: &Settings) -> Result<Arc<Engine>> {
 pub struct RunningOperator {
     shutdown: Arc<AtomicBool>,
     source: Option<std::thread::JoinHandle<Result<()>>>,
+    lag: Option<std::thread::JoinHandle<()>>,
     pipeline: Option<Pipeline>,
     producer: FutureProducer,
     http: tokio::task::JoinHandle<()>,
@@ -106,12 +107,15 @@ impl RunningOperator {
         );
         let pipeline = Pipeline::start(engine.clone(), &settings.decode, &settings.batch, metrics.clone(), Arc::new(sink));
 
+        // The lag reporter uses a client of its own, outside the group.
+        let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
-            .create_with_context(SourceContext::new(tracker, transactions))
+            .create_with_context(SourceContext::new(tracker.clone(), transactions))
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         let shutdown = Arc::new(AtomicBool::new(false));
+        let lag = source::spawn_lag_reporter(lag_config, tracker, metrics.clone(), shutdown.clone())?;
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
             let opts = SourceOptions { max_in_flight: settings.pipeline.max_in_flight, commit_interval: Duration::from_millis(settings.delivery.commit_interval_ms) };
@@ -131,7 +135,7 @@ impl RunningOperator {
             }),
         );
         tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running");
-        Ok(Self { shutdown, source: Some(source), pipeline: Some(pipeline), producer, http, http_addr, metrics, health, engine, heatmap_store })
+        Ok(Self { shutdown, source: Some(source), lag: Some(lag), pipeline: Some(pipeline), producer, http, http_addr, metrics, health, engine, heatmap_store })
     }
 
     /// Asks the operator to stop; `wait` then drains and commits.
@@ -151,6 +155,9 @@ impl RunningOperator {
         })
         .await?;
         self.health.set_ready(false, serde_json::json!({"state": "stopping"}));
+        if let Some(lag) = self.lag.take() {
+            let _ = tokio::task::spawn_blocking(move || lag.join()).await;
+        }
         if let Some(p) = self.pipeline.take() {
             tokio::task::spawn_blocking(move || p.finish()).await?;
         }

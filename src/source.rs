@@ -125,7 +125,6 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
     let mut paused = false;
     let mut last_commit = Instant::now();
     let mut last_pause_check = Instant::now();
-    let mut last_lag = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
         health.beat();
         let in_flight = tracker.in_flight();
@@ -138,14 +137,13 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
             paused = true;
             last_pause_check = Instant::now();
         } else if paused && in_flight <= opts.max_in_flight / 2 {
-            if let Ok(a) = consumer.assignment() {
-                let _ = consumer.resume(&a);
-            }
+            resume(consumer);
             paused = false;
         }
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 let job = job_from_message(&m, tracker);
+                tracing::trace!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "consumed");
                 drop(m);
                 if submit.send(job).is_err() {
                     return Err(anyhow!("pipeline stopped unexpectedly"));
@@ -160,10 +158,6 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
         if last_commit.elapsed() >= opts.commit_interval {
             last_commit = Instant::now();
             handle_commit(consumer, CommitMode::Async)?;
-        }
-        if last_lag.elapsed() >= Duration::from_secs(5) {
-            last_lag = Instant::now();
-            report_lag(consumer, metrics);
         }
     }
     tracing::info!(in_flight = tracker.in_flight(), "shutting down: draining in-flight work");
@@ -220,10 +214,37 @@ pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
     Ok(())
 }
 
-fn report_lag(consumer: &BaseConsumer<SourceContext>, metrics: &Metrics) {
-    for ((topic, partition), pos) in consumer.context().tracker.positions(None) {
-        if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_millis(500)) {
-            metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set((high - pos).max(0));
+/// Resumes every assigned partition at the record after the last one taken in. Pausing drops
+/// librdkafka's prefetched records; seeking makes the restart point explicit.
+fn resume(consumer: &BaseConsumer<SourceContext>) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    if let Err(e) = consumer.resume(&assignment) {
+        tracing::warn!(error = %e, "resume failed");
+    }
+    for ((topic, partition), next) in consumer.context().tracker.next_offsets() {
+        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(next), Duration::from_secs(5)) {
+            tracing::warn!(%topic, partition, error = %e, "seek after resume failed");
         }
     }
+}
+
+/// Reports consumer lag (high watermark − committable position) every few seconds from its own
+/// thread and client, so the broker round trips never stall the source loop.
+pub fn spawn_lag_reporter(config: rdkafka::ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+    let client: BaseConsumer = config.create().map_err(|e| anyhow!("lag reporter client: {e}"))?;
+    Ok(std::thread::Builder::new().name("lag".into()).spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            for ((topic, partition), pos) in tracker.positions(None) {
+                if let Ok((_, high)) = client.fetch_watermarks(&topic, partition, Duration::from_secs(2)) {
+                    metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set((high - pos).max(0));
+                }
+            }
+            for _ in 0..50 {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    })?)
 }

@@ -156,9 +156,22 @@ pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: imp
         .set("session.timeout.ms", "6000")
         .create()
         .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
+    // Explicit assignment from the beginning: no group join, so reading starts at once.
     let deadline = Instant::now() + timeout;
+    let partitions = loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).unwrap();
+        let n = md.topics().first().map_or(0, |t| t.partitions().len());
+        if n > 0 || Instant::now() >= deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
     while Instant::now() < deadline && !done(&out) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             let headers = m
