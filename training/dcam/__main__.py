@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from .anomaly_map import SCORE_RULES, AnomalyMap
 from .backbones import build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
 from .data import REPO_ROOT, discover_classes, load_test, load_train_val, resolve_data_root
@@ -32,7 +34,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--variant", default="dcam_fixed", choices=sorted(VARIANTS), help="method / ablation variant")
+    # Default chosen by the ablation on validation data (models/MODEL_CARD.md): STFPM-multi beat every DCAM variant.
+    p.add_argument("--variant", default="stfpm", choices=sorted(VARIANTS), help="method / ablation variant (default stfpm)")
     p.add_argument("--backbone", default=None, choices=["mobilenet_v2", "resnet18"])
     p.add_argument("--teacher-weights", default=None, help="torchvision state dict for the teacher (needed for resnet18)")
     p.add_argument("--input-size", type=int, default=None, help="S (default 256)")
@@ -124,14 +127,36 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic") if k in metrics}
     out = Path(args.output)
-    export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"],
-                args.model_name, args.model_version)
+    name = args.model_name or f"{ckpt['train_config'].get('variant', model.cfg.method)}-{model.cfg.backbone}".replace("_", "-")
+    export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"], name, args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
     m_ort, s_ort = run_onnx(out, imgs)
     m_pt, s_pt = predict(model, imgs, progress=False)
     print(f"[export] {out} ({out.stat().st_size / 1e6:.1f} MB); ORT vs torch: max|dscore|={np.abs(s_ort - s_pt).max():.2e} "
           f"max|dmap|={np.abs(m_ort - m_pt).max():.2e}")
+    return out
+
+
+def cmd_calibrate(args) -> Path:
+    """Recompute the per-class calibration from the held-out good images (optionally with another
+    image-score rule) and write a new checkpoint next to the old one."""
+    ckpt_path = Path(args.checkpoint)
+    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
+    tc = dict(ckpt["train_config"])
+    if args.score_rule:
+        model.cfg = replace(model.cfg, score_rule=args.score_rule)
+        model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, args.score_rule)
+        tc["score_rule"] = args.score_rule
+    root = resolve_data_root(args.data_root or ckpt.get("data_root"))
+    _, val_split = load_train_val(root, ckpt["classes"], model.cfg.input_size, tc["val_fraction"], tc["seed"], not args.quiet)
+    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
+    cal = calibrate(val_scores, val_split.classes, args.fpr)
+    tc["calibration_fpr"] = args.fpr
+    out = Path(args.output_checkpoint or ckpt_path.with_name(ckpt_path.stem + "-calibrated.pt"))
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict")}
+    save_checkpoint(model, out, {**extra, "calibration": cal, "train_config": tc})
+    print(f"[calibrate] {out}: {json.dumps(cal)}")
     return out
 
 
@@ -196,24 +221,29 @@ def main(argv=None) -> None:
     p_exp = sub.add_parser("export", help="export a checkpoint to ONNX (DESIGN.md section 1)")
     p_all = sub.add_parser("all", help="train, evaluate and export")
     p_abl = sub.add_parser("ablation", help="train and compare several variants on the same budget")
-    for p in (p_train, p_eval, p_exp, p_all, p_abl):
+    p_cal = sub.add_parser("calibrate", help="recompute calibration (optionally another score rule) from held-out good images")
+    for p in (p_train, p_eval, p_exp, p_all, p_abl, p_cal):
         _data_args(p)
     for p in (p_train, p_all, p_abl):
         _train_args(p)
         p.add_argument("--out", default=None, help="run directory (default training/runs/<name>-<time>)")
-    for p in (p_eval, p_exp):
+    p_cal.add_argument("--score-rule", default=None, choices=SCORE_RULES)
+    p_cal.add_argument("--fpr", type=float, default=DEFAULT_FPR)
+    p_cal.add_argument("--output-checkpoint", default=None)
+    for p in (p_eval, p_exp, p_cal):
         p.add_argument("--checkpoint", required=True)
         p.add_argument("--teacher-weights", default=None)
     for p in (p_eval, p_exp, p_all):
         p.add_argument("--out-eval", default=None, help="report directory (default <run>/eval)")
     for p in (p_exp, p_all):
         p.add_argument("--output", default=str(REPO_ROOT / "models" / "dcam.onnx"))
-        p.add_argument("--model-name", default="dcam-mobilenetv2")
+        p.add_argument("--model-name", default=None, help="default: <variant>-mobilenetv2 / <variant>-<backbone>")
         p.add_argument("--model-version", default=__version__)
     p_abl.add_argument("--variants", nargs="+", default=["stfpm", "dcam", "dcam_fixed", "dcam_noatt", "dcam_cos", "dcam_kl"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "all": cmd_all, "ablation": cmd_ablation}[args.cmd](args)
+    {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "all": cmd_all, "ablation": cmd_ablation,
+     "calibrate": cmd_calibrate}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ class ModelConfig:
     scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     blur_sigma: float = 4.0
     combine: str = ""                  # how per-scale maps are merged: "sum" / "prod"; "" = sum for dcam, prod for stfpm
+    score_rule: str = "max"            # image score: "max" of the map or "top1pct_mean" (see anomaly_map.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +79,7 @@ class DistillModel(nn.Module):
         chans = self.student.channels
         self.attention = nn.ModuleList(CBAM(c, cfg.reduction) for c in chans) if cfg.attention else None
         combine = cfg.combine or ("prod" if cfg.method == "stfpm" else "sum")
-        self.anomaly_map = AnomalyMap(cfg.input_size, combine, cfg.blur_sigma)
+        self.anomaly_map = AnomalyMap(cfg.input_size, combine, cfg.blur_sigma, cfg.score_rule)
 
     def train(self, mode: bool = True):
         super().train(mode)

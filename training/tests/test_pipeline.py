@@ -39,6 +39,20 @@ def test_every_variant_trains(variant, mvtec_root):
     assert maps.shape == (len(va), 32, 32) and np.allclose(scores, maps.reshape(len(va), -1).max(1))
 
 
+def test_top1pct_score_rule_and_parity(mvtec_root, tmp_path):
+    tr, va = load_train_val(mvtec_root, ["widget"], 64, val_fraction=0.25, seed=0, progress=False)
+    model = DistillModel(variant_config("stfpm", input_size=64, score_rule="top1pct_mean"))
+    train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=1, progress=False, log=lambda *_: None)
+    maps, scores = predict(model, va.images, progress=False)
+    k = 64 * 64 // 100
+    expect = np.sort(maps.reshape(len(va), -1), axis=1)[:, -k:].mean(1)
+    assert np.allclose(scores, expect, atol=1e-6)
+    path = export_onnx(model, tmp_path / "t.onnx", ["widget"], calibrate(scores, va.classes), {}, {})
+    assert check_contract(path) == []
+    m_ort, s_ort = run_onnx(path, va.images, batch_size=3)
+    assert np.abs(s_ort - scores).max() <= 1e-4 and np.abs(m_ort - maps).max() <= 1e-3
+
+
 def test_teacher_is_frozen(trained):
     model = trained[0]
     model.train()
@@ -87,6 +101,10 @@ def test_cli_all(mvtec_root, tmp_path):
     assert check_contract(onnx_path) == []
     metrics = json.loads(read_metadata(onnx_path)["dcam.metrics"])
     assert "image_auroc" in metrics["mean"]
+    main(["calibrate", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--score-rule",
+          "top1pct_mean", "--output-checkpoint", str(out / "cal.pt"), "--quiet"])
+    main(["export", "--checkpoint", str(out / "cal.pt"), "--output", str(tmp_path / "cal.onnx"), "--quiet"])
+    assert json.loads(read_metadata(tmp_path / "cal.onnx")["dcam.train_config"])["score_rule"] == "top1pct_mean"
 
 
 def test_cli_ablation(mvtec_root, tmp_path):
