@@ -40,6 +40,7 @@ pub struct KafkaSettings {
     pub ssl_key_location: String,
     pub ssl_key_password: String,
     pub session_timeout_ms: u64,
+    pub max_poll_interval_ms: u64,
     pub auto_offset_reset: OffsetReset,
     /// librdkafka properties. The config crate splits dotted keys into tables, so they are
     /// flattened back to `a.b.c` here.
@@ -269,6 +270,10 @@ impl Settings {
         check(
             (1000..=3_600_000).contains(&self.kafka.session_timeout_ms),
             format!("kafka.session_timeout_ms must be in 1000..=3600000, got {}", self.kafka.session_timeout_ms),
+        );
+        check(
+            (self.kafka.session_timeout_ms..=3_600_000).contains(&self.kafka.max_poll_interval_ms),
+            format!("kafka.max_poll_interval_ms must be in session_timeout_ms..=3600000, got {}", self.kafka.max_poll_interval_ms),
         );
         if self.kafka.security_protocol.uses_sasl() {
             let known = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];

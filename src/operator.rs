@@ -110,7 +110,7 @@ impl RunningOperator {
         // The lag reporter uses a client of its own, outside the group.
         let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
-            .create_with_context(SourceContext::new(tracker.clone(), transactions))
+            .create_with_context(SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms)))
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;

@@ -17,19 +17,20 @@ use crate::pipeline::Job;
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 use crate::transaction::{Transactions, TxnError};
 
-/// How long a revoke or shutdown waits for in-flight work before letting go without committing it.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct SourceContext {
     pub tracker: Arc<OffsetTracker>,
     pub transactions: Option<Arc<Transactions>>,
+    /// How long a revoke or shutdown waits for in-flight work before letting go of it uncommitted;
+    /// below max.poll.interval.ms so waiting never gets this member evicted.
+    pub drain_timeout: Duration,
     /// Set when a rebalance callback hit an error that must stop the instance.
     fatal: Mutex<Option<String>>,
 }
 
 impl SourceContext {
-    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>) -> Self {
-        Self { tracker, transactions, fatal: Mutex::new(None) }
+    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>, max_poll_interval: Duration) -> Self {
+        Self { tracker, transactions, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)), fatal: Mutex::new(None) }
     }
 
     /// Commits what is finished for `only` (or every partition): plain offsets in
@@ -64,7 +65,7 @@ impl ConsumerContext for SourceContext {
             return;
         }
         // Drain: let in-flight work of the revoked partitions finish, then commit it.
-        if !self.tracker.wait_drained(Some(&keys), DRAIN_TIMEOUT) {
+        if !self.tracker.wait_drained(Some(&keys), self.drain_timeout) {
             tracing::warn!(?keys, "revoked partitions did not drain in time; their unfinished records will be scored by the next owner");
         }
         match self.commit(consumer, Some(&keys), CommitMode::Sync) {
@@ -161,7 +162,7 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
         }
     }
     tracing::info!(in_flight = tracker.in_flight(), "shutting down: draining in-flight work");
-    if !tracker.wait_drained(None, DRAIN_TIMEOUT) {
+    if !tracker.wait_drained(None, ctx.drain_timeout) {
         tracing::warn!("in-flight work did not drain in time; it will be re-scored after restart");
     }
     handle_commit(consumer, CommitMode::Sync)?;

@@ -87,10 +87,15 @@ fn tiny_image_records(n: usize, prefix: &str) -> (Vec<(Option<Vec<u8>>, Vec<u8>,
     (records, ids)
 }
 
+/// 2000 by default (the scenario); DCAM_TEST_EVENTS makes quicker local runs.
+fn events() -> usize {
+    std::env::var("DCAM_TEST_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+}
+
 #[test]
 fn exactly_once_survives_three_sigkills_with_no_loss_and_no_duplicates() {
     let _serial = serial();
-    let (lost, dups) = kill_three_times("exactly_once", 2000);
+    let (lost, dups) = kill_three_times("exactly_once", events());
     assert_eq!(lost, 0, "lost inputs");
     assert_eq!(dups, 0, "duplicate scores under exactly-once");
 }
@@ -98,7 +103,7 @@ fn exactly_once_survives_three_sigkills_with_no_loss_and_no_duplicates() {
 #[test]
 fn at_least_once_survives_three_sigkills_with_no_loss() {
     let _serial = serial();
-    let (lost, dups) = kill_three_times("at_least_once", 2000);
+    let (lost, dups) = kill_three_times("at_least_once", events());
     assert_eq!(lost, 0, "lost inputs");
     // Duplicates are allowed here; the count is reported above (and in the README).
     eprintln!("at_least_once duplicates after three SIGKILLs: {dups}");

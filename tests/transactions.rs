@@ -87,7 +87,7 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
     let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics.clone(), Duration::from_secs(10)).unwrap());
     let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()))).unwrap();
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // First pass: every output buffered, then the transaction's produce fails (abortable).

@@ -216,6 +216,8 @@ impl OperatorConfig {
             ("DCAM__KAFKA__INPUT_TOPICS", input.to_string()),
             ("DCAM__KAFKA__GROUP_ID", group.to_string()),
             ("DCAM__KAFKA__SESSION_TIMEOUT_MS", "6000".to_string()),
+            // A killed member holds up the group's next join for up to this long.
+            ("DCAM__KAFKA__MAX_POLL_INTERVAL_MS", "15000".to_string()),
             ("DCAM__TOPICS__SCORES", scores.to_string()),
             ("DCAM__TOPICS__DEAD_LETTER", dlq.to_string()),
             ("DCAM__MODEL__PATH", model_path().display().to_string()),
