@@ -20,7 +20,9 @@ pub struct BenchOptions {
     pub dataset: std::path::PathBuf,
     pub images: usize,
     pub batches: Vec<usize>,
-    /// External brokers; default: librdkafka's in-process MockCluster.
+    /// A broker process to measure through (scripts/bench.sh starts one). Without it, librdkafka's
+    /// in-process MockCluster is used; it keeps only a few MB per partition, so only small images
+    /// (the magnetic_tile class) are published then.
     pub brokers: Option<String>,
 }
 
@@ -69,6 +71,10 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
     let files = dataset::sample_per_class(dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)?, opts.images.div_ceil(2));
     if files.is_empty() {
         bail!("no images under {}", opts.dataset.display());
+    }
+    let files: Vec<_> = files.into_iter().filter(|f| opts.brokers.is_some() || f.class.as_deref() == Some("magnetic_tile")).collect();
+    if files.is_empty() {
+        bail!("no usable images under {}", opts.dataset.display());
     }
     let files: Vec<_> = files.into_iter().cycle().take(opts.images).collect();
     let mut engine_settings = settings.engine.clone();
