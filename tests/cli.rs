@@ -1,0 +1,102 @@
+//! The one-shot commands, run as a user would: `score`, `replay --dir`, `demo`, `model inspect`,
+//! `config check`. Real model, real images; no broker needed.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn dcam(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dcam-stream")).args(args).env("DCAM__MODEL__PATH", model_path()).current_dir(repo_root()).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn score_prints_one_json_line_per_file_in_order_with_heatmaps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = sample_images(2);
+    let mut args: Vec<String> = vec!["score".into(), "--heatmaps".into(), tmp.path().display().to_string()];
+    args.extend(files.iter().map(|f| f.path.display().to_string()));
+    let junk = tmp.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    args.push(junk.display().to_string());
+    let out = Command::new(env!("CARGO_BIN_EXE_dcam-stream"))
+        .args(&args)
+        .env("DCAM__MODEL__PATH", model_path())
+        .env("DCAM__HEATMAP__POLICY", "all")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), files.len() + 1);
+    for (line, f) in lines.iter().zip(&files) {
+        assert_eq!(line["path"], f.path.display().to_string(), "file order kept");
+        let score = line["score"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&score));
+        assert!(std::path::Path::new(line["heatmap"].as_str().unwrap()).exists());
+    }
+    let last = lines.last().unwrap();
+    assert_eq!(last["error_kind"], "unsupported_format", "a bad file is reported, not dropped");
+}
+
+#[test]
+fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A small MVTec-layout dataset made of real images.
+    let files = sample_images(3);
+    for f in &files {
+        let dest = tmp.path().join("data").join(f.class.as_deref().unwrap()).join("test").join(f.label.as_deref().unwrap()).join(f.path.file_name().unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(&f.path, dest).unwrap();
+    }
+    let output = tmp.path().join("out.jsonl");
+    let out = dcam(&["replay", "--dir", &tmp.path().join("data").display().to_string(), "--output", &output.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), files.len());
+    let ids: Vec<&str> = lines.iter().map(|l| l["image_id"].as_str().unwrap()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "file order");
+    let anomalies = lines.iter().filter(|l| l["is_anomaly"] == true).count();
+    assert!(text(&out.stderr).contains(&format!("replayed {} records ({} scored, {anomalies} anomalies, 0 dead letters)", files.len(), files.len())), "{}", text(&out.stderr));
+}
+
+#[test]
+fn demo_runs_end_to_end_on_the_embedded_broker() {
+    let out = dcam(&["demo", "--dataset", &datasets().display().to_string(), "--per-class", "3", "--quiet"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("images scored     6"), "{stdout}");
+    assert!(stdout.contains("agree with labels"), "{stdout}");
+}
+
+#[test]
+fn model_inspect_and_config_check() {
+    let out = dcam(&["model", "inspect", &model_path().display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["classes"], serde_json::json!(["bottle", "magnetic_tile"]));
+    assert!(info["calibration"]["_default"]["threshold"].is_number());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good.toml");
+    std::fs::write(&good, "[batch]\nmax_batch = 4\n[kafka]\nsasl_password = \"hunter2\"\n").unwrap();
+    let out = dcam(&["config", "check", &good.display().to_string()]);
+    assert!(out.status.success());
+    let shown = text(&out.stdout);
+    assert!(shown.contains("max_batch = 4") && !shown.contains("hunter2"), "{shown}");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[batch]\nmax_batch = -3\n").unwrap();
+    let out = dcam(&["config", "check", &bad.display().to_string()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("max_batch"), "{}", text(&out.stderr));
+
+    let missing = dcam(&["model", "inspect", "/nonexistent.onnx"]);
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("does not exist"));
+}
