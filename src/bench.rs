@@ -101,9 +101,12 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
         // clock measures the operator alone: consume → decode → batch → infer → publish → commit.
         let run_id = rand::random::<u32>();
         let (input, scores) = (format!("bench-images-{batch}-{run_id}"), format!("bench-scores-{batch}-{run_id}"));
-        if let Some(c) = &cluster {
-            c.create_topic(&input, 1, 1)?;
-            c.create_topic(&scores, 1, 1)?;
+        match &cluster {
+            Some(c) => {
+                c.create_topic(&input, 1, 1)?;
+                c.create_topic(&scores, 1, 1)?;
+            }
+            None => create_topics(&brokers, &[&input, &scores]).await?,
         }
         produce::publish(&producer, &input, &files, WireFormat::Raw).await?;
         let mut s = settings.clone();
@@ -137,6 +140,21 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
         eprintln!("batch {batch}: done");
     }
     Ok((rows, engine.provider))
+}
+
+/// Creates topics up front, so readers never wait for a metadata refresh to find them.
+async fn create_topics(brokers: &str, names: &[&str]) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let topics: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
+    for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
+        if let Err((t, e)) = r {
+            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                bail!("creating topic {t}: {e}");
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn print_table(rows: &[Row], provider: &str, images: usize) {

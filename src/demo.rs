@@ -34,6 +34,7 @@ pub async fn read_scores(brokers: &str, topic: &str, n: usize, timeout: Duration
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "6000")
+        .set("topic.metadata.refresh.interval.ms", "1000")
         .create()?;
     consumer.subscribe(&[topic])?;
     let mut out = Vec::new();
