@@ -213,7 +213,14 @@ fn replay_scores_exactly_the_time_window_and_leaves_the_live_group_alone() {
             (v["image_id"].as_str().unwrap().to_string(), (v["raw_score"].as_f64().unwrap(), v["heatmap_uri"].as_str().unwrap().to_string()))
         }).collect()
     };
-    assert_eq!(by_id(&again[..10]), by_id(&again[10..]));
-    assert!(by_id(&again[..10]).values().all(|(_, uri)| uri.contains("/replay/")));
+    // Same ids, same heatmap keys, same scores (to float noise: batches may be composed differently).
+    let (first, second) = (by_id(&again[..10]), by_id(&again[10..]));
+    assert_eq!(first.keys().collect::<HashSet<_>>(), second.keys().collect::<HashSet<_>>());
+    for (id, (score, uri)) in &first {
+        let (score2, uri2) = &second[id];
+        assert!((score - score2).abs() <= 1e-4, "{id}: {score} vs {score2}");
+        assert_eq!(uri, uri2);
+        assert!(uri.contains("/replay/"), "{uri}");
+    }
     assert_eq!(committed_offsets(&broker.brokers, &group, &input, 2), committed_before);
 }
