@@ -164,24 +164,14 @@ pub fn provider_available(provider: Provider) -> bool {
 fn check_signature(session: &Session) -> Result<()> {
     use ort::value::TensorElementType as T;
     use ort::value::ValueType;
-    let want_in = [("image", T::Uint8)];
-    let want_out = [("anomaly_map", T::Float32), ("score", T::Float32)];
-    for (name, ty) in want_in {
-        let Some(input) = session.inputs().iter().find(|i| i.name() == name) else {
-            bail!("model has no input {name:?}");
+    let wanted = [("input", session.inputs(), "image", T::Uint8), ("output", session.outputs(), "anomaly_map", T::Float32), ("output", session.outputs(), "score", T::Float32)];
+    for (side, outlets, name, ty) in wanted {
+        let Some(outlet) = outlets.iter().find(|o| o.name() == name) else {
+            bail!("model has no {side} {name:?}");
         };
-        match input.dtype() {
+        match outlet.dtype() {
             ValueType::Tensor { ty: t, .. } if *t == ty => {}
-            other => bail!("model input {name:?} is {other:?}, expected a {ty:?} tensor"),
-        }
-    }
-    for (name, ty) in want_out {
-        let Some(output) = session.outputs().iter().find(|o| o.name() == name) else {
-            bail!("model has no output {name:?}");
-        };
-        match output.dtype() {
-            ValueType::Tensor { ty: t, .. } if *t == ty => {}
-            other => bail!("model output {name:?} is {other:?}, expected a {ty:?} tensor"),
+            other => bail!("model {side} {name:?} is {other:?}, expected a {ty:?} tensor"),
         }
     }
     Ok(())
