@@ -35,7 +35,7 @@ fn kill_three_times(mode: &str, n: usize) -> (usize, usize) {
     broker.create_topic(&scores, 2);
     broker.create_topic(&dlq, 1);
     let tmp = tempfile::tempdir().unwrap();
-    let (records, ids) = tiny_image_records(n, mode);
+    let (records, ids) = small_image_records(n, mode);
     publish(&broker.producer(), &input, &records);
     let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
         .set("DCAM__DELIVERY__MODE", mode)
@@ -70,21 +70,6 @@ fn kill_three_times(mode: &str, n: usize) -> (usize, usize) {
     eprintln!("{mode}: {} inputs, {} score records read_committed, lost {lost}, duplicates {dups}", n, all.len());
     assert!(last.terminate(Duration::from_secs(60)).success());
     (lost, dups)
-}
-
-/// `n` raw events with small real images (magnetic tile JPEGs), so 2000 of them stay quick.
-fn tiny_image_records(n: usize, prefix: &str) -> (Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)>, Vec<String>) {
-    let files: Vec<_> = sample_images(20).into_iter().filter(|f| f.class.as_deref() == Some("magnetic_tile")).collect();
-    let blobs: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
-    let mut records = Vec::new();
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let id = format!("{prefix}-{i:05}");
-        let headers = vec![("dcam-image-id".to_string(), id.clone().into_bytes()), ("dcam-class".to_string(), b"magnetic_tile".to_vec())];
-        records.push((Some(id.clone().into_bytes()), blobs[i % blobs.len()].clone(), headers));
-        ids.push(id);
-    }
-    (records, ids)
 }
 
 /// 2000 by default (the scenario); DCAM_TEST_EVENTS makes quicker local runs.
@@ -122,7 +107,7 @@ fn broker_restart_mid_stream_recovers_without_loss() {
     broker.create_topic(&scores, 1);
     broker.create_topic(&dlq, 1);
     let tmp = tempfile::tempdir().unwrap();
-    let (records, ids) = tiny_image_records(600, "restart");
+    let (records, ids) = small_image_records(600, "restart");
     publish(&broker.producer(), &input, &records);
     let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
         .set("DCAM__HEATMAP__POLICY", "none")
@@ -151,7 +136,7 @@ fn replay_scores_exactly_the_time_window_and_leaves_the_live_group_alone() {
     }
     // Three windows an hour apart, ten events each, with explicit record timestamps.
     let base = chrono::Utc::now().timestamp_millis() - 4 * 3_600_000;
-    let (tiny, _) = tiny_image_records(30, "unused");
+    let (tiny, _) = small_image_records(30, "unused");
     let producer = broker.producer();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut window_ids: Vec<Vec<String>> = vec![vec![], vec![], vec![]];

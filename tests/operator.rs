@@ -228,7 +228,7 @@ fn sigterm_mid_stream_then_restart_loses_nothing() {
     broker.create_topic(&scores, 1);
     broker.create_topic(&dlq, 1);
     let tmp = tempfile::tempdir().unwrap();
-    let (records, ids) = image_records(400, "term");
+    let (records, ids) = small_image_records(400, "term");
     publish(&broker.producer(), &input, &records);
     // A small in-flight bound: SIGTERM drains only what was taken in (and exercises pausing).
     let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
@@ -254,7 +254,7 @@ fn sigterm_mid_stream_then_restart_loses_nothing() {
     });
     let scored: HashSet<String> = all.iter().map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap()).collect();
     let missing: Vec<_> = ids.iter().filter(|id| !scored.contains(*id)).collect();
-    assert!(missing.is_empty(), "lost {} inputs: {missing:?}", missing.len());
+    assert!(missing.is_empty(), "lost {} inputs: {missing:?}\nsecond instance log:\n{}", missing.len(), second.log_text());
     // At-least-once with a drained shutdown: nothing is scored twice either.
     assert_eq!(all.len(), ids.len(), "duplicates after a clean SIGTERM");
     assert!(second.terminate(Duration::from_secs(60)).success());

@@ -355,17 +355,31 @@ pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8
     })
 }
 
-/// `n` valid raw-image records (id and class headers) cycling over real test images.
-pub fn image_records(n: usize, id_prefix: &str) -> (Vec<(Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)>, Vec<String>) {
-    let files = sample_images(6);
+type RawRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+
+/// `n` valid raw-image records (id and class headers) cycling over real test images of both
+/// classes (the bottle PNGs are ~0.5 MB each).
+pub fn image_records(n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<String>) {
+    records_cycling(sample_images(6), n, id_prefix)
+}
+
+/// `n` raw records with small real images (magnetic tile JPEGs, tens of kB). Use these for long
+/// streams: noida-db ignores `fetch.max.bytes` and answers a fetch with the whole backlog, and a
+/// response over librdkafka's `receive.message.max.bytes` (100 MB) stalls the consumer.
+pub fn small_image_records(n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<String>) {
+    let files = sample_images(20).into_iter().filter(|f| f.class.as_deref() == Some("magnetic_tile")).collect();
+    records_cycling(files, n, id_prefix)
+}
+
+fn records_cycling(files: Vec<dcam_stream::dataset::ImageFile>, n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<String>) {
+    let blobs: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
     let mut records = Vec::new();
     let mut ids = Vec::new();
     for i in 0..n {
         let f = &files[i % files.len()];
         let id = format!("{id_prefix}-{i:05}");
-        let bytes = std::fs::read(&f.path).unwrap();
         let headers = vec![("dcam-image-id".to_string(), id.clone().into_bytes()), ("dcam-class".to_string(), f.class.clone().unwrap().into_bytes())];
-        records.push((Some(id.clone().into_bytes()), bytes, headers));
+        records.push((Some(id.clone().into_bytes()), blobs[i % blobs.len()].clone(), headers));
         ids.push(id);
     }
     (records, ids)
