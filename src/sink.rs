@@ -15,7 +15,7 @@ use crate::heatmap;
 use crate::model::Scorer;
 use crate::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::store::BlobStore;
-use crate::telemetry::Metrics;
+use crate::telemetry::{KindLabels, Metrics};
 
 /// A record ready to publish.
 #[derive(Debug, Clone)]
@@ -162,6 +162,8 @@ impl Inner {
                 .await
                 .expect("heatmap render");
             heatmap_uri = put_with_retries(store, &key, png).await;
+            let result = if heatmap_uri.is_some() { "written" } else { "failed" };
+            self.metrics.heatmaps.get_or_create(&KindLabels { kind: result.into() }).inc();
         }
         let queue_ms = job.timestamp.map_or(0.0, |ts| {
             let consumed_wall = chrono::Utc::now().timestamp_millis() as f64 - job.consumed_at.elapsed().as_secs_f64() * 1000.0;

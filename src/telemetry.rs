@@ -63,6 +63,7 @@ pub struct Metrics {
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     pub provider: Family<ProviderLabels, Gauge>,
     pub transactions: Family<KindLabels, Counter>,
+    pub heatmaps: Family<KindLabels, Counter>,
 }
 
 impl Metrics {
@@ -82,6 +83,7 @@ impl Metrics {
             consumer_lag: Family::default(),
             provider: Family::default(),
             transactions: Family::default(),
+            heatmaps: Family::default(),
         };
         {
             let mut r = m.registry.lock().expect("fresh");
@@ -97,6 +99,7 @@ impl Metrics {
             r.register("consumer_lag", "High watermark minus committed position", m.consumer_lag.clone());
             r.register("execution_provider", "1 for the ONNX Runtime execution provider in use", m.provider.clone());
             r.register("transactions", "Kafka transactions by result (committed, aborted)", m.transactions.clone());
+            r.register("heatmaps", "Heatmap writes by result (written, failed: the score went out without one)", m.heatmaps.clone());
         }
         Arc::new(m)
     }

@@ -309,15 +309,76 @@ impl Drop for OperatorProcess {
 
 /// Minimal HTTP/1.1 GET on localhost: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request("GET", port, path)
+}
+
+/// Minimal bodiless HTTP/1.1 request on localhost: (status, body).
+pub fn http_request(method: &str, port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
+}
+
+/// An S3-compatible HTTP server for one test: moto's `moto_server` child process (path-style
+/// buckets, any credentials accepted).
+pub struct S3Server {
+    pub endpoint: String,
+    pub port: u16,
+    child: Child,
+}
+
+impl S3Server {
+    pub fn start(log_dir: &Path) -> S3Server {
+        let bin = repo_root().join(".venv/bin/moto_server");
+        assert!(bin.exists(), "moto_server not found at {} (run scripts/setup-python.sh)", bin.display());
+        let port = free_port();
+        let log = std::fs::File::create(log_dir.join("s3.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning moto_server");
+        let server = S3Server { endpoint: format!("http://127.0.0.1:{port}"), port, child };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while http_get(port, "/").is_none() {
+            assert!(Instant::now() < deadline, "moto_server did not answer on {port}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let (code, body) = http_request("PUT", self.port, &format!("/{bucket}")).expect("S3 create bucket");
+        assert_eq!(code, 200, "create bucket {bucket}: {body}");
+    }
+
+    /// A client for the same server, to read back what the operator wrote.
+    pub fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_bucket_name(bucket)
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Real test images from the shared datasets: (class, label, path), `per_class` of each class.

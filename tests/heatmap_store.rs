@@ -1,0 +1,93 @@
+//! Heatmaps in an S3-compatible bucket: the real operator against a real broker and a real S3
+//! HTTP server (moto), read back with an S3 client. A store that fails never holds back scores.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use object_store::ObjectStore;
+
+const READY: Duration = Duration::from_secs(120);
+const READ: Duration = Duration::from_secs(180);
+
+fn with_s3(cfg: OperatorConfig, s3: &S3Server, store: &str) -> OperatorConfig {
+    cfg.set("DCAM__HEATMAP__POLICY", "all")
+        .set("DCAM__HEATMAP__STORE", store)
+        .set("DCAM__HEATMAP__S3__ENDPOINT", s3.endpoint.as_str())
+        .set("DCAM__HEATMAP__S3__ALLOW_HTTP", "true")
+        .set("DCAM__HEATMAP__S3__ACCESS_KEY_ID", "test")
+        .set("DCAM__HEATMAP__S3__SECRET_ACCESS_KEY", "test")
+}
+
+fn heatmap_count(op: &OperatorProcess, result: &str) -> usize {
+    let line = format!("dcam_heatmaps_total{{kind=\"{result}\"}} ");
+    op.metrics().lines().find_map(|l| l.strip_prefix(line.as_str())?.parse::<f64>().ok()).unwrap_or(0.0) as usize
+}
+
+#[test]
+fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
+    let _serial = serial();
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(tmp.path());
+    s3.create_bucket("inspection");
+    let input = unique("images");
+    broker.create_topic(&input, 2);
+    let (records, ids) = image_records(6, "s3");
+    publish(&broker.producer(), &input, &records);
+
+    // A working bucket: every score carries the URI of a heatmap PNG that is really there.
+    let (scores, dlq) = (unique("scores"), unique("dlq"));
+    broker.create_topic(&scores, 1);
+    broker.create_topic(&dlq, 1);
+    let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
+    let mut op = with_s3(cfg, &s3, "s3://inspection/line-7").spawn("s3");
+    op.wait_ready(READY);
+    let got = read_topic(&broker.brokers, &scores, ids.len(), READ);
+    assert_eq!(got.len(), ids.len(), "{}", op.log_text());
+    let client = s3.client("inspection");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut keys = HashSet::new();
+    for r in &got {
+        let v = r.json();
+        let (partition, offset) = (v["source"]["partition"].as_i64().unwrap() as i32, v["source"]["offset"].as_i64().unwrap());
+        let key = dcam_stream::heatmap::key("line-7", v["model"]["version"].as_str().unwrap(), &input, partition, offset);
+        assert_eq!(v["heatmap_uri"].as_str(), Some(format!("s3://inspection/{key}").as_str()), "deterministic key: {v}");
+        let bytes = rt.block_on(async { client.get(&object_store::path::Path::from(key.as_str())).await.unwrap().bytes().await.unwrap() });
+        let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).expect("the object is a PNG").to_rgb8();
+        assert_eq!(png.dimensions(), (256, 256), "{key}");
+        let colours: HashSet<_> = png.pixels().map(|p| p.0).collect();
+        assert!(colours.len() > 10, "{key} is a colour-mapped heatmap, not a blank image");
+        keys.insert(key);
+    }
+    assert_eq!(keys.len(), ids.len(), "one object per input");
+    let listed = rt.block_on(async {
+        use futures::TryStreamExt;
+        client.list(Some(&object_store::path::Path::from("line-7"))).try_collect::<Vec<_>>().await.unwrap()
+    });
+    assert_eq!(listed.len(), ids.len(), "nothing else written under the prefix");
+    assert_eq!(heatmap_count(&op, "written"), ids.len());
+    assert_eq!(heatmap_count(&op, "failed"), 0);
+    assert!(op.terminate(Duration::from_secs(60)).success());
+
+    // A bucket that does not exist: every write fails after its retries, yet every input is
+    // still scored (with `heatmap_uri: null`), and the failures are counted and logged.
+    let (scores, dlq) = (unique("scores"), unique("dlq"));
+    broker.create_topic(&scores, 1);
+    broker.create_topic(&dlq, 1);
+    let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
+    let mut broken = with_s3(cfg, &s3, "s3://no-such-bucket").spawn("broken");
+    broken.wait_ready(READY);
+    let got = read_topic(&broker.brokers, &scores, ids.len(), READ);
+    assert_eq!(got.len(), ids.len(), "{}", broken.log_text());
+    let scored: HashSet<_> = got.iter().map(|r| r.json()["image_id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(scored, ids.iter().cloned().collect::<HashSet<_>>());
+    for r in &got {
+        assert!(r.json()["heatmap_uri"].is_null(), "{:?}", r.json());
+    }
+    assert_eq!(heatmap_count(&broken, "failed"), ids.len());
+    assert!(broken.log_text().contains("heatmap write failed; publishing the score without it"));
+    assert!(broken.terminate(Duration::from_secs(60)).success());
+}
