@@ -38,15 +38,20 @@ fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
     let (records, ids) = image_records(6, "s3");
     publish(&broker.producer(), &input, &records);
 
+    // Each run reads the same input in its own group and writes to its own output topics.
+    let run = |store: &str, name: &str| -> (OperatorProcess, Vec<Record>) {
+        let (scores, dlq) = (unique("scores"), unique("dlq"));
+        broker.create_topic(&scores, 1);
+        broker.create_topic(&dlq, 1);
+        let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
+        let mut op = with_s3(cfg, &s3, store).spawn(name);
+        op.wait_ready(READY);
+        let got = read_topic(&broker.brokers, &scores, ids.len(), READ);
+        assert_eq!(got.len(), ids.len(), "{}", op.log_text());
+        (op, got)
+    };
     // A working bucket: every score carries the URI of a heatmap PNG that is really there.
-    let (scores, dlq) = (unique("scores"), unique("dlq"));
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
-    let mut op = with_s3(cfg, &s3, "s3://inspection/line-7").spawn("s3");
-    op.wait_ready(READY);
-    let got = read_topic(&broker.brokers, &scores, ids.len(), READ);
-    assert_eq!(got.len(), ids.len(), "{}", op.log_text());
+    let (op, got) = run("s3://inspection/line-7", "s3");
     let client = s3.client("inspection");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut keys = HashSet::new();
@@ -74,14 +79,7 @@ fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
 
     // A bucket that does not exist: every write fails after its retries, yet every input is
     // still scored (with `heatmap_uri: null`), and the failures are counted and logged.
-    let (scores, dlq) = (unique("scores"), unique("dlq"));
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
-    let mut broken = with_s3(cfg, &s3, "s3://no-such-bucket").spawn("broken");
-    broken.wait_ready(READY);
-    let got = read_topic(&broker.brokers, &scores, ids.len(), READ);
-    assert_eq!(got.len(), ids.len(), "{}", broken.log_text());
+    let (broken, got) = run("s3://no-such-bucket", "broken");
     let scored: HashSet<_> = got.iter().map(|r| r.json()["image_id"].as_str().unwrap().to_string()).collect();
     assert_eq!(scored, ids.iter().cloned().collect::<HashSet<_>>());
     for r in &got {
