@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${DCAM_VENV:-.venv}
 REQ=training/requirements.lock
-stamp="$VENV/.dcam-req-$(sha256sum "$REQ" | cut -c1-16)"
+# The stamp covers this script too, so an added install line reaches existing venvs.
+stamp="$VENV/.dcam-req-$(cat "$REQ" scripts/setup-python.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q -U pip
