@@ -85,12 +85,9 @@ fn raw_throughput(engine: &Engine, inputs: &[Vec<u8>], batch: usize, total: usiz
 /// Returns the rows and the execution provider actually used.
 pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'static str)> {
     let files = dataset::sample_per_class(dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)?, opts.images.div_ceil(2));
-    if files.is_empty() {
-        bail!("no images under {}", opts.dataset.display());
-    }
     let files: Vec<_> = files.into_iter().filter(|f| opts.brokers.is_some() || f.class.as_deref() == Some("magnetic_tile")).collect();
     if files.is_empty() {
-        bail!("no usable images under {}", opts.dataset.display());
+        bail!("no usable images under {} (without --brokers only magnetic_tile images are used)", opts.dataset.display());
     }
     let files: Vec<_> = files.into_iter().cycle().take(opts.images).collect();
     let mut engine_settings = settings.engine.clone();

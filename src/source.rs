@@ -17,7 +17,6 @@ use crate::pipeline::Job;
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 use crate::transaction::{Transactions, TxnError};
 
-
 pub struct SourceContext {
     pub tracker: Arc<OffsetTracker>,
     pub transactions: Option<Arc<Transactions>>,

@@ -45,15 +45,13 @@ impl TraceService for Collector {
 
 fn start_collector() -> (Collector, u16) {
     let collector = Collector::default();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let service = TraceServiceServer::new(collector.clone());
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(tonic::transport::Server::builder().add_service(service).serve(([127, 0, 0, 1], port).into())).unwrap();
     });
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_port(port, Duration::from_secs(30), "OTLP collector");
     (collector, port)
 }
 

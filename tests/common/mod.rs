@@ -28,8 +28,17 @@ pub fn model_path() -> PathBuf {
     repo_root().join("models/dcam.onnx")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Blocks until something listens on the local `port`.
+pub fn wait_for_port(port: u16, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A broker for one test: a noida-db child process with its own port and data dir.
@@ -70,11 +79,7 @@ impl Broker {
             .spawn()
             .expect("spawning noida-db");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "broker did not listen on {}", self.port);
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for_port(self.port, Duration::from_secs(30), "broker");
     }
 
     /// Stops the broker process and starts it again on the same port and data dir.
@@ -436,11 +441,10 @@ fn records_cycling(files: Vec<dcam_stream::dataset::ImageFile>, n: usize, id_pre
     let blobs: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
     let mut records = Vec::new();
     let mut ids = Vec::new();
-    for i in 0..n {
-        let f = &files[i % files.len()];
+    for (i, (f, bytes)) in files.iter().zip(&blobs).cycle().take(n).enumerate() {
         let id = format!("{id_prefix}-{i:05}");
         let headers = vec![("dcam-image-id".to_string(), id.clone().into_bytes()), ("dcam-class".to_string(), f.class.clone().unwrap().into_bytes())];
-        records.push((Some(id.clone().into_bytes()), blobs[i % blobs.len()].clone(), headers));
+        records.push((Some(id.clone().into_bytes()), bytes.clone(), headers));
         ids.push(id);
     }
     (records, ids)
