@@ -136,7 +136,7 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
         s.telemetry.http_addr = "127.0.0.1:0".into();
         let started_ms = chrono::Utc::now().timestamp_millis() as f64;
         let op = RunningOperator::start(s, Some(engine.clone())).await?;
-        let records = crate::demo::read_scores(&brokers, &scores, files.len(), Duration::from_secs(1800)).await?;
+        let records = crate::score_reader::ScoreReader::start(rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).clone(), &scores, files.len())?.finish(Duration::from_secs(600)).await?;
         op.stop().await?;
         let (first_ms, last_ms) = scoring_window_ms(&records).ok_or_else(|| anyhow::anyhow!("no scores to time"))?;
         let mut lat: Vec<f64> = records.iter().map(|r| r.latency_ms.total).collect();

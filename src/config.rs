@@ -130,12 +130,16 @@ pub struct DecodeSettings {
     pub max_pixels: u64,
     pub workers: usize,
     pub file_uri_root: String,
+    pub max_decode_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
+    pub stuck_after_ms: u64,
+    pub shutdown_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -152,6 +156,7 @@ pub struct HeatmapSettings {
     pub policy: HeatmapPolicy,
     pub store: String,
     pub overlay: bool,
+    pub write_timeout_ms: u64,
     pub s3: S3Settings,
 }
 
@@ -163,6 +168,8 @@ pub struct S3Settings {
     pub allow_http: bool,
     pub access_key_id: String,
     pub secret_access_key: String,
+    pub connect_timeout_ms: u64,
+    pub request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -196,6 +203,34 @@ pub struct TelemetrySettings {
     pub log_level: String,
     pub otlp_endpoint: String,
     pub service_name: String,
+}
+
+const MASK: &str = "***";
+
+/// librdkafka properties whose values are secrets (`sasl.password`, `ssl.key.pem`,
+/// `sasl.oauthbearer.client.secret`, `ssl.keystore.password`, ...). Paths (`*.location`) are not.
+fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    if k.ends_with(".location") {
+        return false;
+    }
+    ["password", "secret", "token", "credential", ".pem", "oauthbearer.config", "jaas", "ssl.key"].iter().any(|w| k.contains(w))
+}
+
+/// `scheme://user:pass@host/...?query` → `scheme://***@host/...?***`; anything else unchanged.
+fn mask_url_credentials(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else { return text.to_string() };
+    if url.cannot_be_a_base() || (url.username().is_empty() && url.password().is_none() && url.query().is_none()) {
+        return text.to_string();
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        let _ = url.set_password(None);
+        let _ = url.set_username(MASK);
+    }
+    if url.query().is_some() {
+        url.set_query(Some(MASK));
+    }
+    url.to_string()
 }
 
 fn flatten_dotted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
@@ -310,6 +345,19 @@ impl Settings {
             self.pipeline.max_in_flight >= self.batch.max_batch,
             format!("pipeline.max_in_flight ({}) must be >= batch.max_batch ({})", self.pipeline.max_in_flight, self.batch.max_batch),
         );
+        check(self.pipeline.max_in_flight_bytes >= 1 << 20, format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes));
+        check(self.pipeline.stuck_after_ms >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", self.pipeline.stuck_after_ms));
+        check(
+            (1000..=3_600_000).contains(&self.pipeline.shutdown_timeout_ms),
+            format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", self.pipeline.shutdown_timeout_ms),
+        );
+        check(
+            self.decode.max_decode_bytes == 0 || self.decode.max_decode_bytes >= 16 << 20,
+            format!("decode.max_decode_bytes must be 0 (auto) or >= 16777216, got {}", self.decode.max_decode_bytes),
+        );
+        check(self.heatmap.write_timeout_ms >= 100, format!("heatmap.write_timeout_ms must be >= 100, got {}", self.heatmap.write_timeout_ms));
+        check(self.heatmap.s3.connect_timeout_ms >= 100, format!("heatmap.s3.connect_timeout_ms must be >= 100, got {}", self.heatmap.s3.connect_timeout_ms));
+        check(self.heatmap.s3.request_timeout_ms >= 100, format!("heatmap.s3.request_timeout_ms must be >= 100, got {}", self.heatmap.s3.request_timeout_ms));
         check(
             self.heatmap.store.starts_with("file://") || self.heatmap.store.starts_with("s3://"),
             format!("heatmap.store must start with file:// or s3://, got {:?}", self.heatmap.store),
@@ -341,13 +389,22 @@ impl Settings {
         }
     }
 
-    /// The effective configuration as TOML, secrets masked.
+    /// The effective configuration as TOML, secrets masked: the secret fields, librdkafka
+    /// pass-through properties that name a secret, and credentials inside endpoint URLs.
     pub fn to_toml_masked(&self) -> String {
         let mut copy = self.clone();
         for secret in [&mut copy.kafka.sasl_password, &mut copy.kafka.ssl_key_password, &mut copy.heatmap.s3.secret_access_key] {
             if !secret.is_empty() {
-                *secret = "***".into();
+                *secret = MASK.into();
             }
+        }
+        for (key, value) in copy.kafka.extra.iter_mut() {
+            if is_secret_property(key) {
+                *value = MASK.into();
+            }
+        }
+        for url in [&mut copy.telemetry.otlp_endpoint, &mut copy.heatmap.s3.endpoint, &mut copy.kafka.brokers] {
+            *url = mask_url_credentials(url);
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
@@ -390,6 +447,18 @@ mod tests {
         assert_eq!(s.batch.max_batch, 8);
         assert_eq!(s.kafka.brokers, "env:2");
         assert_eq!(s.kafka.input_topics, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn masked_output_hides_every_secret() {
+        let f = write(
+            "[kafka]\nsasl_password = \"pw1\"\n[kafka.extra]\n\"sasl.oauthbearer.client.secret\" = \"pw2\"\n\"ssl.key.pem\" = \"pw3\"\n\"ssl.keystore.password\" = \"pw4\"\n\"ssl.keystore.location\" = \"/etc/ks.p12\"\n\"fetch.max.bytes\" = \"52428800\"\n[telemetry]\notlp_endpoint = \"http://user:pw5@collector:4317/?api_key=pw6\"\n[heatmap.s3]\nendpoint = \"https://k:pw7@s3.local\"\nsecret_access_key = \"pw8\"\n",
+        );
+        let text = Settings::load_with_env(Some(f.path()), env(&[])).unwrap().to_toml_masked();
+        for n in 1..=8 {
+            assert!(!text.contains(&format!("pw{n}")), "pw{n} leaked:\n{text}");
+        }
+        assert!(text.contains("/etc/ks.p12") && text.contains("52428800") && text.contains("collector:4317"), "{text}");
     }
 
     #[test]

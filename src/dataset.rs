@@ -41,7 +41,7 @@ pub fn list(paths: &[PathBuf], split: Split) -> Result<Vec<ImageFile>> {
     let mut out = Vec::new();
     for root in paths {
         if root.is_file() {
-            out.push(plain(root, None));
+            out.push(single_file(root));
         } else if root.is_dir() {
             if is_class_dir(root) {
                 list_class(root, split, &mut out);
@@ -63,7 +63,39 @@ pub fn list(paths: &[PathBuf], split: Split) -> Result<Vec<ImageFile>> {
             bail!("{} does not exist", root.display());
         }
     }
+    make_ids_unique(&mut out);
     Ok(out)
+}
+
+/// A file named on its own: class, label and id from an MVTec-style path
+/// (`<class>/<train|test>/<label>/<name>`), as when listing the dataset; else the id is the path
+/// as given, so `a/000.png` and `b/000.png` stay apart.
+fn single_file(path: &Path) -> ImageFile {
+    let dirs: Vec<&str> = path.iter().rev().skip(1).take(3).filter_map(|c| c.to_str()).collect();
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    if let [label, split @ ("train" | "test"), class] = dirs[..] {
+        let image_id = sanitize(&format!("{class}-{split}-{label}-{stem}"));
+        return ImageFile { path: path.to_path_buf(), class: Some(class.to_string()), label: Some(label.to_string()), image_id };
+    }
+    let as_given = path.with_extension("");
+    let id = sanitize(as_given.to_string_lossy().trim_start_matches(['/', '.']));
+    // Ids are at most 256 characters: keep the end, which tells files apart.
+    let image_id = id.chars().rev().take(256).collect::<Vec<_>>().into_iter().rev().collect();
+    ImageFile { path: path.to_path_buf(), class: None, label: None, image_id }
+}
+
+/// Suffixes `-2`, `-3`, ... to repeated ids: every output (and heatmap file) needs its own.
+fn make_ids_unique(files: &mut [ImageFile]) {
+    let mut seen = std::collections::HashMap::<String, usize>::new();
+    for f in files.iter_mut() {
+        let n = seen.entry(f.image_id.clone()).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            let suffix = format!("-{n}");
+            let keep = 256 - suffix.len();
+            f.image_id = format!("{}{suffix}", &f.image_id[..f.image_id.len().min(keep)]);
+        }
+    }
 }
 
 fn walk(root: &Path) -> Vec<PathBuf> {
@@ -139,6 +171,32 @@ mod tests {
         assert_eq!(files[0].label.as_deref(), Some("broken large"));
         assert_eq!(files[2].class.as_deref(), Some("tile"));
         assert_eq!(list(&[dir.path().join("bottle")], Split::All).unwrap().len(), 3);
+        for f in &files {
+            crate::event::validate_image_id(&f.image_id).unwrap();
+        }
+    }
+
+    #[test]
+    fn single_files_get_distinct_ids_and_the_class_their_path_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = ["bottle/test/broken_large/000.png", "magnetic_tile/test/crack/000.jpg", "cam1/000.png", "cam2/000.png"]
+            .iter()
+            .map(|p| {
+                let path = dir.path().join(p);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, b"x").unwrap();
+                path
+            })
+            .collect();
+        let mut files = list(&paths, Split::Test).unwrap();
+        assert_eq!(files[0].image_id, "bottle-test-broken_large-000");
+        assert_eq!(files[1].class.as_deref(), Some("magnetic_tile"));
+        assert_eq!(files[1].label.as_deref(), Some("crack"));
+        assert!(files[2].image_id.ends_with("cam1_000") && files[3].image_id.ends_with("cam2_000"), "{files:?}");
+        files.extend(list(&paths[..1], Split::Test).unwrap());
+        make_ids_unique(&mut files);
+        let ids: std::collections::HashSet<_> = files.iter().map(|f| f.image_id.as_str()).collect();
+        assert_eq!(ids.len(), files.len(), "{files:?}");
         for f in &files {
             crate::event::validate_image_id(&f.image_id).unwrap();
         }

@@ -2,12 +2,14 @@
 //! Runs on the decode worker pool, never on the async executor.
 
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::{Component, PathBuf};
+use std::sync::Arc;
 
 use fast_image_resize as fr;
-use image::{ImageFormat, ImageReader};
+use image::{ImageDecoder, ImageFormat, ImageReader};
 
-use crate::config::DecodeSettings;
+use crate::config::{DecodeSettings, S3Settings};
+use crate::memory::{default_decode_budget, MemoryBudget};
 use crate::event::{ErrorKind, ImageSource, Rejection};
 
 /// Formats we accept; anything else sniffed is `unsupported_format`.
@@ -22,21 +24,55 @@ pub struct ModelInput {
     pub original_height: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Decoder {
     limits: DecodeSettings,
-    file_root: Option<PathBuf>,
+    /// The configured root and its canonical form: a path must lie under one of them.
+    file_root: Option<(PathBuf, PathBuf)>,
     size: u32,
+    budget: Arc<MemoryBudget>,
+    s3: Option<S3Fetcher>,
 }
 
 impl Decoder {
     pub fn new(limits: DecodeSettings, size: u32) -> Self {
-        let file_root = (!limits.file_uri_root.is_empty()).then(|| PathBuf::from(&limits.file_uri_root));
-        Self { limits, file_root, size }
+        let file_root = (!limits.file_uri_root.is_empty()).then(|| {
+            let root = PathBuf::from(&limits.file_uri_root);
+            let canonical = root.canonicalize().unwrap_or_else(|_| root.clone());
+            (root, canonical)
+        });
+        let budget = match limits.max_decode_bytes {
+            0 => default_decode_budget(),
+            n => n,
+        };
+        Self { limits, file_root, size, budget: Arc::new(MemoryBudget::new(budget)), s3: None }
+    }
+
+    /// Serves `s3://bucket/key` image URIs with these connection settings, on `runtime`.
+    pub fn with_s3(mut self, settings: &S3Settings, runtime: tokio::runtime::Handle) -> Self {
+        self.s3 = Some(S3Fetcher { settings: settings.clone(), runtime, stores: Default::default() });
+        self
+    }
+
+    pub fn settings(&self) -> &DecodeSettings {
+        &self.limits
+    }
+
+    /// The decoder the operator runs: with `s3://` image URIs when an async runtime is at hand.
+    pub fn from_settings(settings: &crate::config::Settings, size: u32) -> Self {
+        let d = Self::new(settings.decode.clone(), size);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => d.with_s3(&settings.heatmap.s3, runtime),
+            Err(_) => d,
+        }
     }
 
     pub fn max_payload_bytes(&self) -> usize {
         self.limits.max_payload_bytes
+    }
+
+    pub fn budget(&self) -> &MemoryBudget {
+        &self.budget
     }
 
     /// Full path from an event's image to the model input.
@@ -50,26 +86,54 @@ impl Decoder {
         }
     }
 
-    /// Reads a claim-check URI. Only `file://` under `decode.file_uri_root` is served here.
+    /// Reads a claim-check URI: `file://` under `decode.file_uri_root`, or `s3://`.
     pub fn fetch(&self, uri: &str) -> Result<Vec<u8>, Rejection> {
-        let Some(path) = uri.strip_prefix("file://") else {
-            let scheme = uri.split("://").next().unwrap_or("");
-            return Err(Rejection::new(ErrorKind::Fetch, format!("unsupported image_uri scheme {scheme:?} (this instance serves file://)")));
-        };
-        let Some(root) = &self.file_root else {
+        let url = url::Url::parse(uri).map_err(|e| Rejection::new(ErrorKind::Fetch, format!("image_uri is not a valid URI: {e}")))?;
+        match url.scheme() {
+            "file" => self.fetch_file(uri, &url),
+            "s3" => match &self.s3 {
+                Some(s3) => s3.fetch(&url, self.limits.max_payload_bytes),
+                None => Err(Rejection::new(ErrorKind::Fetch, "s3:// image_uri is not available here")),
+            },
+            other => Err(Rejection::new(ErrorKind::Fetch, format!("unsupported image_uri scheme {other:?} (file:// and s3:// are served)"))),
+        }
+    }
+
+    fn fetch_file(&self, uri: &str, url: &url::Url) -> Result<Vec<u8>, Rejection> {
+        let Some((root, canonical_root)) = &self.file_root else {
             return Err(Rejection::new(ErrorKind::Fetch, "file:// image_uri is disabled (set decode.file_uri_root)"));
         };
-        let path = Path::new(path);
-        let resolved = path.canonicalize().map_err(|e| Rejection::new(ErrorKind::Fetch, format!("cannot open {uri}: {e}")))?;
-        let root = root.canonicalize().map_err(|e| Rejection::new(ErrorKind::Fetch, format!("decode.file_uri_root unusable: {e}")))?;
-        if !resolved.starts_with(&root) {
-            return Err(Rejection::new(ErrorKind::Fetch, format!("{uri} is outside decode.file_uri_root")));
+        // `file:///p` and `file://localhost/p`, percent-decoded; other hosts are not ours.
+        let outside = || Rejection::new(ErrorKind::Fetch, format!("{uri} is outside decode.file_uri_root"));
+        let path = match url.host_str() {
+            None | Some("") | Some("localhost") => url.to_file_path().map_err(|_| outside())?,
+            Some(_) => return Err(outside()),
+        };
+        // Decide on the words of the path first, so the answer for a path outside the root never
+        // depends on what exists there; then again on the resolved path (symlinks).
+        let lexically_inside = !path.components().any(|c| matches!(c, Component::ParentDir)) && (path.starts_with(root) || path.starts_with(canonical_root));
+        if !lexically_inside {
+            return Err(outside());
         }
-        let len = std::fs::metadata(&resolved).map_err(|e| Rejection::new(ErrorKind::Fetch, format!("cannot stat {uri}: {e}")))?.len();
-        if len as usize > self.limits.max_payload_bytes {
-            return Err(too_large_bytes(len as usize, self.limits.max_payload_bytes));
+        let unreadable = |e: std::io::Error| Rejection::new(ErrorKind::Fetch, format!("cannot read {uri}: {e}"));
+        let resolved = path.canonicalize().map_err(unreadable)?;
+        if !resolved.starts_with(canonical_root) {
+            return Err(outside());
         }
-        std::fs::read(&resolved).map_err(|e| Rejection::new(ErrorKind::Fetch, format!("cannot read {uri}: {e}")))
+        // Non-blocking open: a FIFO or device must not hang a decode worker.
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&resolved).map_err(unreadable)?;
+        let meta = file.metadata().map_err(unreadable)?;
+        if !meta.is_file() {
+            return Err(Rejection::new(ErrorKind::Fetch, format!("{uri} is not a regular file")));
+        }
+        if meta.len() as usize > self.limits.max_payload_bytes {
+            return Err(too_large_bytes(meta.len() as usize, self.limits.max_payload_bytes));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        use std::io::Read;
+        file.take(self.limits.max_payload_bytes as u64 + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+        Ok(bytes)
     }
 
     pub fn decode_bytes(&self, bytes: &[u8]) -> Result<ModelInput, Rejection> {
@@ -103,10 +167,57 @@ impl Decoder {
         limits.max_image_height = Some(h);
         limits.max_alloc = Some(pixels * 8 + (64 << 20));
         reader.limits(limits);
-        let img = reader.decode().map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode {format:?}: {e}")))?;
+        let decoder = reader.into_decoder().map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode {format:?}: {e}")))?;
+        // What decoding will hold: the pixels in their own type (16-bit RGBA is 8 bytes each),
+        // plus the 8-bit RGB copy unless they already are that.
+        let native = decoder.total_bytes();
+        let rgb_copy = if decoder.color_type() == image::ColorType::Rgb8 { 0 } else { pixels * 3 };
+        let need = native.saturating_add(rgb_copy);
+        let Some(_reservation) = self.budget.reserve(need) else {
+            return Err(Rejection::new(
+                ErrorKind::TooLarge,
+                format!("decoding this {w}x{h} {:?} image needs {need} bytes, over decode.max_decode_bytes = {}", decoder.color_type(), self.budget.limit()),
+            ));
+        };
+        let img = image::DynamicImage::from_decoder(decoder).map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode {format:?}: {e}")))?;
         let rgb = img.into_rgb8();
         let resized = resize_rgb(rgb.as_raw(), w, h, self.size).map_err(|e| Rejection::new(ErrorKind::Decode, e))?;
         Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
+    }
+}
+
+/// Reads `s3://bucket/key` objects with the S3 connection settings, one client per bucket.
+#[derive(Clone)]
+struct S3Fetcher {
+    settings: S3Settings,
+    runtime: tokio::runtime::Handle,
+    stores: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<dyn object_store::ObjectStore>>>>,
+}
+
+impl S3Fetcher {
+    fn fetch(&self, url: &url::Url, max_bytes: usize) -> Result<Vec<u8>, Rejection> {
+        let fail = |m: String| Rejection::new(ErrorKind::Fetch, m);
+        let bucket = url.host_str().filter(|b| !b.is_empty()).ok_or_else(|| fail(format!("{url} names no bucket")))?;
+        let key = object_store::path::Path::from_url_path(url.path()).map_err(|e| fail(format!("{url}: bad object key: {e}")))?;
+        let store = {
+            let mut stores = self.stores.lock().expect("s3 stores");
+            match stores.get(bucket) {
+                Some(s) => s.clone(),
+                None => {
+                    let s: Arc<dyn object_store::ObjectStore> = Arc::new(crate::store::s3_client(&self.settings, bucket, self.settings.request_timeout_ms * 3).map_err(|e| fail(format!("{e:#}")))?);
+                    stores.insert(bucket.to_string(), s.clone());
+                    s
+                }
+            }
+        };
+        // Decode workers are plain threads, never the runtime's own, so blocking here is fine.
+        self.runtime.block_on(async {
+            let got = store.get(&key).await.map_err(|e| fail(format!("cannot read {url}: {e}")))?;
+            if got.meta.size as usize > max_bytes {
+                return Err(too_large_bytes(got.meta.size as usize, max_bytes));
+            }
+            got.bytes().await.map(|b| b.to_vec()).map_err(|e| fail(format!("cannot read {url}: {e}")))
+        })
     }
 }
 
@@ -142,7 +253,7 @@ mod tests {
     use super::*;
 
     fn limits() -> DecodeSettings {
-        DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: String::new() }
+        DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: String::new(), max_decode_bytes: 64 << 20 }
     }
 
     pub(crate) fn png(w: u32, h: u32) -> Vec<u8> {
@@ -209,5 +320,60 @@ mod tests {
         assert_eq!(on.decode(&ImageSource::Uri(missing)).unwrap_err().kind, ErrorKind::Fetch);
         assert_eq!(on.decode(&ImageSource::Uri("file:///etc/passwd".into())).unwrap_err().kind, ErrorKind::Fetch);
         assert_eq!(on.decode(&ImageSource::Uri("http://x/y.png".into())).unwrap_err().kind, ErrorKind::Fetch);
+    }
+
+    #[test]
+    fn file_uri_forms_and_what_errors_reveal() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("my dir")).unwrap();
+        std::fs::write(dir.path().join("my dir/a.png"), png(10, 10)).unwrap();
+        let mut l = limits();
+        l.file_uri_root = dir.path().display().to_string();
+        let d = Decoder::new(l, 8);
+        let root = dir.path().display();
+        // localhost and percent-encoding are URI syntax, not part of the path.
+        for uri in [format!("file://localhost{root}/my%20dir/a.png"), format!("file://{root}/my%20dir/a.png")] {
+            assert_eq!(d.decode(&ImageSource::Uri(uri.clone())).unwrap_or_else(|e| panic!("{uri}: {e}")).rgb.len(), 8 * 8 * 3);
+        }
+        // Outside the root, an existing and a missing path get the same answer.
+        let exists = d.fetch("file:///etc/hostname").unwrap_err().message.replace("/etc/hostname", "P");
+        let missing = d.fetch("file:///etc/no-such-file").unwrap_err().message.replace("/etc/no-such-file", "P");
+        assert_eq!(exists, missing);
+        assert!(exists.contains("outside decode.file_uri_root"), "{exists}");
+        let escape = d.fetch(&format!("file://{root}/../../etc/hostname")).unwrap_err();
+        assert!(escape.message.contains("outside"), "{escape}");
+        assert!(d.fetch("file://otherhost/x.png").unwrap_err().message.contains("outside"));
+    }
+
+    #[test]
+    fn a_fifo_under_the_root_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("camera.png");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut l = limits();
+        l.file_uri_root = dir.path().display().to_string();
+        let d = Decoder::new(l, 8);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(d.fetch(&format!("file://{}", fifo.display()))).unwrap());
+        let err = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("fetch returned").unwrap_err();
+        assert!(err.message.contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn decoded_size_is_budgeted_from_the_header() {
+        // 16-bit RGBA: 8 bytes per pixel decoded, however well it compresses.
+        let img = image::DynamicImage::ImageRgba16(image::ImageBuffer::from_pixel(2000, 2000, image::Rgba([1000u16, 2000, 3000, 65535])));
+        let bytes = encode(img, ImageFormat::Png);
+        assert!(bytes.len() < 1 << 20, "compresses to {} bytes", bytes.len());
+        let mut l = limits();
+        l.max_decode_bytes = 32 << 20; // < 2000*2000*(8+3) = 44 MB
+        let err = Decoder::new(l.clone(), 16).decode_bytes(&bytes).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+        assert!(err.message.contains("max_decode_bytes"), "{err}");
+        l.max_decode_bytes = 64 << 20;
+        let d = Decoder::new(l, 16);
+        assert_eq!(d.decode_bytes(&bytes).unwrap().rgb.len(), 16 * 16 * 3);
+        assert_eq!(d.budget().in_use(), 0, "given back after decoding");
     }
 }

@@ -1,8 +1,8 @@
 //! Delivery bookkeeping: which consumed offsets are finished, and how far each partition may be
 //! committed. An offset is committable only when it and every earlier consumed offset of its
-//! partition have all their outputs acknowledged (DESIGN.md §4).
+//! partition have all their outputs acknowledged (docs/DESIGN.md §4).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,10 +18,19 @@ pub struct Ticket {
     pub generation: u64,
 }
 
+/// A consumed record whose outputs are not yet acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    since: Instant,
+    bytes: usize,
+}
+
 #[derive(Debug, Default)]
 struct PartitionState {
     generation: u64,
-    pending: BTreeSet<i64>,
+    pending: BTreeMap<i64, Pending>,
+    /// The first offset registered in this generation: where consumption (re)started.
+    first: Option<i64>,
     /// One past the highest offset registered in this generation.
     next: Option<i64>,
     /// Position last handed out for committing.
@@ -30,7 +39,7 @@ struct PartitionState {
 
 impl PartitionState {
     fn position(&self) -> Option<i64> {
-        match self.pending.first() {
+        match self.pending.keys().next() {
             Some(first) => Some(*first),
             None => self.next,
         }
@@ -42,6 +51,32 @@ struct Inner {
     partitions: HashMap<PartitionKey, PartitionState>,
     next_generation: u64,
     in_flight: usize,
+    in_flight_bytes: usize,
+}
+
+impl Inner {
+    fn drop_pending(&mut self, old: PartitionState) {
+        self.in_flight -= old.pending.len();
+        self.in_flight_bytes -= old.pending.values().map(|p| p.bytes).sum::<usize>();
+    }
+}
+
+/// The first error that must stop this instance (a record the broker will never accept, a
+/// fenced transaction). Whoever hits it sets it; the source loop stops on it without committing
+/// past the stuck record, and the orchestrator restarts the process.
+#[derive(Debug, Default)]
+pub struct Fatal(Mutex<Option<String>>);
+
+impl Fatal {
+    /// Records `message` unless an earlier fatal error is already recorded.
+    pub fn set(&self, message: String) {
+        tracing::error!(error = %message, "fatal: stopping this instance");
+        self.0.lock().expect("fatal").get_or_insert(message);
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().expect("fatal").clone()
+    }
 }
 
 /// Thread-safe tracker shared by the source (register, commit) and the sinks (complete).
@@ -62,7 +97,7 @@ impl OffsetTracker {
         inner.next_generation += 1;
         let generation = inner.next_generation;
         if let Some(old) = inner.partitions.insert((topic.to_string(), partition), PartitionState { generation, ..Default::default() }) {
-            inner.in_flight -= old.pending.len();
+            inner.drop_pending(old);
         }
         self.changed.notify_all();
     }
@@ -71,13 +106,13 @@ impl OffsetTracker {
     pub fn forget(&self, topic: &str, partition: i32) {
         let mut inner = self.inner.lock().expect("tracker");
         if let Some(old) = inner.partitions.remove(&(topic.to_string(), partition)) {
-            inner.in_flight -= old.pending.len();
+            inner.drop_pending(old);
         }
         self.changed.notify_all();
     }
 
-    /// Records a consumed offset. Offsets of a partition arrive in increasing order.
-    pub fn register(&self, topic: &str, partition: i32, offset: i64) -> Ticket {
+    /// Records a consumed offset of `bytes` payload. Offsets of a partition arrive in increasing order.
+    pub fn register(&self, topic: &str, partition: i32, offset: i64, bytes: usize) -> Ticket {
         let mut inner = self.inner.lock().expect("tracker");
         let key = (topic.to_string(), partition);
         if !inner.partitions.contains_key(&key) {
@@ -87,10 +122,12 @@ impl OffsetTracker {
         }
         let state = inner.partitions.get_mut(&key).expect("inserted");
         let generation = state.generation;
-        let added = state.pending.insert(offset);
+        let added = state.pending.insert(offset, Pending { since: Instant::now(), bytes }).is_none();
         state.next = Some(state.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        state.first.get_or_insert(offset);
         if added {
             inner.in_flight += 1;
+            inner.in_flight_bytes += bytes;
         }
         Ticket { topic: topic.to_string(), partition, offset, generation }
     }
@@ -101,16 +138,41 @@ impl OffsetTracker {
         let Some(state) = inner.partitions.get_mut(&(ticket.topic.clone(), ticket.partition)) else {
             return false;
         };
-        if state.generation != ticket.generation || !state.pending.remove(&ticket.offset) {
+        if state.generation != ticket.generation {
             return false;
         }
+        let Some(done) = state.pending.remove(&ticket.offset) else { return false };
         inner.in_flight -= 1;
+        inner.in_flight_bytes -= done.bytes;
         self.changed.notify_all();
         true
     }
 
     pub fn in_flight(&self) -> usize {
         self.inner.lock().expect("tracker").in_flight
+    }
+
+    /// Payload bytes of the unfinished records.
+    pub fn in_flight_bytes(&self) -> usize {
+        self.inner.lock().expect("tracker").in_flight_bytes
+    }
+
+    /// Where this generation of the partition started consuming, if it consumed anything.
+    pub fn first_offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.inner.lock().expect("tracker").partitions.get(&(topic.to_string(), partition)).and_then(|s| s.first)
+    }
+
+    /// Partitions whose oldest unfinished record has waited longer than `limit`, with that wait.
+    pub fn stuck(&self, limit: Duration) -> Vec<(PartitionKey, Duration)> {
+        let inner = self.inner.lock().expect("tracker");
+        let mut out: Vec<_> = inner
+            .partitions
+            .iter()
+            .filter_map(|(k, s)| s.pending.values().next().map(|p| (k.clone(), p.since.elapsed())))
+            .filter(|(_, waited)| *waited > limit)
+            .collect();
+        out.sort();
+        out
     }
 
     /// Whether a ticket still belongs to the current assignment.
@@ -199,9 +261,9 @@ mod tests {
     #[test]
     fn commits_only_the_contiguous_finished_prefix() {
         let t = OffsetTracker::new();
-        let a = t.register("img", 0, 10);
-        let b = t.register("img", 0, 11);
-        let c = t.register("img", 0, 12);
+        let a = t.register("img", 0, 10, 10);
+        let b = t.register("img", 0, 11, 10);
+        let c = t.register("img", 0, 12, 10);
         assert_eq!(t.take_commits(None), vec![(("img".into(), 0), 10)], "nothing finished: position stays at the first");
         assert!(t.complete(&c));
         assert!(t.complete(&b));
@@ -213,10 +275,25 @@ mod tests {
     }
 
     #[test]
+    fn counts_bytes_and_reports_stuck_partitions() {
+        let t = OffsetTracker::new();
+        let a = t.register("img", 0, 1, 1000);
+        let _b = t.register("img", 1, 1, 24);
+        assert_eq!(t.in_flight_bytes(), 1024);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(t.stuck(Duration::from_millis(20)).len(), 2);
+        assert!(t.complete(&a));
+        assert_eq!(t.in_flight_bytes(), 24);
+        assert_eq!(t.stuck(Duration::from_millis(20)).iter().map(|(k, _)| k.1).collect::<Vec<_>>(), vec![1]);
+        t.forget("img", 1);
+        assert_eq!((t.in_flight(), t.in_flight_bytes()), (0, 0));
+    }
+
+    #[test]
     fn partitions_are_independent() {
         let t = OffsetTracker::new();
-        let a0 = t.register("img", 0, 5);
-        let _a1 = t.register("img", 1, 7);
+        let a0 = t.register("img", 0, 5, 10);
+        let _a1 = t.register("img", 1, 7, 10);
         t.complete(&a0);
         assert_eq!(t.positions(None), vec![(("img".into(), 0), 6), (("img".into(), 1), 7)]);
     }
@@ -224,11 +301,11 @@ mod tests {
     #[test]
     fn stale_tickets_after_reassignment_are_ignored() {
         let t = OffsetTracker::new();
-        let old = t.register("img", 0, 1);
+        let old = t.register("img", 0, 1, 10);
         t.forget("img", 0);
         assert_eq!(t.in_flight(), 0);
         t.assign("img", 0);
-        let new = t.register("img", 0, 1);
+        let new = t.register("img", 0, 1, 10);
         assert!(!t.complete(&old), "completion from the revoked generation");
         assert!(!t.is_current(&old));
         assert_eq!(t.in_flight(), 1);
@@ -238,7 +315,7 @@ mod tests {
     #[test]
     fn drain_wait_wakes_on_completion() {
         let t = std::sync::Arc::new(OffsetTracker::new());
-        let tk = t.register("img", 0, 1);
+        let tk = t.register("img", 0, 1, 10);
         assert!(!t.wait_drained(None, Duration::from_millis(20)));
         let t2 = t.clone();
         let h = std::thread::spawn(move || {

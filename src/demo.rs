@@ -7,16 +7,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
-use rdkafka::Message;
 
 use crate::config::{HeatmapPolicy, Settings};
 use crate::dataset::{self, ImageFile, Split};
 use crate::event::ScoreRecord;
 use crate::operator::RunningOperator;
 use crate::produce::{self, WireFormat};
+use crate::score_reader::ScoreReader;
 
 pub struct DemoOptions {
     pub dataset: PathBuf,
@@ -26,31 +25,18 @@ pub struct DemoOptions {
     pub quiet: bool,
 }
 
-/// Reads `n` score records from `topic` (any consumer group), or fails after `timeout`.
-pub async fn read_scores(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Result<Vec<ScoreRecord>> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("dcam-reader-{}", rand::random::<u32>()))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "6000")
-        .set("topic.metadata.refresh.interval.ms", "1000")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    let deadline = Instant::now() + timeout;
-    while out.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!("only {} of {n} score records arrived on {topic} within {timeout:?}", out.len());
-        }
-        match tokio::time::timeout(left, consumer.recv()).await {
-            Ok(Ok(m)) => out.push(serde_json::from_slice(m.payload().unwrap_or_default()).context("score record is not valid JSON")?),
-            Ok(Err(e)) => tracing::debug!(error = %e, "reader error"),
-            Err(_) => {}
-        }
-    }
-    Ok(out)
+/// At most this many bytes of published-but-unscored events. librdkafka's MockCluster keeps only
+/// about 5 MB per partition and trims the oldest records, unread or not (docs/DESIGN.md §8), so
+/// the demo never lets more than this wait in the topic, even if it all lands on one partition.
+const UNSCORED_BYTES: u64 = 3 << 20;
+/// Longest wait for the next score before the demo gives up with the count so far.
+const STALL: Duration = Duration::from_secs(60);
+
+/// How many events may be unscored at once so that the largest ones stay under `UNSCORED_BYTES`
+/// (base64 JSON envelopes are 4/3 of the file).
+fn window(files: &[ImageFile]) -> usize {
+    let largest = files.iter().filter_map(|f| std::fs::metadata(&f.path).ok()).map(|m| m.len() * 4 / 3).max().unwrap_or(1).max(1);
+    (UNSCORED_BYTES / largest).clamp(1, 32) as usize
 }
 
 pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
@@ -90,9 +76,15 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
         op.http_addr
     );
     let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("message.max.bytes", "20971520").create()?;
+    let mut reader = ScoreReader::start(rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).clone(), &settings.topics.scores, files.len())?;
     let started = Instant::now();
-    produce::publish(&producer, &topic, &files, WireFormat::Mixed).await?;
-    let records = read_scores(&brokers, &settings.topics.scores, files.len(), Duration::from_secs(600)).await?;
+    // Flow control: publish the next event only while few enough are waiting to be scored.
+    let window = window(&files);
+    for (i, f) in files.iter().enumerate() {
+        reader.wait_for((i + 1).saturating_sub(window), STALL).await?;
+        produce::publish_file(&producer, &topic, f, WireFormat::Mixed.is_json(i)).await?;
+    }
+    let records = reader.finish(STALL).await?;
     let elapsed = started.elapsed();
     op.stop().await?;
     report(&files, &records, elapsed, &heatmaps, opts.quiet);

@@ -1,4 +1,4 @@
-//! Engine: ONNX Runtime sessions for the DCAM model (loaded dynamically, DESIGN.md §7).
+//! Engine: ONNX Runtime sessions for the DCAM model (loaded dynamically, docs/DESIGN.md §7).
 
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
@@ -163,7 +163,7 @@ pub fn provider_available(provider: Provider) -> bool {
     }
 }
 
-/// Checks input/output names and element types against DESIGN.md §1.
+/// Checks input/output names and element types against docs/DESIGN.md §1.
 fn check_signature(session: &Session) -> Result<()> {
     use ort::value::TensorElementType as T;
     use ort::value::ValueType;

@@ -1,4 +1,4 @@
-//! Event schemas (DESIGN.md §2, §3): parsing input events and the records we publish.
+//! Event schemas (docs/DESIGN.md §2, §3): parsing input events and the records we publish.
 
 use std::collections::BTreeMap;
 
@@ -15,10 +15,12 @@ pub enum ErrorKind {
     UnsupportedFormat,
     Fetch,
     Inference,
+    /// A bug (a caught panic) on this input; the operator keeps running.
+    Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 6] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference];
+    pub const ALL: [ErrorKind; 7] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::Internal];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -28,6 +30,7 @@ impl ErrorKind {
             Self::UnsupportedFormat => "unsupported_format",
             Self::Fetch => "fetch",
             Self::Inference => "inference",
+            Self::Internal => "internal",
         }
     }
 }
@@ -95,7 +98,7 @@ struct Envelope {
 pub const HEADER_IMAGE_ID: &str = "dcam-image-id";
 pub const HEADER_CLASS: &str = "dcam-class";
 
-/// Checks an id against DESIGN.md §2: 1–256 chars of `[A-Za-z0-9._:-]`.
+/// Checks an id against docs/DESIGN.md §2: 1–256 chars of `[A-Za-z0-9._:-]`.
 pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
     let ok_len = (1..=256).contains(&id.len());
     let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
@@ -206,7 +209,7 @@ pub struct Latency {
     pub total: f64,
 }
 
-/// One record on the scores topic (DESIGN.md §3).
+/// One record on the scores topic (docs/DESIGN.md §3).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRecord {
     pub image_id: String,

@@ -27,12 +27,19 @@ pub fn render(map: &[f32], size: u32, calibration: &Calibration, background: Opt
 }
 
 pub fn render_png(map: &[f32], size: u32, calibration: &Calibration, background: Option<&[u8]>) -> Vec<u8> {
-    crate::testing::encode_png(&render(map, size, calibration, background))
+    encode_png(&render(map, size, calibration, background))
 }
 
-/// Deterministic blob key (DESIGN.md §3): a retry overwrites instead of leaving orphans.
+/// Encodes an RGB image as PNG.
+pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).expect("png encode");
+    out
+}
+
+/// Deterministic blob key (docs/DESIGN.md §3): a retry overwrites instead of leaving orphans.
 pub fn key(prefix: &str, model_version: &str, topic: &str, partition: i32, offset: i64) -> String {
-    let base = format!("{}/{topic}/{partition}/{offset}.png", sanitize(model_version));
+    let base = format!("{}/{}/{partition}/{offset}.png", sanitize(model_version), sanitize(topic));
     if prefix.is_empty() {
         base
     } else {
@@ -40,8 +47,15 @@ pub fn key(prefix: &str, model_version: &str, topic: &str, partition: i32, offse
     }
 }
 
+/// One path segment of a key: safe characters only, and never empty, `.` or `..` (a model
+/// version or topic from outside must not move a key out of its store root).
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect()
+    let safe: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if safe.chars().all(|c| c == '.') {
+        format!("_{safe}")
+    } else {
+        safe
+    }
 }
 
 #[cfg(test)]
@@ -64,5 +78,9 @@ mod tests {
     fn keys_are_deterministic_and_safe() {
         assert_eq!(key("", "1.0", "images", 3, 17), "1.0/images/3/17.png");
         assert_eq!(key("replay/abc/", "v 2", "t", 0, 1), "replay/abc/v_2/t/0/1.png");
+        for version in ["", ".", "..", "../.."] {
+            let k = key("", version, "..", 0, 1);
+            assert!(k.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."), "{version:?} -> {k}");
+        }
     }
 }

@@ -66,6 +66,9 @@ enum Command {
         model: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "all")]
         split: Split,
+        /// Product class of every file (default: from an MVTec-style path, else none).
+        #[arg(long)]
+        class: Option<String>,
     },
     /// Re-score a time range of a topic (or a folder/dataset with --dir) and stop.
     Replay {
@@ -156,12 +159,15 @@ fn real_main(cli: Cli) -> Result<()> {
         settings.telemetry.log_level = "warn".into();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let _guard = runtime.enter();
+    let guard = runtime.enter();
     let tracer = telemetry::init(&settings.telemetry)?;
     let result = runtime.block_on(dispatch(cli.command, settings));
     if let Some(t) = tracer {
         let _ = t.shutdown();
     }
+    drop(guard);
+    // Tasks still retrying against a dependency that is gone must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     result
 }
 
@@ -184,11 +190,14 @@ async fn dispatch(command: Command, mut settings: Settings) -> Result<()> {
         Command::Demo { dataset, per_class, heatmaps, partitions, quiet } => {
             demo::run(settings, demo::DemoOptions { dataset, per_class, heatmaps, partitions, quiet }).await
         }
-        Command::Score { paths, heatmaps, model, split } => {
+        Command::Score { paths, heatmaps, model, split, class } => {
             if let Some(m) = model {
                 settings.model.path = m.display().to_string();
             }
-            let files = dataset::list(&paths, split)?;
+            let mut files = dataset::list(&paths, split)?;
+            if let Some(c) = class {
+                files.iter_mut().for_each(|f| f.class = Some(c.clone()));
+            }
             let engine = tokio::task::spawn_blocking({
                 let s = settings.clone();
                 move || operator::load_engine(&s)

@@ -1,4 +1,4 @@
-//! The model contract (DESIGN.md §1): metadata, per-class calibration and score normalisation.
+//! The model contract (docs/DESIGN.md §1): metadata, per-class calibration and score normalisation.
 //! Pure code, so it is tested without ONNX Runtime.
 
 use std::collections::BTreeMap;
@@ -39,7 +39,7 @@ pub struct Judgement {
 impl ModelInfo {
     /// Reads and validates `dcam.*` metadata; `get` looks a key up in `metadata_props`.
     pub fn from_metadata(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let req = |key: &str| get(key).ok_or_else(|| anyhow!("model metadata is missing {key:?} (see DESIGN.md §1)"));
+        let req = |key: &str| get(key).ok_or_else(|| anyhow!("model metadata is missing {key:?} (see docs/DESIGN.md §1)"));
         let format = req("dcam.format")?;
         if format.trim() != "1" {
             bail!("model metadata dcam.format = {format:?}; this operator reads format 1");
@@ -104,7 +104,7 @@ impl Scorer {
     }
 }
 
-/// DESIGN.md §1: `clamp((raw − threshold) / (max − min) + 0.5, 0, 1)`.
+/// docs/DESIGN.md §1: `clamp((raw − threshold) / (max − min) + 0.5, 0, 1)`.
 pub fn normalise(raw: f32, c: &Calibration) -> f32 {
     let span = (c.max - c.min).max(f32::EPSILON);
     let v = (raw - c.threshold) / span + 0.5;

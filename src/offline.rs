@@ -37,7 +37,7 @@ pub struct FileScore {
 pub fn score_files(settings: &Settings, engine: Arc<Engine>, files: &[ImageFile], heatmap_dir: Option<&Path>, mut on_result: impl FnMut(&FileScore)) -> Result<Vec<FileScore>> {
     let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
-    let pipeline = Pipeline::start(engine.clone(), &settings.decode, &settings.batch, Metrics::new(), Arc::new(tx));
+    let pipeline = Pipeline::start(engine.clone(), &settings, Metrics::new(), Arc::new(tx));
     let submit = pipeline.submitter();
     let feeder_files: Vec<ImageFile> = files.to_vec();
     let feeder = std::thread::spawn(move || {

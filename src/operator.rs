@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::{DeliveryMode, HeatmapPolicy, Settings};
-use crate::delivery::OffsetTracker;
+use crate::delivery::{Fatal, OffsetTracker};
 use crate::engine::Engine;
 use crate::event::ModelRef;
 use crate::kafka;
@@ -70,12 +70,14 @@ impl RunningOperator {
             }
         };
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
+        metrics.set_classes(&engine.info.classes);
         let store = match settings.heatmap.policy {
             HeatmapPolicy::None => None,
             _ => Some(BlobStore::from_settings(&settings.heatmap)?),
         };
         let heatmap_store = store.as_ref().map(BlobStore::describe);
         let tracker = Arc::new(OffsetTracker::new());
+        let fatal = Arc::new(Fatal::default());
         let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
         let model = ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() };
 
@@ -103,14 +105,16 @@ impl RunningOperator {
             publisher,
             tracker.clone(),
             metrics.clone(),
+            fatal.clone(),
             tokio::runtime::Handle::current(),
         );
-        let pipeline = Pipeline::start(engine.clone(), &settings.decode, &settings.batch, metrics.clone(), Arc::new(sink));
+        let pipeline = Pipeline::start(engine.clone(), &settings, metrics.clone(), Arc::new(sink));
 
         // The lag reporter uses a client of its own, outside the group.
         let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
-            .create_with_context(SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms)))
+            .create_with_context(SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms), fatal)
+                .with_shutdown_timeout(Duration::from_millis(settings.pipeline.shutdown_timeout_ms)))
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
@@ -118,7 +122,12 @@ impl RunningOperator {
         let lag = source::spawn_lag_reporter(lag_config, tracker, metrics.clone(), shutdown.clone())?;
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
-            let opts = SourceOptions { max_in_flight: settings.pipeline.max_in_flight, commit_interval: Duration::from_millis(settings.delivery.commit_interval_ms) };
+            let opts = SourceOptions {
+                max_in_flight: settings.pipeline.max_in_flight,
+                max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
+                commit_interval: Duration::from_millis(settings.delivery.commit_interval_ms),
+                stuck_after: Duration::from_millis(settings.pipeline.stuck_after_ms),
+            };
             std::thread::Builder::new().name("source".into()).spawn(move || {
                 let result = source::run(&consumer, &submit, &opts, &shutdown, &metrics, &health);
                 drop(consumer); // leaves the group
@@ -162,7 +171,7 @@ impl RunningOperator {
             tokio::task::spawn_blocking(move || p.finish()).await?;
         }
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30))).await?.ok();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?.ok();
         self.http.abort();
         result
     }
@@ -186,11 +195,31 @@ pub async fn shutdown_signal() {
 
 /// `dcam-stream run`: runs until SIGTERM/SIGINT or a fatal error.
 pub async fn run(settings: Settings) -> Result<()> {
+    let shutdown_timeout = Duration::from_millis(settings.pipeline.shutdown_timeout_ms);
     let op = RunningOperator::start(settings, None).await?;
     let stop = op.shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         stop.store(true, Ordering::SeqCst);
     });
+    spawn_shutdown_watchdog(op.shutdown.clone(), shutdown_timeout);
     op.wait().await
+}
+
+/// Once a stop is requested, the process exits within `timeout` whatever is stuck (a broker
+/// that is gone, a dependency that hangs): the orchestrator's grace period is not waited out
+/// into a SIGKILL, and what was not committed is read again after the restart.
+fn spawn_shutdown_watchdog(stop: Arc<AtomicBool>, timeout: Duration) {
+    std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            std::thread::sleep(timeout);
+            tracing::error!(?timeout, "shutdown did not finish within pipeline.shutdown_timeout_ms; exiting, uncommitted work is read again after restart");
+            eprintln!("error: shutdown did not finish within {timeout:?}; uncommitted work is read again after restart");
+            std::process::exit(2);
+        })
+        .expect("spawn the shutdown watchdog");
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
-use crate::config::{BatchSettings, DecodeSettings};
+use crate::config::{BatchSettings, Settings};
 use crate::decode::{Decoder, ModelInput};
 use crate::delivery::Ticket;
-use crate::engine::Engine;
+use crate::engine::{BatchOutput, Engine};
 use crate::event::{parse_event, ErrorKind, Headers, ImageEvent, ImageSource, Rejection, SourceRef, HEADER_CLASS, HEADER_IMAGE_ID};
 use crate::telemetry::Metrics;
 
@@ -87,12 +87,18 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn start(engine: Arc<Engine>, decode: &DecodeSettings, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
-        let workers = if decode.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decode.workers };
+    pub fn start(engine: Arc<Engine>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+        let decoder = Decoder::from_settings(settings, engine.input_size());
+        Self::start_with(engine, decoder, &settings.batch, metrics, sink)
+    }
+
+    /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
+    pub fn start_with(engine: Arc<Engine>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+        let workers = if decoder.settings().workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<Job>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
         let (to_engine, batches) = bounded::<Vec<Decoded>>(engine.session_count());
-        let decoder = Arc::new(Decoder::new(decode.clone(), engine.input_size()));
+        let decoder = Arc::new(decoder);
         let mut threads = Vec::new();
         for i in 0..workers {
             let (jobs, to_batch, decoder, sink, metrics) = (jobs.clone(), to_batch.clone(), decoder.clone(), sink.clone(), metrics.clone());
@@ -131,8 +137,9 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHa
     std::thread::Builder::new().name(name).spawn(f).expect("spawn pipeline thread")
 }
 
-/// Parses and decodes one job; the image bytes are dropped once decoded.
-pub fn prepare(job: &mut Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput), Rejection> {
+/// Parses and decodes one job. The record's bytes stay with the job until its outcome is
+/// published, so any later failure can still dead-letter the original.
+pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput), Rejection> {
     let value = job.value.as_deref();
     // Base64 inflates by 4/3; anything beyond that is over the limit whatever it holds.
     let limit = decoder.max_payload_bytes() / 3 * 4 + 64 * 1024;
@@ -147,11 +154,20 @@ pub fn prepare(job: &mut Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInp
     Ok((event, input))
 }
 
+/// Runs `f`, turning a panic into a rejection: a bug on one input must not leave its offset
+/// pending forever or take a worker thread down.
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(what, %message, "panic caught; dead-lettering the input");
+        Err(Rejection::new(ErrorKind::Internal, format!("{what} panicked: {message}")))
+    })
+}
+
 fn decode_loop(jobs: Receiver<Job>, to_batch: Sender<Decoded>, decoder: &Decoder, sink: &dyn OutcomeSink, metrics: &Metrics) {
-    for mut job in jobs {
-        match prepare(&mut job, decoder) {
+    for job in jobs {
+        match guard("decoder", || prepare(&job, decoder)) {
             Ok((event, input)) => {
-                job.value = None;
                 metrics.queue_depth.inc();
                 if to_batch.send(Decoded { job, event, input }).is_err() {
                     return;
@@ -194,28 +210,108 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, engine: &Engine, si
     let s = engine.input_size() as usize;
     let mut buffer = Vec::new();
     for batch in batches {
-        buffer.clear();
-        for d in &batch {
-            buffer.extend_from_slice(&d.input.rgb);
-        }
-        let started = Instant::now();
-        let result = engine.run(slot, &buffer, batch.len());
-        let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
-        metrics.inference_seconds.observe(inference_ms / 1000.0);
-        match result {
-            Ok(out) => {
-                for (i, d) in batch.into_iter().enumerate() {
-                    let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
-                    let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
-                    sink.accept(Outcome::Scored(Box::new(scored)));
-                }
+        let mut run = |items: &[Decoded]| -> Result<(BatchOutput, f64), String> {
+            buffer.clear();
+            for d in items {
+                buffer.extend_from_slice(&d.input.rgb);
+            }
+            let started = Instant::now();
+            let result = guard("inference", || engine.run(slot, &buffer, items.len()).map_err(|e| Rejection::new(ErrorKind::Inference, format!("{e:#}"))));
+            let inference_ms = started.elapsed().as_secs_f64() * 1000.0;
+            metrics.inference_seconds.observe(inference_ms / 1000.0);
+            result.map(|out| (out, inference_ms)).map_err(|r| r.message)
+        };
+        run_isolating_failures(batch, &mut run, &mut |items, out, inference_ms| {
+            for (i, d) in items.into_iter().enumerate() {
+                let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
+                let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
+                sink.accept(Outcome::Scored(Box::new(scored)));
+            }
+        }, &mut |d, error| {
+            sink.accept(Outcome::Rejected { job: d.job, rejection: Rejection::new(ErrorKind::Inference, error) });
+        });
+    }
+}
+
+/// Runs a batch; when it fails, retries it once (a transient error such as a GPU out of
+/// memory), then splits it in halves until the failing images are alone: only those are
+/// dead-lettered (with their payload), every other image is scored.
+fn run_isolating_failures<T, R>(
+    batch: Vec<T>,
+    run: &mut impl FnMut(&[T]) -> Result<(R, f64), String>,
+    scored: &mut impl FnMut(Vec<T>, R, f64),
+    failed: &mut impl FnMut(T, String),
+) {
+    let mut attempt = |items: &[T]| run(items).or_else(|e| {
+        tracing::warn!(error = %e, size = items.len(), "inference failed; retrying once");
+        run(items)
+    });
+    let mut todo = vec![batch];
+    while let Some(mut items) = todo.pop() {
+        match attempt(&items) {
+            Ok((out, ms)) => scored(items, out, ms),
+            Err(e) if items.len() == 1 => {
+                tracing::error!(error = %e, "inference fails on this image; dead-lettering it");
+                failed(items.pop().expect("one"), e);
             }
             Err(e) => {
-                tracing::error!(error = %e, size = batch.len(), "inference failed; dead-lettering the batch");
-                for d in batch {
-                    sink.accept(Outcome::Rejected { job: d.job, rejection: Rejection::new(ErrorKind::Inference, format!("{e:#}")) });
-                }
+                tracing::warn!(error = %e, size = items.len(), "inference failed twice; splitting the batch to isolate the failing image");
+                let back = items.split_off(items.len() / 2);
+                todo.push(back);
+                todo.push(items);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model double that fails on any batch holding a poison item, and once on the first call.
+    #[test]
+    fn a_poison_image_is_isolated_and_the_rest_scored() {
+        let batch: Vec<u32> = (0..13).collect();
+        let poison = [5u32, 11];
+        let mut calls = 0;
+        let mut run = |items: &[u32]| -> Result<(Vec<u32>, f64), String> {
+            calls += 1;
+            if calls == 1 {
+                return Err("transient".into());
+            }
+            match items.iter().find(|i| poison.contains(i)) {
+                Some(p) => Err(format!("bad input {p}")),
+                None => Ok((items.iter().map(|i| i * 10).collect(), 1.0)),
+            }
+        };
+        let (mut ok, mut bad) = (Vec::new(), Vec::new());
+        run_isolating_failures(batch, &mut run, &mut |items: Vec<u32>, out: Vec<u32>, _| {
+            assert_eq!(out, items.iter().map(|i| i * 10).collect::<Vec<_>>(), "outputs stay with their inputs");
+            ok.extend(items)
+        }, &mut |item, e| bad.push((item, e)));
+        ok.sort();
+        assert_eq!(ok, (0..13).filter(|i| !poison.contains(i)).collect::<Vec<_>>());
+        bad.sort();
+        assert_eq!(bad, vec![(5, "bad input 5".to_string()), (11, "bad input 11".to_string())]);
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_once() {
+        let mut calls = 0;
+        let mut run = |items: &[u32]| -> Result<(usize, f64), String> {
+            calls += 1;
+            if calls == 1 { Err("oom".into()) } else { Ok((items.len(), 1.0)) }
+        };
+        let mut scored = 0;
+        run_isolating_failures(vec![1, 2, 3], &mut run, &mut |_, n, _| scored += n, &mut |_, e| panic!("{e}"));
+        assert_eq!(scored, 3);
+    }
+
+    #[test]
+    fn a_panic_becomes_a_rejection() {
+        let r: Result<(), Rejection> = guard("decoder", || panic!("boom {}", 7));
+        let err = r.unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Internal);
+        assert!(err.message.contains("decoder panicked: boom 7"), "{err}");
     }
 }

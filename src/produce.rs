@@ -19,6 +19,17 @@ pub enum WireFormat {
     Mixed,
 }
 
+impl WireFormat {
+    /// Whether the `i`-th file goes out as a JSON envelope.
+    pub fn is_json(self, i: usize) -> bool {
+        match self {
+            Self::Json => true,
+            Self::Raw => false,
+            Self::Mixed => i % 2 == 0,
+        }
+    }
+}
+
 pub fn content_type(path: &std::path::Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("png") => "image/png",
@@ -48,14 +59,7 @@ pub fn encode(file: &ImageFile, bytes: &[u8], json: bool) -> (Vec<u8>, Vec<(Stri
 pub async fn publish(producer: &FutureProducer, topic: &str, files: &[ImageFile], format: WireFormat) -> Result<usize> {
     let mut pending = Vec::with_capacity(files.len());
     for (i, f) in files.iter().enumerate() {
-        let bytes = std::fs::read(&f.path).with_context(|| format!("reading {}", f.path.display()))?;
-        let json = match format {
-            WireFormat::Json => true,
-            WireFormat::Raw => false,
-            WireFormat::Mixed => i % 2 == 0,
-        };
-        let (value, headers) = encode(f, &bytes, json);
-        pending.push(async move { send(producer, topic, Some(f.image_id.as_bytes()), Some(&value), &headers).await });
+        pending.push(publish_file(producer, topic, f, format.is_json(i)));
         // Keep at most a few hundred sends outstanding.
         if pending.len() >= 256 {
             for r in futures::future::join_all(pending.drain(..)).await {
@@ -68,6 +72,13 @@ pub async fn publish(producer: &FutureProducer, topic: &str, files: &[ImageFile]
         r?;
     }
     Ok(n)
+}
+
+/// Publishes one file, keyed by its image id, and waits for the acknowledgement.
+pub async fn publish_file(producer: &FutureProducer, topic: &str, file: &ImageFile, json: bool) -> Result<()> {
+    let bytes = std::fs::read(&file.path).with_context(|| format!("reading {}", file.path.display()))?;
+    let (value, headers) = encode(file, &bytes, json);
+    send(producer, topic, Some(file.image_id.as_bytes()), Some(&value), &headers).await
 }
 
 /// Sends one record and waits for its acknowledgement.

@@ -17,7 +17,7 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{HeatmapPolicy, Settings};
-use crate::delivery::OffsetTracker;
+use crate::delivery::{Fatal, OffsetTracker};
 use crate::event::ModelRef;
 use crate::kafka;
 use crate::model::Scorer;
@@ -125,7 +125,9 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     };
     let id = replay_id(&req, &engine.info.version);
     let group = format!("{}-replay-{}", settings.kafka.group_id, rand::random::<u32>());
-    let consumer: BaseConsumer = kafka::consumer_config(&settings, &group).create().context("creating the replay consumer")?;
+    // End-of-partition events close a partition whose last offsets hold no record to deliver:
+    // a transaction's commit marker, or an aborted transaction skipped by read_committed.
+    let consumer: BaseConsumer = kafka::consumer_config(&settings, &group).set("enable.partition.eof", "true").create().context("creating the replay consumer")?;
     let ranges = {
         let (c, r) = (&consumer, &req);
         tokio::task::block_in_place(|| resolve_ranges(c, r))?
@@ -135,6 +137,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
 
     let metrics = Metrics::new();
     let tracker = Arc::new(OffsetTracker::new());
+    let fatal = Arc::new(Fatal::default());
     let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
     let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() });
     sink_settings.scores_topic = req.output_topic.clone();
@@ -152,9 +155,10 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
         Publisher::Direct(producer.clone()),
         tracker.clone(),
         metrics.clone(),
+        fatal.clone(),
         tokio::runtime::Handle::current(),
     );
-    let pipeline = Pipeline::start(engine, &settings.decode, &settings.batch, metrics.clone(), Arc::new(sink));
+    let pipeline = Pipeline::start(engine, &settings, metrics.clone(), Arc::new(sink));
 
     let mut tpl = TopicPartitionList::new();
     for (p, (start, end)) in &ranges {
@@ -170,11 +174,23 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
         let mut open: BTreeMap<i32, i64> = ranges.iter().filter(|(_, (s, e))| e > s).map(|(p, (_, e))| (*p, *e)).collect();
         let mut consumed = 0u64;
         while !open.is_empty() {
+            if let Some(e) = fatal.get() {
+                bail!("{e}");
+            }
             // Bounded in-flight work, as in the operator.
             tracker.wait_below(settings.pipeline.max_in_flight, Duration::from_secs(1));
             let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
             let m = match msg {
                 Ok(m) => m,
+                Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
+                    // Everything up to the high watermark, which is at or past `end`, was read.
+                    if open.remove(&p).is_some() {
+                        let mut done = TopicPartitionList::new();
+                        done.add_partition(&req.input_topic, p);
+                        let _ = consumer.pause(&done);
+                    }
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "replay consumer error");
                     continue;
@@ -200,7 +216,14 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
         Ok(consumed)
     })?;
     drop(submit);
-    tokio::task::block_in_place(|| tracker.wait_drained(None, Duration::from_secs(3600)));
+    tokio::task::block_in_place(|| -> Result<()> {
+        while !tracker.wait_drained(None, Duration::from_secs(1)) {
+            if let Some(e) = fatal.get() {
+                bail!("{e}");
+            }
+        }
+        Ok(())
+    })?;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
     tokio::task::block_in_place(|| producer.flush(Duration::from_secs(30))).context("flushing replay output")?;
     progress.finish();

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -15,7 +16,8 @@ use crate::heatmap;
 use crate::model::Scorer;
 use crate::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::store::BlobStore;
-use crate::telemetry::{KindLabels, Metrics};
+use crate::delivery::Fatal;
+use crate::telemetry::{KindLabels, Metrics, PublishRetryLabels};
 
 /// A record ready to publish.
 #[derive(Debug, Clone)]
@@ -27,6 +29,11 @@ pub struct OutRecord {
 }
 
 impl OutRecord {
+    /// Bytes on the wire, roughly: what the in-flight and transaction budgets count.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    }
+
     pub fn to_future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
         let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
         for (k, v) in &self.headers {
@@ -60,6 +67,8 @@ pub struct SinkSettings {
     pub overlay: bool,
     /// Blob key prefix: empty for the live operator, `replay/<id>` for replays.
     pub heatmap_prefix: String,
+    /// A heatmap write (retries included) that takes longer is given up: the score goes out.
+    pub heatmap_write_timeout: Duration,
     pub model: ModelRef,
 }
 
@@ -72,6 +81,7 @@ impl SinkSettings {
             heatmap_policy: s.heatmap.policy,
             overlay: s.heatmap.overlay,
             heatmap_prefix: String::new(),
+            heatmap_write_timeout: Duration::from_millis(s.heatmap.write_timeout_ms),
             model,
         }
     }
@@ -84,6 +94,7 @@ struct Inner {
     publisher: Publisher,
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
+    fatal: Arc<Fatal>,
 }
 
 #[derive(Clone)]
@@ -100,9 +111,10 @@ impl KafkaSink {
         publisher: Publisher,
         tracker: Arc<OffsetTracker>,
         metrics: Arc<Metrics>,
+        fatal: Arc<Fatal>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { inner: Arc::new(Inner { settings, scorer, store, publisher, tracker, metrics }), runtime }
+        Self { inner: Arc::new(Inner { settings, scorer, store, publisher, tracker, metrics, fatal }), runtime }
     }
 }
 
@@ -127,10 +139,18 @@ impl Inner {
         match &self.publisher {
             Publisher::Direct(producer) => {
                 for r in &records {
-                    publish_until_acked(producer, r).await;
+                    if let Err(e) = self.publish_or_dead_letter(producer, r).await {
+                        // Left unfinished on purpose: nothing is committed past this input.
+                        self.fatal.set(e);
+                        return;
+                    }
                 }
             }
-            Publisher::Transactional(buffer) => buffer.push(&job.ticket, records),
+            Publisher::Transactional(buffer) => {
+                if !buffer.push(&job.ticket, records) {
+                    return; // revoked or rewound meanwhile: the new owner scores it again
+                }
+            }
         }
         if self.tracker.complete(&job.ticket) {
             self.metrics.end_to_end_seconds.observe(job.consumed_at.elapsed().as_secs_f64());
@@ -161,7 +181,11 @@ impl Inner {
             let png = tokio::task::spawn_blocking(move || heatmap::render_png(&map, size, &calibration, overlay.then_some(input.rgb.as_slice())))
                 .await
                 .expect("heatmap render");
-            heatmap_uri = put_with_retries(store, &key, png).await;
+            let timeout = self.settings.heatmap_write_timeout;
+            heatmap_uri = tokio::time::timeout(timeout, put_with_retries(store, &key, png)).await.unwrap_or_else(|_| {
+                tracing::error!(key, ?timeout, "heatmap write timed out (heatmap.write_timeout_ms); publishing the score without it");
+                None
+            });
             let result = if heatmap_uri.is_some() { "written" } else { "failed" };
             self.metrics.heatmaps.get_or_create(&KindLabels { kind: result.into() }).inc();
         }
@@ -215,14 +239,85 @@ async fn put_with_retries(store: &BlobStore, key: &str, png: Vec<u8>) -> Option<
     None
 }
 
-/// At-least-once publishing: an input is never marked finished before its outputs are acked,
-/// so on persistent broker trouble we keep retrying instead of dropping.
-pub async fn publish_until_acked(producer: &FutureProducer, record: &OutRecord) {
+impl Inner {
+    /// Publishes `record`; if the broker refuses it for good (too large, not authorised, no such
+    /// topic), publishes a small dead letter in its place. Err only when that fails too: then
+    /// the instance must stop (docs/DESIGN.md §4).
+    async fn publish_or_dead_letter(&self, producer: &FutureProducer, record: &OutRecord) -> Result<(), String> {
+        let Err(refused) = publish_until_acked(producer, record, &self.metrics).await else { return Ok(()) };
+        let stand_in = undeliverable(record, &refused, &self.settings.dead_letter_topic);
+        tracing::error!(topic = %record.topic, bytes = record.size(), error = %refused, "the broker refused an output for good; publishing a truncated dead letter instead");
+        self.metrics.dead_letters.get_or_create(&KindLabels { kind: TOO_LARGE_OUTPUT.into() }).inc();
+        publish_until_acked(producer, &stand_in, &self.metrics).await.map_err(|e| {
+            format!(
+                "cannot publish a {} byte record to {} ({refused}), nor its {} byte dead letter to {} ({e}); check the topics' max.message.bytes and ACLs",
+                record.size(),
+                record.topic,
+                stand_in.size(),
+                stand_in.topic
+            )
+        })
+    }
+}
+
+/// `dcam-error-kind` of a dead letter that replaces an output the broker refused.
+pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
+/// How much of a refused record's payload its stand-in dead letter keeps.
+const STAND_IN_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// The dead letter that stands in for a refused output: same key and headers, the payload cut
+/// to `STAND_IN_PAYLOAD_BYTES`, and the reason. A refused dead letter keeps its original kind
+/// in `dcam-original-error-kind`.
+fn undeliverable(record: &OutRecord, error: &KafkaError, dead_letter_topic: &str) -> OutRecord {
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(record.headers.len() + 3);
+    for (k, v) in &record.headers {
+        match k.as_str() {
+            "dcam-error-kind" => headers.push(("dcam-original-error-kind".into(), v.clone())),
+            "dcam-error" => headers.push(("dcam-original-error".into(), v.clone())),
+            _ => headers.push((k.clone(), v.clone())),
+        }
+    }
+    let payload = record.payload.as_ref().map(|p| p[..p.len().min(STAND_IN_PAYLOAD_BYTES)].to_vec());
+    let message = format!("{} refused the {} byte record: {error}; payload truncated to {} bytes", record.topic, record.size(), payload.as_ref().map_or(0, Vec::len));
+    headers.push(("dcam-error-kind".into(), TOO_LARGE_OUTPUT.as_bytes().to_vec()));
+    headers.push(("dcam-error".into(), message.into_bytes()));
+    OutRecord { topic: dead_letter_topic.to_string(), key: record.key.clone(), payload, headers }
+}
+
+/// Whether the broker will never accept this record, however often it is sent (docs/DESIGN.md §8).
+/// librdkafka has already refreshed metadata and retried within `message.timeout.ms` before an
+/// unknown topic comes back here.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageSizeTooLarge
+                | C::MessageBatchTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidRecord
+                | C::InvalidMessage
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::UnknownPartition
+        )
+    )
+}
+
+/// At-least-once publishing: an input is never marked finished before its outputs are acked.
+/// Transient errors are retried with capped backoff for as long as it takes; a permanent one
+/// comes back as Err.
+pub async fn publish_until_acked(producer: &FutureProducer, record: &OutRecord, metrics: &Metrics) -> Result<(), KafkaError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match producer.send(record.to_future_record(), Duration::from_secs(30)).await {
-            Ok(_) => return,
+            Ok(_) => return Ok(()),
+            Err((e, _)) if is_permanent(&e) => return Err(e),
             Err((e, _)) => {
+                let reason = e.rdkafka_error_code().map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+                metrics.publish_retries.get_or_create(&PublishRetryLabels { topic: record.topic.clone(), reason }).inc();
                 tracing::warn!(topic = %record.topic, error = %e, "publish failed, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

@@ -3,7 +3,7 @@
 //! finished offsets (or runs the transaction step), and drains before letting partitions go.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -12,7 +12,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::delivery::{OffsetTracker, PartitionKey};
+use crate::delivery::{Fatal, OffsetTracker, PartitionKey};
 use crate::pipeline::Job;
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 use crate::transaction::{Transactions, TxnError};
@@ -23,13 +23,32 @@ pub struct SourceContext {
     /// How long a revoke or shutdown waits for in-flight work before letting go of it uncommitted;
     /// below max.poll.interval.ms so waiting never gets this member evicted.
     pub drain_timeout: Duration,
-    /// Set when a rebalance callback hit an error that must stop the instance.
-    fatal: Mutex<Option<String>>,
+    /// Set by a rebalance callback or a sink that hit an error that must stop the instance.
+    pub fatal: Arc<Fatal>,
 }
 
 impl SourceContext {
-    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>, max_poll_interval: Duration) -> Self {
-        Self { tracker, transactions, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)), fatal: Mutex::new(None) }
+    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>, max_poll_interval: Duration, fatal: Arc<Fatal>) -> Self {
+        Self { tracker, transactions, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)), fatal }
+    }
+
+    /// Keeps the drain on revoke and shutdown to half the shutdown budget, so the commit after it
+    /// still fits.
+    pub fn with_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = self.drain_timeout.min(timeout / 2);
+        self
+    }
+
+    /// Records waiting for their outputs to be committed: unfinished ones, plus (exactly-once)
+    /// finished ones whose outputs wait in the transaction buffer behind an unfinished one.
+    pub fn held(&self) -> (usize, usize) {
+        let (mut count, mut bytes) = (self.tracker.in_flight(), self.tracker.in_flight_bytes());
+        if let Some(tx) = &self.transactions {
+            let (n, b) = tx.buffer.size();
+            count += n;
+            bytes += b;
+        }
+        (count, bytes)
     }
 
     /// Commits what is finished for `only` (or every partition): plain offsets in
@@ -70,7 +89,7 @@ impl ConsumerContext for SourceContext {
         match self.commit(consumer, Some(&keys), CommitMode::Sync) {
             Ok(()) => {}
             Err(TxnError::Aborted(e)) => tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores"),
-            Err(TxnError::Fatal(e)) => *self.fatal.lock().expect("fatal") = Some(e),
+            Err(TxnError::Fatal(e)) => self.fatal.set(format!("fatal transaction error during rebalance: {e}")),
         }
         for (topic, partition) in &keys {
             self.tracker.forget(topic, *partition);
@@ -98,7 +117,10 @@ fn partition_keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
 
 pub struct SourceOptions {
     pub max_in_flight: usize,
+    pub max_in_flight_bytes: usize,
     pub commit_interval: Duration,
+    /// A partition whose oldest record waits longer than this makes `/readyz` fail.
+    pub stuck_after: Duration,
 }
 
 /// Turns a record into a job and registers its offset.
@@ -108,7 +130,7 @@ pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job
         .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
         .unwrap_or_default();
     Job {
-        ticket: tracker.register(m.topic(), m.partition(), m.offset()),
+        ticket: tracker.register(m.topic(), m.partition(), m.offset(), m.payload_len()),
         key: m.key().map(<[u8]>::to_vec),
         value: m.payload().map(<[u8]>::to_vec),
         headers,
@@ -125,18 +147,22 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
     let mut paused = false;
     let mut last_commit = Instant::now();
     let mut last_pause_check = Instant::now();
+    let mut last_stuck_check = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
         health.beat();
-        let in_flight = tracker.in_flight();
-        metrics.in_flight.set(in_flight as i64);
+        let (held, held_bytes) = ctx.held();
+        metrics.in_flight.set(held as i64);
+        metrics.in_flight_bytes.set(held_bytes as i64);
+        let full = held >= opts.max_in_flight || held_bytes >= opts.max_in_flight_bytes;
+        let half = held <= opts.max_in_flight / 2 && held_bytes <= opts.max_in_flight_bytes / 2;
         // Back-pressure with hysteresis; re-pause periodically to cover newly assigned partitions.
-        if in_flight >= opts.max_in_flight && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
+        if full && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
             if let Ok(a) = consumer.assignment() {
                 let _ = consumer.pause(&a);
             }
             paused = true;
             last_pause_check = Instant::now();
-        } else if paused && in_flight <= opts.max_in_flight / 2 {
+        } else if paused && half {
             resume(consumer);
             paused = false;
         }
@@ -152,8 +178,13 @@ pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
-        if let Some(fatal) = ctx.fatal.lock().expect("fatal").take() {
-            return Err(anyhow!("fatal transaction error during rebalance: {fatal}"));
+        if let Some(fatal) = ctx.fatal.get() {
+            // Nothing is committed past the record that caused it: a restart re-reads it.
+            return Err(anyhow!("{fatal}"));
+        }
+        if last_stuck_check.elapsed() >= Duration::from_secs(1) {
+            last_stuck_check = Instant::now();
+            health.set_stuck(tracker.stuck(opts.stuck_after).into_iter().map(|((t, p), waited)| format!("{t}/{p} for {}s", waited.as_secs())).collect());
         }
         if last_commit.elapsed() >= opts.commit_interval {
             last_commit = Instant::now();
@@ -198,16 +229,20 @@ pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
     let committed = consumer.committed_offsets(assignment, Duration::from_secs(10)).map_err(|e| anyhow!("committed offsets: {e}"))?;
     for e in committed.elements() {
         let (topic, partition) = (e.topic().to_string(), e.partition());
+        // Back to the committed offset; a group that has never committed goes back to where
+        // this assignment started reading (which auto.offset.reset chose), not to the
+        // beginning of the topic. Nothing read yet: nothing to go back over.
         let target = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
+            Offset::Offset(o) => Some(o),
+            _ => ctx.tracker.first_offset(&topic, partition),
         };
         ctx.tracker.assign(&topic, partition);
         if let Some(tx) = &ctx.transactions {
             tx.buffer.clear(&(topic.clone(), partition));
         }
-        if let Err(err) = consumer.seek(&topic, partition, target, Duration::from_secs(10)) {
-            return Err(anyhow!("seek {topic}/{partition} to {target:?}: {err}"));
+        let Some(target) = target else { continue };
+        if let Err(err) = consumer.seek(&topic, partition, Offset::Offset(target), Duration::from_secs(10)) {
+            return Err(anyhow!("seek {topic}/{partition} to {target}: {err}"));
         }
     }
     drop(committed);

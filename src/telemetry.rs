@@ -29,6 +29,14 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishRetryLabels {
+    /// A configured output topic.
+    pub topic: String,
+    /// librdkafka's error code name.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub topic: String,
     pub partition: i32,
@@ -47,9 +55,16 @@ pub struct Totals {
     pub dead_letters: std::sync::atomic::AtomicU64,
 }
 
+pub const CLASS_NONE: &str = "_none";
+pub const CLASS_OTHER: &str = "_other";
+
 /// Every metric the operator exports.
 pub struct Metrics {
     pub totals: Totals,
+    /// Class label values allowed on `images`: the model's classes. Label values never come from
+    /// input as such (docs/DESIGN.md §8: prometheus-client does not escape them, and every new
+    /// value would be a new series).
+    classes: std::sync::OnceLock<std::collections::BTreeSet<String>>,
     pub registry: Mutex<Registry>,
     pub images: Family<OutcomeLabels, Counter>,
     pub dead_letters: Family<KindLabels, Counter>,
@@ -58,6 +73,8 @@ pub struct Metrics {
     pub batched_images: Counter,
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
+    pub in_flight_bytes: Gauge,
+    pub publish_retries: Family<PublishRetryLabels, Counter>,
     pub inference_seconds: Histogram,
     pub end_to_end_seconds: Histogram,
     pub consumer_lag: Family<PartitionLabels, Gauge>,
@@ -70,6 +87,7 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let m = Self {
             totals: Totals::default(),
+            classes: std::sync::OnceLock::new(),
             registry: Mutex::new(Registry::with_prefix("dcam")),
             images: Family::default(),
             dead_letters: Family::default(),
@@ -78,6 +96,8 @@ impl Metrics {
             batched_images: Counter::default(),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
+            in_flight_bytes: Gauge::default(),
+            publish_retries: Family::default(),
             inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             end_to_end_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             consumer_lag: Family::default(),
@@ -93,7 +113,9 @@ impl Metrics {
             r.register("batches", "Model runs", m.batches.clone());
             r.register("batched_images", "Images run through the model (batched_images / batches = average batch size)", m.batched_images.clone());
             r.register("queue_depth", "Decoded images waiting for a batch", m.queue_depth.clone());
-            r.register("in_flight", "Consumed events not yet committed", m.in_flight.clone());
+            r.register("in_flight", "Consumed events not yet committed (back-pressure pauses at pipeline.max_in_flight)", m.in_flight.clone());
+            r.register("in_flight_bytes", "Payload bytes of consumed events not yet committed (pauses at pipeline.max_in_flight_bytes)", m.in_flight_bytes.clone());
+            r.register("publish_retries", "Output records re-sent after a transient broker error, by topic and error", m.publish_retries.clone());
             r.register("inference_seconds", "Model run time per batch", m.inference_seconds.clone());
             r.register("end_to_end_seconds", "From consume to all outputs acknowledged", m.end_to_end_seconds.clone());
             r.register("consumer_lag", "High watermark minus committed position", m.consumer_lag.clone());
@@ -110,6 +132,20 @@ impl Metrics {
         out
     }
 
+    /// Sets the classes that may appear as label values (once, from the loaded model).
+    pub fn set_classes(&self, classes: &[String]) {
+        let _ = self.classes.set(classes.iter().cloned().collect());
+    }
+
+    /// The label value for an input's class: a model class, `_none` without one, `_other` else.
+    pub fn class_label(&self, class: Option<&str>) -> String {
+        match class {
+            None => CLASS_NONE.into(),
+            Some(c) if self.classes.get().is_some_and(|known| known.contains(c)) => c.into(),
+            Some(_) => CLASS_OTHER.into(),
+        }
+    }
+
     pub fn count_image(&self, outcome: &str, class: Option<&str>) {
         let total = match outcome {
             "dead_letter" => &self.totals.dead_letters,
@@ -120,7 +156,7 @@ impl Metrics {
         if outcome == "anomaly" {
             self.totals.scored.fetch_add(1, Ordering::Relaxed);
         }
-        self.images.get_or_create(&OutcomeLabels { outcome: outcome.into(), class: class.unwrap_or("_none").into() }).inc();
+        self.images.get_or_create(&OutcomeLabels { outcome: outcome.into(), class: self.class_label(class) }).inc();
     }
 }
 
@@ -132,6 +168,8 @@ pub struct Health {
     pub started: std::sync::OnceLock<Instant>,
     /// Milliseconds since `started` of the source loop's last turn; 0 = not running yet.
     heartbeat_ms: std::sync::atomic::AtomicU64,
+    /// Partitions whose oldest record has waited too long (`pipeline.stuck_after_ms`).
+    stuck: Mutex<Vec<String>>,
 }
 
 /// A source loop silent for longer than this is stuck: `/healthz` fails so the pod restarts.
@@ -149,8 +187,17 @@ impl Health {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
+    /// Ready: started and no partition stuck.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.stuck.lock().expect("health").is_empty()
+    }
+
+    pub fn set_stuck(&self, partitions: Vec<String>) {
+        let mut stuck = self.stuck.lock().expect("health");
+        if partitions.len() > stuck.len() {
+            tracing::warn!(?partitions, "partitions stuck: not ready until they move");
+        }
+        *stuck = partitions;
     }
 
     /// Called by the source loop on every turn.
@@ -205,6 +252,7 @@ pub async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>
                     let ready = h.is_ready();
                     if let serde_json::Value::Object(ref mut o) = body {
                         o.insert("ready".into(), ready.into());
+                        o.insert("stuck_partitions".into(), h.stuck.lock().expect("health").clone().into());
                     } else {
                         body = serde_json::json!({ "ready": ready });
                     }
@@ -277,4 +325,23 @@ pub fn output_trace_headers(span: &tracing::Span, input: &crate::event::Headers)
         return injected.into_iter().collect();
     }
     crate::event::trace_headers(input).into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_labels_come_only_from_the_model() {
+        let m = Metrics::new();
+        m.set_classes(&["bottle".to_string()]);
+        m.count_image("normal", Some("bottle"));
+        m.count_image("dead_letter", Some("x\"} 1\ndcam_injected_total 42\n#"));
+        m.count_image("normal", None);
+        let text = m.encode();
+        assert!(!text.contains("injected"), "{text}");
+        assert!(text.contains(r#"dcam_images_total{outcome="dead_letter",class="_other"} 1"#), "{text}");
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="bottle"} 1"#), "{text}");
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="_none"} 1"#), "{text}");
+    }
 }

@@ -27,9 +27,4 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// Encodes an RGB image as PNG.
-pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
-    let mut out = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).expect("png encode");
-    out
-}
+pub use crate::heatmap::encode_png;

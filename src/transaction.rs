@@ -1,4 +1,4 @@
-//! Exactly-once delivery (DESIGN.md §4, KIP-447): finished outputs wait in a buffer; each
+//! Exactly-once delivery (docs/DESIGN.md §4, KIP-447): finished outputs wait in a buffer; each
 //! commit step publishes those whose input offsets are committable, together with the offsets,
 //! in one Kafka transaction. Outputs of inputs behind an unfinished one wait for a later step,
 //! so a crash between steps never leaves an output without its offset or vice versa.
@@ -16,16 +16,28 @@ use crate::delivery::{OffsetTracker, PartitionKey, Ticket};
 use crate::sink::OutRecord;
 use crate::telemetry::{KindLabels, Metrics};
 
-/// Finished outputs per partition and offset, tagged with the ticket generation.
-#[derive(Default)]
+/// Finished outputs per partition and offset, waiting for the next transaction.
 pub struct TxnBuffer {
-    inner: Mutex<HashMap<PartitionKey, BTreeMap<i64, (u64, Vec<OutRecord>)>>>,
+    inner: Mutex<HashMap<PartitionKey, BTreeMap<i64, Vec<OutRecord>>>>,
+    tracker: Arc<OffsetTracker>,
 }
 
 impl TxnBuffer {
-    pub fn push(&self, ticket: &Ticket, records: Vec<OutRecord>) {
+    pub fn new(tracker: Arc<OffsetTracker>) -> Self {
+        Self { inner: Mutex::default(), tracker }
+    }
+
+    /// Buffers a ticket's outputs, unless its partition was revoked or rewound since it was
+    /// consumed. The check runs under the buffer's lock, and revoke/rewind move the tracker to a
+    /// new generation before they clear the buffer, so a late sink task (a slow heatmap) can
+    /// never slip outputs of the old generation into the new one: they would be committed twice.
+    pub fn push(&self, ticket: &Ticket, records: Vec<OutRecord>) -> bool {
         let mut inner = self.inner.lock().expect("txn buffer");
-        inner.entry((ticket.topic.clone(), ticket.partition)).or_default().insert(ticket.offset, (ticket.generation, records));
+        if !self.tracker.is_current(ticket) {
+            return false;
+        }
+        inner.entry((ticket.topic.clone(), ticket.partition)).or_default().insert(ticket.offset, records);
+        true
     }
 
     /// Removes and returns the records of offsets below each partition's position.
@@ -35,7 +47,7 @@ impl TxnBuffer {
         for (key, pos) in positions {
             if let Some(by_offset) = inner.get_mut(key) {
                 let rest = by_offset.split_off(pos);
-                for (_, (_, records)) in std::mem::replace(by_offset, rest) {
+                for (_, records) in std::mem::replace(by_offset, rest) {
                     out.extend(records);
                 }
             }
@@ -47,8 +59,16 @@ impl TxnBuffer {
         self.inner.lock().expect("txn buffer").remove(key);
     }
 
+    /// Buffered inputs and the bytes of their outputs.
+    pub fn size(&self) -> (usize, usize) {
+        let inner = self.inner.lock().expect("txn buffer");
+        let count = inner.values().map(BTreeMap::len).sum();
+        let bytes = inner.values().flat_map(BTreeMap::values).flatten().map(OutRecord::size).sum();
+        (count, bytes)
+    }
+
     pub fn len(&self) -> usize {
-        self.inner.lock().expect("txn buffer").values().map(BTreeMap::len).sum()
+        self.size().0
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,7 +99,7 @@ impl Transactions {
     /// Initialises the transactional producer; fences any older instance with the same id.
     pub fn new(producer: FutureProducer, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
         producer.init_transactions(timeout).map_err(|e| TxnError::Fatal(format!("init_transactions: {e}")))?;
-        Ok(Self { producer, buffer: Arc::new(TxnBuffer::default()), tracker, metrics, timeout })
+        Ok(Self { producer, buffer: Arc::new(TxnBuffer::new(tracker.clone())), tracker, metrics, timeout })
     }
 
     /// Publishes all committable outputs and their offsets in one transaction.

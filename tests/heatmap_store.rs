@@ -89,3 +89,79 @@ fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
     assert!(broken.log_text().contains("heatmap write failed; publishing the score without it"));
     assert!(broken.terminate(Duration::from_secs(60)).success());
 }
+
+/// A store that accepts connections and never answers (slow, not down): each heatmap is given
+/// up after heatmap.write_timeout_ms and its score still goes out, so scoring never stalls.
+#[test]
+fn a_store_that_never_answers_costs_each_heatmap_at_most_the_write_timeout() {
+    let _serial = serial();
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let _accepting = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in silent.incoming().flatten() {
+            held.push(conn); // read nothing, answer nothing
+        }
+    });
+    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
+    broker.create_topic(&input, 1);
+    broker.create_topic(&scores, 1);
+    broker.create_topic(&dlq, 1);
+    let (records, ids) = small_image_records(4, "slow");
+    publish(&broker.producer(), &input, &records);
+    let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path())
+        .set("DCAM__HEATMAP__POLICY", "all")
+        .set("DCAM__HEATMAP__STORE", "s3://inspection/slow")
+        .set("DCAM__HEATMAP__S3__ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .set("DCAM__HEATMAP__S3__ALLOW_HTTP", "true")
+        .set("DCAM__HEATMAP__S3__ACCESS_KEY_ID", "test")
+        .set("DCAM__HEATMAP__S3__SECRET_ACCESS_KEY", "test")
+        .set("DCAM__HEATMAP__WRITE_TIMEOUT_MS", "2000")
+        .spawn("slow");
+    op.wait_ready(READY);
+    let started = std::time::Instant::now();
+    let got = read_topic(&broker.brokers, &scores, ids.len(), Duration::from_secs(60));
+    assert_eq!(got.len(), ids.len(), "{}", op.log_text());
+    for r in &got {
+        assert!(r.json()["heatmap_uri"].is_null());
+    }
+    eprintln!("{} scores in {:.1}s with a silent store", got.len(), started.elapsed().as_secs_f64());
+    assert_eq!(heatmap_count(&op, "failed"), ids.len());
+}
+
+/// `s3://` claim-check image URIs are fetched with the S3 settings (docs/DESIGN.md §2).
+#[test]
+fn s3_image_uris_are_fetched_and_scored() {
+    let _serial = serial();
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let s3 = S3Server::start(tmp.path());
+    s3.create_bucket("camera");
+    let files = sample_images(2);
+    let client = s3.client("camera");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut records = Vec::new();
+    for f in &files {
+        let key = format!("line 7/{}.img", f.image_id);
+        rt.block_on(client.put(&object_store::path::Path::from(key.as_str()), std::fs::read(&f.path).unwrap().into())).unwrap();
+        let uri = format!("s3://camera/line%207/{}.img", f.image_id);
+        let value = serde_json::to_vec(&serde_json::json!({"image_id": f.image_id, "class": f.class, "image_uri": uri})).unwrap();
+        records.push((Some(f.image_id.clone().into_bytes()), value, vec![]));
+    }
+    records.push((None, br#"{"image_id": "missing", "image_uri": "s3://camera/nope.png"}"#.to_vec(), vec![]));
+    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
+    broker.create_topic(&input, 1);
+    broker.create_topic(&scores, 1);
+    broker.create_topic(&dlq, 1);
+    publish(&broker.producer(), &input, &records);
+    let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path());
+    let mut op = with_s3(cfg, &s3, &format!("file://{}", tmp.path().join("heat").display())).spawn("s3uri");
+    op.wait_ready(READY);
+    let got = read_topic(&broker.brokers, &scores, files.len(), READ);
+    assert_eq!(got.len(), files.len(), "{}", op.log_text());
+    let dead = read_topic(&broker.brokers, &dlq, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["dcam-error-kind"], "fetch");
+}

@@ -17,6 +17,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 
 fn settings(brokers: &str) -> Settings {
+    settings_with(brokers, &[])
+}
+
+fn settings_with(brokers: &str, extra: &[(&str, &str)]) -> Settings {
     let env = [
         ("DCAM__KAFKA__BROKERS", brokers),
         ("DCAM__KAFKA__INPUT_TOPICS", "in"),
@@ -27,7 +31,7 @@ fn settings(brokers: &str) -> Settings {
         ("DCAM__DELIVERY__INSTANCE_ID", "unit-1"),
         ("DCAM__DELIVERY__TRANSACTION_TIMEOUT_MS", "10000"),
     ];
-    Settings::load_with_env(None, env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
+    Settings::load_with_env(None, env.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string()))).unwrap()
 }
 
 /// Polls until `n` input records arrive; registers each and buffers one output per input.
@@ -87,11 +91,14 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
     let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics.clone(), Duration::from_secs(10)).unwrap());
     let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30))).unwrap();
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default())).unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // First pass: every output buffered, then the transaction's produce fails (abortable).
     assert_eq!(consume_and_finish(&consumer, &tx, &tracker, 5), vec![0, 1, 2, 3, 4]);
+    // Finished but uncommitted: back-pressure still counts them (they hold memory).
+    assert_eq!(tracker.in_flight(), 0);
+    assert_eq!(consumer.context().held().0, 5);
     let err = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
     cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &[err]);
     let outcome = source::handle_commit(&consumer, CommitMode::Sync).unwrap();
@@ -118,4 +125,76 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     assert_eq!(out, (0..5).map(|i| format!("scored {i}")).collect::<Vec<_>>(), "each input exactly once, nothing from the aborted transaction");
     // (librdkafka's mock broker acknowledges TxnOffsetCommit without storing it, so the group's
     // committed offsets are checked against the real broker in tests/exactly_once.rs.)
+}
+
+/// A group that never committed, reading from `latest`: an aborted transaction goes back to
+/// where this member started reading, not to the beginning of the topic (which would score
+/// records from before the group existed).
+#[test]
+fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("in", 1, 1).unwrap();
+    cluster.create_topic("out", 1, 1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let plain: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let send = |text: String| rt.block_on(async { plain.send(FutureRecord::<(), _>::to("in").payload(&text), Duration::from_secs(10)).await.unwrap() });
+    for i in 0..3 {
+        send(format!("before the group {i}"));
+    }
+
+    let s = settings_with(&brokers, &[("DCAM__KAFKA__AUTO_OFFSET_RESET", "latest")]);
+    let tracker = Arc::new(OffsetTracker::new());
+    let metrics = Metrics::new();
+    let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
+    let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics, Duration::from_secs(10)).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default())).unwrap();
+    consumer.subscribe(&["in"]).unwrap();
+
+    // Publish until the member (positioned at the end when it joined) reads something.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        assert!(Instant::now() < deadline, "the consumer never read a new record");
+        send("after the group joined".into());
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            let job = source::job_from_message(&m, &tracker);
+            let offset = m.offset();
+            drop(m);
+            let out = OutRecord { topic: "out".into(), key: None, payload: Some(format!("scored {offset}").into_bytes()), headers: vec![] };
+            assert!(tx.buffer.push(&job.ticket, vec![out]));
+            assert!(tracker.complete(&job.ticket));
+            break offset;
+        }
+    };
+    assert!(first >= 3, "latest: the records from before the group are not read (first = {first})");
+    cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED]);
+    assert_eq!(source::handle_commit(&consumer, CommitMode::Sync).unwrap(), CommitOutcome::Rewound);
+    cluster.clear_request_errors(rdkafka::types::RDKafkaApiKey::Produce);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let again = loop {
+        assert!(Instant::now() < deadline, "nothing re-read after the rewind");
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            break m.offset();
+        }
+    };
+    assert_eq!(again, first, "re-read from where this member started, not from offset 0");
+}
+
+/// A sink task that finishes after its partition was rewound (a slow heatmap write) must not put
+/// its outputs into the new generation's transaction: they would be committed twice.
+#[test]
+fn outputs_of_a_rewound_generation_are_not_buffered() {
+    let tracker = Arc::new(OffsetTracker::new());
+    let buffer = dcam_stream::transaction::TxnBuffer::new(tracker.clone());
+    let ticket = tracker.register("in", 0, 7, 100);
+    let out = || vec![OutRecord { topic: "out".into(), key: None, payload: Some(b"scored 7".to_vec()), headers: vec![] }];
+    tracker.assign("in", 0); // the rewind
+    buffer.clear(&("in".to_string(), 0));
+    assert!(!buffer.push(&ticket, out()), "a stale ticket's outputs are refused");
+    assert!(buffer.is_empty());
+    let fresh = tracker.register("in", 0, 7, 100);
+    assert!(buffer.push(&fresh, out()));
+    assert_eq!(buffer.size(), (1, out()[0].size()));
 }

@@ -70,9 +70,13 @@ impl Broker {
         assert!(bin.exists(), "noida-db not found at {} (run scripts/setup-python.sh, or set DCAM_TEST_BROKERS)", bin.display());
         let dir = self.data_dir.as_ref().unwrap().path();
         let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        // Its own process group: noida-db ignores SIGTERM and runs a child process, and an idle
+        // broker left behind burns CPU; the group is killed as a whole.
+        use std::os::unix::process::CommandExt;
         let child = Command::new(&bin)
             .args(["start", "--only", "kafka", "--kafka-port", &self.port.to_string(), "--data-dir"])
             .arg(dir.join("data"))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -90,22 +94,36 @@ impl Broker {
         self.spawn();
     }
 
+    /// Stops the broker for good (the rest of the test runs without it).
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let group = -(c.id() as i32);
+            unsafe { libc::kill(group, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(2);
             while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = c.kill();
+            unsafe { libc::kill(group, libc::SIGKILL) };
             let _ = c.wait();
         }
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic-level configs (e.g. `max.message.bytes`).
+    pub fn create_topic_with(&self, name: &str, partitions: i32, configs: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &self.brokers).create().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in configs {
+            topic = topic.set(k, v);
+        }
         let res = rt.block_on(admin.create_topics([&topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))).unwrap();
         for r in res {
             if let Err((t, e)) = r {

@@ -642,3 +642,12 @@ def test_package_and_render_archive(tmp_path):
     finally:
         packaged.close()
     assert rendered.keys() == render({}).keys()
+
+
+def test_shutdown_finishes_inside_the_grace_period(values_set):
+    """The operator's own shutdown deadline ends before Kubernetes' SIGKILL."""
+    name, values = values_set
+    docs = manifests(values)
+    pod = workload(docs)["spec"]["template"]["spec"]
+    shutdown_ms = tomllib.loads(config_toml(docs))["pipeline"]["shutdown_timeout_ms"]
+    assert shutdown_ms / 1000 + 10 <= pod["terminationGracePeriodSeconds"], name
