@@ -102,8 +102,10 @@ impl Broker {
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let group = -(c.id() as i32);
+            // The broker writes its data dir on SIGTERM (seconds for a big backlog): let it finish,
+            // or a restart finds it truncated.
             unsafe { libc::kill(group, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(30);
             while c.try_wait().unwrap().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }
