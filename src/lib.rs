@@ -19,6 +19,7 @@ pub mod offline;
 pub mod operator;
 pub mod pipeline;
 pub mod produce;
+pub mod record;
 pub mod replay;
 pub mod score_reader;
 pub mod sink;

@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use crate::config::{HeatmapPolicy, Settings};
 use crate::delivery::OffsetTracker;
@@ -17,38 +16,9 @@ use crate::model::Scorer;
 use crate::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::store::BlobStore;
 use crate::delivery::Fatal;
+pub use crate::record::OutRecord;
+use crate::record::{is_permanent, TOO_LARGE_OUTPUT};
 use crate::telemetry::{KindLabels, Metrics, PublishRetryLabels};
-
-/// A record ready to publish.
-#[derive(Debug, Clone)]
-pub struct OutRecord {
-    pub topic: String,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl OutRecord {
-    /// Bytes on the wire, roughly: what the in-flight and transaction budgets count.
-    pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + self.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
-    }
-
-    pub fn to_future_record(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let mut headers = OwnedHeaders::new_with_capacity(self.headers.len());
-        for (k, v) in &self.headers {
-            headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
-        }
-        let mut r = FutureRecord::to(&self.topic).headers(headers);
-        if let Some(k) = &self.key {
-            r = r.key(k.as_slice());
-        }
-        if let Some(p) = &self.payload {
-            r = r.payload(p.as_slice());
-        }
-        r
-    }
-}
 
 /// Where finished records go.
 pub enum Publisher {
@@ -147,6 +117,8 @@ impl Inner {
                 }
             }
             Publisher::Transactional(buffer) => {
+                // An output a transaction was refused for good goes as its stand-in this time.
+                let records = records.into_iter().map(|r| buffer.stand_in_if_refused(r, &self.settings.dead_letter_topic)).collect();
                 if !buffer.push(&job.ticket, records) {
                     return; // revoked or rewound meanwhile: the new owner scores it again
                 }
@@ -245,7 +217,7 @@ impl Inner {
     /// the instance must stop (docs/DESIGN.md §4).
     async fn publish_or_dead_letter(&self, producer: &FutureProducer, record: &OutRecord) -> Result<(), String> {
         let Err(refused) = publish_until_acked(producer, record, &self.metrics).await else { return Ok(()) };
-        let stand_in = undeliverable(record, &refused, &self.settings.dead_letter_topic);
+        let stand_in = record.stand_in(&refused, &self.settings.dead_letter_topic);
         tracing::error!(topic = %record.topic, bytes = record.size(), error = %refused, "the broker refused an output for good; publishing a truncated dead letter instead");
         self.metrics.dead_letters.get_or_create(&KindLabels { kind: TOO_LARGE_OUTPUT.into() }).inc();
         publish_until_acked(producer, &stand_in, &self.metrics).await.map_err(|e| {
@@ -258,52 +230,6 @@ impl Inner {
             )
         })
     }
-}
-
-/// `dcam-error-kind` of a dead letter that replaces an output the broker refused.
-pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
-/// How much of a refused record's payload its stand-in dead letter keeps.
-const STAND_IN_PAYLOAD_BYTES: usize = 16 * 1024;
-
-/// The dead letter that stands in for a refused output: same key and headers, the payload cut
-/// to `STAND_IN_PAYLOAD_BYTES`, and the reason. A refused dead letter keeps its original kind
-/// in `dcam-original-error-kind`.
-fn undeliverable(record: &OutRecord, error: &KafkaError, dead_letter_topic: &str) -> OutRecord {
-    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(record.headers.len() + 3);
-    for (k, v) in &record.headers {
-        match k.as_str() {
-            "dcam-error-kind" => headers.push(("dcam-original-error-kind".into(), v.clone())),
-            "dcam-error" => headers.push(("dcam-original-error".into(), v.clone())),
-            _ => headers.push((k.clone(), v.clone())),
-        }
-    }
-    let payload = record.payload.as_ref().map(|p| p[..p.len().min(STAND_IN_PAYLOAD_BYTES)].to_vec());
-    let message = format!("{} refused the {} byte record: {error}; payload truncated to {} bytes", record.topic, record.size(), payload.as_ref().map_or(0, Vec::len));
-    headers.push(("dcam-error-kind".into(), TOO_LARGE_OUTPUT.as_bytes().to_vec()));
-    headers.push(("dcam-error".into(), message.into_bytes()));
-    OutRecord { topic: dead_letter_topic.to_string(), key: record.key.clone(), payload, headers }
-}
-
-/// Whether the broker will never accept this record, however often it is sent (docs/DESIGN.md §8).
-/// librdkafka has already refreshed metadata and retried within `message.timeout.ms` before an
-/// unknown topic comes back here.
-pub fn is_permanent(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            C::MessageSizeTooLarge
-                | C::MessageBatchTooLarge
-                | C::InvalidMessageSize
-                | C::InvalidRecord
-                | C::InvalidMessage
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::UnknownTopicOrPartition
-                | C::UnknownTopic
-                | C::UnknownPartition
-        )
-    )
 }
 
 /// At-least-once publishing: an input is never marked finished before its outputs are acked.

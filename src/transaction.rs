@@ -13,18 +13,37 @@ use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::delivery::{OffsetTracker, PartitionKey, Ticket};
-use crate::sink::OutRecord;
+use crate::record::{is_permanent, OutRecord};
 use crate::telemetry::{KindLabels, Metrics};
 
 /// Finished outputs per partition and offset, waiting for the next transaction.
 pub struct TxnBuffer {
     inner: Mutex<HashMap<PartitionKey, BTreeMap<i64, Vec<OutRecord>>>>,
     tracker: Arc<OffsetTracker>,
+    /// Outputs a transaction was refused for good, by (topic, source input), with the error: after
+    /// the abort and rewind they are produced again, and must go as their stand-in dead letter.
+    refused: Mutex<HashMap<(String, Vec<u8>), String>>,
 }
 
 impl TxnBuffer {
     pub fn new(tracker: Arc<OffsetTracker>) -> Self {
-        Self { inner: Mutex::default(), tracker }
+        Self { inner: Mutex::default(), tracker, refused: Mutex::default() }
+    }
+
+    fn refuse(&self, record: &OutRecord, error: String) {
+        if let Some(source) = record.source() {
+            self.refused.lock().expect("refused").insert((record.topic.clone(), source.to_vec()), error);
+        }
+    }
+
+    /// `record`, or its stand-in dead letter if a transaction was refused it for good before.
+    pub fn stand_in_if_refused(&self, record: OutRecord, dead_letter_topic: &str) -> OutRecord {
+        let refused = self.refused.lock().expect("refused");
+        let error = record.source().and_then(|s| refused.get(&(record.topic.clone(), s.to_vec())));
+        match error {
+            Some(e) if !record.is_stand_in() => record.stand_in(e, dead_letter_topic),
+            _ => record,
+        }
     }
 
     /// Buffers a ticket's outputs, unless its partition was revoked or rewound since it was
@@ -139,17 +158,26 @@ impl Transactions {
             }
         };
         self.producer.begin_transaction().map_err(|e| TxnError::Fatal(format!("begin_transaction: {e}")))?;
+        let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let mut record = r.to_future_record();
             // Enqueue without awaiting; commit_transaction flushes and fails if any failed.
             loop {
                 match self.producer.send_result(record) {
-                    Ok(_delivery) => break,
+                    Ok(delivery) => {
+                        deliveries.push((r, delivery));
+                        break;
+                    }
                     Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
                         self.producer.poll(Duration::from_millis(50));
                         record = back;
                     }
-                    Err((e, _)) => return Err(classify("produce", e)),
+                    Err((e, _)) => {
+                        if is_permanent(&e) {
+                            self.buffer.refuse(r, e.to_string());
+                        }
+                        return Err(classify("produce", e));
+                    }
                 }
             }
         }
@@ -159,8 +187,37 @@ impl Transactions {
         }
         // Group metadata is re-read every time: it changes with each rebalance (KIP-447).
         let group = consumer.group_metadata().ok_or_else(|| TxnError::Fatal("consumer has no group metadata".into()))?;
-        self.producer.send_offsets_to_transaction(&tpl, &group, self.timeout).map_err(|e| classify("send_offsets_to_transaction", e))?;
-        self.producer.commit_transaction(self.timeout).map_err(|e| classify("commit_transaction", e))?;
+        let committed = self
+            .producer
+            .send_offsets_to_transaction(&tpl, &group, self.timeout)
+            .map_err(|e| ("send_offsets_to_transaction", e))
+            .and_then(|()| self.producer.commit_transaction(self.timeout).map_err(|e| ("commit_transaction", e)));
+        match committed {
+            Ok(()) => Ok(()),
+            Err((stage, e)) => {
+                self.note_refused(deliveries)?;
+                Err(classify(stage, e))
+            }
+        }
+    }
+
+    /// After a failed transaction: remembers outputs the broker refused for good (too large, not
+    /// authorised, ...), so the retry sends their stand-ins instead of failing the same way
+    /// forever. A refused stand-in leaves nothing to send: that stops the instance.
+    fn note_refused(&self, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
+        use futures::FutureExt;
+        for (record, delivery) in deliveries {
+            let Some(Ok(Err((e, _)))) = delivery.now_or_never() else { continue };
+            if !is_permanent(&e) {
+                continue;
+            }
+            if record.is_stand_in() {
+                self.producer.abort_transaction(self.timeout).ok();
+                return Err(TxnError::Fatal(format!("the broker refused even the {} byte dead letter to {}: {e}; check its max.message.bytes and ACLs", record.size(), record.topic)));
+            }
+            tracing::error!(topic = %record.topic, bytes = record.size(), error = %e, "the broker refused an output for good; its stand-in dead letter goes in the retry");
+            self.buffer.refuse(record, e.to_string());
+        }
         Ok(())
     }
 }

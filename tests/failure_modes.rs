@@ -22,11 +22,16 @@ struct Scenario {
 
 impl Scenario {
     fn start(partitions: i32) -> Scenario {
+        Self::with_limits(partitions, &[], &[])
+    }
+
+    /// With topic-level configs (e.g. `max.message.bytes`) for the input and dead-letter topics.
+    fn with_limits(partitions: i32, input_config: &[(&str, &str)], dlq_config: &[(&str, &str)]) -> Scenario {
         let broker = Broker::start();
         let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-        broker.create_topic(&input, partitions);
+        broker.create_topic_with(&input, partitions, input_config);
         broker.create_topic(&scores, 1);
-        broker.create_topic(&dlq, 1);
+        broker.create_topic_with(&dlq, 1, dlq_config);
         Scenario { broker, input, scores, dlq, group, tmp: tempfile::tempdir().unwrap() }
     }
 
@@ -39,38 +44,48 @@ impl Scenario {
 /// forever: a truncated stand-in goes out, the partition's offset moves on, SIGTERM works.
 #[test]
 fn a_dead_letter_too_large_for_its_topic_is_replaced_and_the_offset_moves_on() {
+    too_large_dead_letter("at_least_once");
+}
+
+/// Row A in exactly-once mode: the refused output fails its transaction once; the retry after
+/// the rewind carries its stand-in.
+#[test]
+fn exactly_once_a_dead_letter_too_large_for_its_topic_is_replaced_and_the_offset_moves_on() {
+    too_large_dead_letter("exactly_once");
+}
+
+fn too_large_dead_letter(mode: &str) {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic_with(&input, 1, &[("max.message.bytes", "5242880")]);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1); // the broker's default: 1 MB
-    let tmp = tempfile::tempdir().unwrap();
+    // The dead-letter topic keeps the broker's default limit: 1 MB.
+    let s = Scenario::with_limits(1, &[("max.message.bytes", "5242880")], &[]);
+    let Scenario { broker, input, scores, dlq, group, .. } = &s;
 
     let junk: Vec<u8> = (0..1_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let (mut records, ids) = small_image_records(20, "after");
     records.insert(0, (Some(b"junk".to_vec()), junk, vec![("dcam-image-id".into(), b"junk-1".to_vec())]));
-    publish(&broker.producer(), &input, &records);
+    publish(&broker.producer(), input, &records);
 
-    let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path()).spawn("op");
+    let mut op = s.operator().set("DCAM__DELIVERY__MODE", mode).set("DCAM__DELIVERY__INSTANCE_ID", unique("i")).spawn("op");
     op.wait_ready(READY);
-    let got = read_topic(&broker.brokers, &scores, ids.len(), Duration::from_secs(120));
+    let got = read_topic(&broker.brokers, scores, ids.len(), Duration::from_secs(120));
     assert_eq!(got.len(), ids.len(), "{}", op.log_text());
-    let dead = read_topic(&broker.brokers, &dlq, 1, Duration::from_secs(30));
+    let dead = read_topic(&broker.brokers, dlq, 1, Duration::from_secs(30));
     assert_eq!(dead.len(), 1, "{}", op.log_text());
     let d = &dead[0];
     assert_eq!(d.headers["dcam-error-kind"], "too_large_output");
     assert_eq!(d.headers["dcam-original-error-kind"], "unsupported_format");
     assert_eq!(d.headers["dcam-source"], format!("{input}/0/0"));
-    assert!(d.headers["dcam-error"].contains(&dlq), "{:?}", d.headers);
+    assert!(d.headers["dcam-error"].contains(dlq.as_str()), "{:?}", d.headers);
     assert!(d.value.as_ref().unwrap().len() <= 16 * 1024);
     // The committed offset passes the poison record (it stayed at 0 before).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while committed_offsets(&broker.brokers, &group, &input, 1) != vec![21] {
-        assert!(Instant::now() < deadline, "committed {:?}\n{}", committed_offsets(&broker.brokers, &group, &input, 1), op.log_text());
+    while committed_offsets(&broker.brokers, group, input, 1) != vec![21] {
+        assert!(Instant::now() < deadline, "committed {:?}\n{}", committed_offsets(&broker.brokers, group, input, 1), op.log_text());
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(op.metrics().contains(r#"dcam_dead_letters_total{kind="too_large_output"} 1"#));
+    if mode == "at_least_once" {
+        assert!(op.metrics().contains(r#"dcam_dead_letters_total{kind="too_large_output"} 1"#));
+    }
     assert!(op.terminate(Duration::from_secs(40)).success());
 }
 
@@ -79,17 +94,12 @@ fn a_dead_letter_too_large_for_its_topic_is_replaced_and_the_offset_moves_on() {
 #[test]
 fn an_output_that_can_never_be_published_stops_the_operator_without_committing_past_it() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic(&input, 1);
-    broker.create_topic(&scores, 1);
-    broker.create_topic_with(&dlq, 1, &[("max.message.bytes", "2048")]);
-    let tmp = tempfile::tempdir().unwrap();
+    let s = Scenario::with_limits(1, &[], &[("max.message.bytes", "2048")]);
     let (records, _) = small_image_records(3, "ok");
     let mut all = records.clone();
     all.insert(1, (None, vec![b'x'; 100_000], vec![]));
-    publish(&broker.producer(), &input, &all);
-    let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path()).spawn("op");
+    publish(&s.broker.producer(), &s.input, &all);
+    let mut op = s.operator().spawn("op");
     op.wait_ready(READY);
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
@@ -101,8 +111,8 @@ fn an_output_that_can_never_be_published_stops_the_operator_without_committing_p
     };
     assert!(!status.success());
     let log = op.log_text();
-    assert!(log.contains(&dlq) && log.contains("max.message.bytes"), "{log}");
-    let committed = committed_offsets(&broker.brokers, &group, &input, 1)[0];
+    assert!(log.contains(&s.dlq) && log.contains("max.message.bytes"), "{log}");
+    let committed = committed_offsets(&s.broker.brokers, &s.group, &s.input, 1)[0];
     assert!(committed <= 1, "committed {committed}, past the record at offset 1");
 }
 

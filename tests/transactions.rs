@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use dcam_stream::config::Settings;
 use dcam_stream::delivery::OffsetTracker;
 use dcam_stream::kafka;
-use dcam_stream::sink::OutRecord;
+use dcam_stream::record::OutRecord;
 use dcam_stream::source::{self, CommitOutcome, SourceContext};
 use dcam_stream::telemetry::Metrics;
 use dcam_stream::transaction::Transactions;
@@ -51,6 +51,18 @@ fn consume_and_finish(consumer: &BaseConsumer<SourceContext>, tx: &Transactions,
     offsets
 }
 
+/// An in-process broker with topics `in` and `out`, a runtime and a plain producer.
+fn mock_cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String, tokio::runtime::Runtime, FutureProducer) {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
+    let cluster = MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    cluster.create_topic("in", 1, 1).unwrap();
+    cluster.create_topic("out", 1, 1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let plain: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    (cluster, brokers, rt, plain)
+}
+
 fn committed_out(brokers: &str) -> Vec<String> {
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -72,13 +84,7 @@ fn committed_out(brokers: &str) -> Vec<String> {
 
 #[test]
 fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("in", 1, 1).unwrap();
-    cluster.create_topic("out", 1, 1).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let plain: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let (cluster, brokers, rt, plain) = mock_cluster();
     rt.block_on(async {
         for i in 0..5 {
             plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
@@ -132,13 +138,7 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
 /// records from before the group existed).
 #[test]
 fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
-    let cluster = MockCluster::new(1).unwrap();
-    let brokers = cluster.bootstrap_servers();
-    cluster.create_topic("in", 1, 1).unwrap();
-    cluster.create_topic("out", 1, 1).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let plain: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let (cluster, brokers, rt, plain) = mock_cluster();
     let send = |text: String| rt.block_on(async { plain.send(FutureRecord::<(), _>::to("in").payload(&text), Duration::from_secs(10)).await.unwrap() });
     for i in 0..3 {
         send(format!("before the group {i}"));
