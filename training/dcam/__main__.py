@@ -56,7 +56,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
-SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=1, pixel_norm=True, w_map=0.5)
+SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -66,8 +66,9 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                    help="image density head: pooled map stages, + stride-32 stages (deep), or none")
     p.add_argument("--tta-views", type=int, default=d["tta_views"], choices=[1, 2, 4, 8],
                    help="flip/transpose views averaged for the density features")
-    p.add_argument("--pixel-norm", default=d["pixel_norm"], action=argparse.BooleanOptionalAction,
-                   help="per-class per-pixel map normalisation from held-out normals")
+    p.add_argument("--pixel-norm", default=d["pixel_norm"], choices=["none", "score", "map"],
+                   help="per-class per-pixel map normalisation from held-out normals: off, for the image score "
+                        "only (output map raw), or for the output map too")
     p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
     p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
                    "(<dir>/<class>/<defect>/<img>; never the test split); default: synthetic defects")
@@ -75,7 +76,8 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 
 def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
-                tta_views=args.tta_views, pixel_norm=args.pixel_norm, w_map=args.w_map)
+                tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
+                w_map=args.w_map)
 
 
 def _classes(args) -> tuple[Path, list[str]]:

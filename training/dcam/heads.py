@@ -2,7 +2,8 @@
 
 - density: per-class Gaussians on pooled teacher features (density.py), optionally averaged over
   flip/transpose views of the image and extended by the teacher's stride-32 stages;
-- pixel_norm: per-class per-pixel map normalisation (pixel_norm.py);
+- pixel_norm: per-class per-pixel map normalisation (pixel_norm.py), for the image score only ("score":
+  on validation it helped the image score but hurt pixel AUROC) or for the output map too ("map");
 - fusion: the graph does not know the class, so the class is the one with the smallest normalised
   density distance; the map score is normalised by that class's held-out stats and added:
   score = z_density + w_map * z_map. The map is still returned for localisation.
@@ -33,11 +34,11 @@ def view(x: torch.Tensor, v: tuple[bool, bool, bool]) -> torch.Tensor:
 
 
 class ImageHeads(nn.Module):
-    def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: bool = False,
+    def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: str = "",
                  w_map: float = 1.0, deep: nn.Module | None = None):
         super().__init__()
-        assert views in (1, 2, 4, 8)
-        self.classes, self.views, self.w_map = list(classes), views, w_map
+        assert views in (1, 2, 4, 8) and pixel_norm in ("", "score", "map")
+        self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, pixel_norm
         self.deep = deep  # frozen teacher stages past stride 16 (density only); not saved in checkpoints
         self.density = DensityHead(classes, dims)
         self.pixel_norm = PixelNorm(len(classes), size) if pixel_norm else None
@@ -57,12 +58,11 @@ class ImageHeads(nn.Module):
 
     def fuse(self, amap: torch.Tensor, map_score_fn, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, idx = self.density(pooled).min(dim=1)
-        if self.pixel_norm is not None:
-            amap = self.pixel_norm(amap, idx)
-        if self.w_map == 0:
+        if self.w_map == 0 and self.norm_mode != "map":
             return amap, z
-        zm = (map_score_fn(amap) - self.map_mu[idx]) / self.map_sd[idx]
-        return amap, z + self.w_map * zm
+        nmap = self.pixel_norm(amap, idx) if self.pixel_norm is not None else amap
+        zm = (map_score_fn(nmap) - self.map_mu[idx]) / self.map_sd[idx]
+        return (nmap if self.norm_mode == "map" else amap), z + self.w_map * zm
 
     @torch.no_grad()
     def fit(self, teacher, normalize, student_map, map_score_fn, train_images: np.ndarray, train_classes: list[str],

@@ -35,7 +35,8 @@ class ModelConfig:
     # Heads fitted after training (heads.py); "" = the score is the map score alone (the old model).
     density: str = ""                  # "" / "map" (pooled 3 map stages) / "deep" (+ stride-32 stages)
     tta_views: int = 1                 # flip/transpose views averaged for the density features (1, 2, 4, 8)
-    pixel_norm: bool = False           # per-class per-pixel map normalisation from held-out normals
+    pixel_norm: str = ""               # per-pixel map normalisation from held-out normals: "" off, "score" for the
+                                       # image score only (output map stays raw), "map" for the output map too
     w_map: float = 1.0                 # fused score = z_density + w_map * z_map
 
     def to_dict(self) -> dict:

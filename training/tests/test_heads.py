@@ -61,7 +61,7 @@ def headed(mvtec_root, tmp_path_factory):
     classes = ["tile", "widget"]
     tr, va = load_train_val(mvtec_root, classes, S, val_fraction=0.25, seed=0, progress=False)
     model = DistillModel(variant_config("stfpm", input_size=S, score_rule="top1pct_mean", density="deep",
-                                        tta_views=2, pixel_norm=True, w_map=0.5))
+                                        tta_views=2, pixel_norm="score", w_map=0.5))
     train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=2, progress=False, log=lambda *_: None)
     model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
                                     tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
