@@ -127,6 +127,7 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
                         path: Path) -> Path:
     """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save."""
     t0 = time.time()
+    model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     if model.cfg.density:
         model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
                                         train_split.images, train_split.classes, val_split.images, val_split.classes)
@@ -143,8 +144,8 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     print(f"[train] calibration: {json.dumps(cal)}")
     print(markdown_table(est, f"validation estimate of test AUROC -- {est['kind']}"))
     for c, m in est["per_class"].items():
-        print(f"[train] validation estimate {c}: image AUROC {m['image_auroc']:.1f} ({est['kind']}); "
-              f"per kind {m.get('per_defect_image_auroc')}")
+        kinds = {str(k): v for k, v in m.get("per_defect_image_auroc", {}).items()}
+        print(f"[train] validation estimate {c}: image AUROC {m['image_auroc']:.1f} ({est['kind']}); per kind {kinds}")
     print(f"[train] checkpoint {path}")
     return path
 

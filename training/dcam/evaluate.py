@@ -104,7 +104,7 @@ def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = 
             defects = np.asarray(split.defects)
             good = sel & (defects == "good")
             per_class[cls]["per_defect_image_auroc"] = {
-                d: round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
+                str(d): round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
                                       np.r_[scores[good], scores[sel & (defects == d)]]), 2)
                 for d in sorted(set(defects[sel])) if d != "good"}
     return {"per_class": {k: _round(v) for k, v in per_class.items()}, "mean": _round(_mean(per_class))}, maps, scores

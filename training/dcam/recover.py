@@ -45,6 +45,7 @@ def load_student_from_onnx(model: DistillModel, path) -> None:
         bn.bias.copy_(torch.from_numpy(np.array(b)) if b is not None else torch.zeros_like(bn.bias))
         bn.running_mean.zero_()
         bn.running_var.fill_(1.0 - bn.eps)  # (x - 0) / sqrt(1 - eps + eps) * 1 + b = x + b
+    model.eval()  # eval-mode BN, or the next forward pass would overwrite these statistics
 
 
 @torch.no_grad()
