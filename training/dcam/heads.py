@@ -6,7 +6,10 @@
   on validation it helped the image score but hurt pixel AUROC) or for the output map too ("map");
 - fusion: the graph does not know the class, so the class is the one with the smallest normalised
   density distance; the map score is normalised by that class's held-out stats and added:
-  score = z_density + w_map * z_map. The map is still returned for localisation.
+  score = z_density + w_map * z_map. The map is still returned for localisation, put on the score's
+  z scale by a per-class affine map (its held-out top-1 % mean and std), so that the operator's heatmap
+  (each pixel normalised with the score calibration) stays readable; a per-class affine transform
+  leaves per-class pixel AUROC and AU-PRO unchanged.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ class ImageHeads(nn.Module):
         self.pixel_norm = PixelNorm(len(classes), size) if pixel_norm else None
         self.register_buffer("map_mu", torch.zeros(len(classes)))
         self.register_buffer("map_sd", torch.ones(len(classes)))
+        self.register_buffer("out_mu", torch.zeros(len(classes)))  # output-map scale (raw or normalised map)
+        self.register_buffer("out_sd", torch.ones(len(classes)))
 
     def pooled(self, teacher: nn.Module, x: torch.Tensor, t_feats: list[torch.Tensor]) -> list[torch.Tensor]:
         """Pooled teacher features averaged over the views (view 0 reuses the map's teacher pass)."""
@@ -58,11 +63,14 @@ class ImageHeads(nn.Module):
 
     def fuse(self, amap: torch.Tensor, map_score_fn, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, idx = self.density(pooled).min(dim=1)
-        if self.w_map == 0 and self.norm_mode != "map":
-            return amap, z
         nmap = self.pixel_norm(amap, idx) if self.pixel_norm is not None else amap
+        out = nmap if self.norm_mode == "map" else amap
+        # [idx].view(): keeps the buffer names in ONNX (recover.model_from_onnx reads them back)
+        out = (out - self.out_mu[idx].view(-1, 1, 1)) / self.out_sd[idx].view(-1, 1, 1)
+        if self.w_map == 0:
+            return out, z
         zm = (map_score_fn(nmap) - self.map_mu[idx]) / self.map_sd[idx]
-        return (nmap if self.norm_mode == "map" else amap), z + self.w_map * zm
+        return out, z + self.w_map * zm
 
     @torch.no_grad()
     def fit(self, teacher, normalize, student_map, map_score_fn, train_images: np.ndarray, train_classes: list[str],
@@ -82,10 +90,16 @@ class ImageHeads(nn.Module):
                                for i in range(0, len(val_images), batch_size)])
         cls = np.asarray(val_classes)
         idx = torch.from_numpy(np.array([self.classes.index(c) for c in val_classes]))
+        if self.norm_mode != "map":
+            self._fit_stats(self.out_mu, self.out_sd, map_score_fn(torch.from_numpy(maps)).numpy(), cls)
         if self.pixel_norm is not None:
             self.pixel_norm.fit(maps, val_classes, self.classes)
             maps = self.pixel_norm(torch.from_numpy(maps), idx).numpy()
-        ms = map_score_fn(torch.from_numpy(maps)).numpy()
+        self._fit_stats(self.map_mu, self.map_sd, map_score_fn(torch.from_numpy(maps)).numpy(), cls)
+        if self.norm_mode == "map":
+            self.out_mu.copy_(self.map_mu); self.out_sd.copy_(self.map_sd)
+
+    def _fit_stats(self, mu: torch.Tensor, sd: torch.Tensor, scores: np.ndarray, cls: np.ndarray) -> None:
         for k, c in enumerate(self.classes):
-            self.map_mu[k] = float(ms[cls == c].mean())
-            self.map_sd[k] = float(max(ms[cls == c].std(), 1e-6))
+            mu[k] = float(scores[cls == c].mean())
+            sd[k] = float(max(scores[cls == c].std(), 1e-6))
