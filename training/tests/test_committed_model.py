@@ -33,5 +33,7 @@ def test_committed_model_contract():
     model = model_from_onnx(MODEL)
     with torch.no_grad():
         m_pt, s_pt = model(torch.from_numpy(imgs))
-    assert np.abs(s_pt.numpy() - scores).max() <= 1e-4
+    # Random noise is far from every class, so the density distances are in the thousands: float32
+    # agreement is relative there (on real test images the difference is ~1e-4 absolute, see MODEL_CARD).
+    assert (np.abs(s_pt.numpy() - scores) <= 1e-4 * np.maximum(1.0, np.abs(scores))).all()
     assert np.abs(m_pt.numpy() - maps).max() <= 1e-3
