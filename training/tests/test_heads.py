@@ -1,4 +1,5 @@
 """Heads fitted after training: normalisation stats, density export parity, resume, no-mask evaluation."""
+import json
 import shutil
 import warnings
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dcam.__main__ import main
 from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
 from dcam.density import DensityHead
@@ -136,3 +138,13 @@ def test_class_without_masks(mvtec_root, tmp_path):
     assert np.isfinite(widget["pixel_auroc"]) and metrics["mean"]["pixel_auroc"] == widget["pixel_auroc"]
     assert "no masks" in markdown_table(metrics) and "nan" not in markdown_table(metrics)
     assert "synthetic" in est["kind"] and np.isfinite(est["per_class"]["tile"]["image_auroc"])
+    # and the whole CLI (train, heads, evaluate, export) on it, warnings as errors
+    out = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        main(["all", "--data-root", str(root), "--input-size", str(S), "--epochs", "1", "--max-steps", "1",
+              "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--output", str(tmp_path / "m.onnx"),
+              "--quiet"])
+    saved = json.loads((out / "eval" / "metrics.json").read_text())
+    assert saved["per_class"]["tile"]["pixel_metrics"] == "no masks" and check_contract(tmp_path / "m.onnx") == []
+    assert "nan" not in (out / "eval" / "metrics.md").read_text().lower()
