@@ -217,7 +217,8 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic", "validation_estimate") if k in metrics}
     out = Path(args.output)
-    name = args.model_name or f"{ckpt['train_config'].get('variant', model.cfg.method)}-{model.cfg.backbone}".replace("_", "-")
+    name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
+                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else ""))
     export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"], name, args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
