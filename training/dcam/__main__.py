@@ -235,6 +235,8 @@ def cmd_calibrate(args) -> Path:
     ckpt_path = Path(args.checkpoint)
     model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
     tc = dict(ckpt["train_config"])
+    if args.score_rule and model.heads is not None:
+        raise SystemExit("the heads' map-score statistics depend on the score rule: use fit-heads --score-rule instead")
     if args.score_rule:
         model.cfg = replace(model.cfg, score_rule=args.score_rule)
         model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, args.score_rule)
