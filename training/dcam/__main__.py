@@ -14,11 +14,12 @@ from . import __version__
 from .anomaly_map import SCORE_RULES, AnomalyMap
 from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
-from .data import REPO_ROOT, discover_classes, load_test, load_train_val, resolve_data_root
+from .data import REPO_ROOT, discover_classes, load_test, load_train_val, load_val_defects, resolve_data_root
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
-                       write_reports)
+                       validation_estimate, write_reports)
 from .export import export_onnx, run_onnx
 from .model import VARIANTS, DistillModel, load_checkpoint, save_checkpoint, variant_config
+from .recover import load_student_from_onnx
 from .train import cache_teacher, train
 
 
@@ -50,6 +51,33 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kl", action="store_true", help="ablation: drop the spatial KL loss")
     p.add_argument("--max-per-class", type=int, default=None, help="cap train images per class (smoke runs)")
     p.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="calibration: target false-positive rate on held-out good")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt (same weights as one run)")
+    _head_args(p)
+
+
+# Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
+SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5)
+
+
+def _head_args(p: argparse.ArgumentParser) -> None:
+    d = SHIPPED_HEADS
+    p.add_argument("--score-rule", default=d["score_rule"], choices=SCORE_RULES, help="map score rule")
+    p.add_argument("--density", default=d["density"], choices=["none", "map", "deep"],
+                   help="image density head: pooled map stages, + stride-32 stages (deep), or none")
+    p.add_argument("--tta-views", type=int, default=d["tta_views"], choices=[1, 2, 4, 8],
+                   help="flip/transpose views averaged for the density features")
+    p.add_argument("--pixel-norm", default=d["pixel_norm"], choices=["none", "score", "map"],
+                   help="per-class per-pixel map normalisation from held-out normals: off, for the image score "
+                        "only (output map raw), or for the output map too")
+    p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
+    p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
+                   "(<dir>/<class>/<defect>/<img>; never the test split); default: synthetic defects")
+
+
+def _head_overrides(args) -> dict:
+    return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
+                tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
+                w_map=args.w_map)
 
 
 def _classes(args) -> tuple[Path, list[str]]:
@@ -61,7 +89,7 @@ def _classes(args) -> tuple[Path, list[str]]:
 
 
 def _config(args):
-    over = dict(backbone=args.backbone, input_size=args.input_size, temperature=args.temperature)
+    over = dict(backbone=args.backbone, input_size=args.input_size, temperature=args.temperature, **_head_overrides(args))
     if args.no_attention:
         over["attention"] = False
     if args.no_cos:
@@ -82,21 +110,80 @@ def cmd_train(args) -> Path:
     print(f"[train] {len(train_split)} train / {len(val_split)} held-out good images")
     model = DistillModel(cfg, args.teacher_weights)
     info = train(model, train_split.images, val_split.images, args.epochs, args.batch_size, args.lr, args.seed,
-                 args.max_steps, not args.quiet)
-    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
-    cal = calibrate(val_scores, val_split.classes, args.fpr)
+                 args.max_steps, not args.quiet, state_path=out / "train_state.pt", resume=args.resume)
     train_config = {**cfg.to_dict(), "variant": args.variant, "classes": classes, "epochs": args.epochs,
                     "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam+cosine",
                     "val_fraction": args.val_fraction, "seed": args.seed, "calibration_fpr": args.fpr,
                     "n_train": len(train_split), "n_val": len(val_split), "steps": info["steps"],
                     "best_epoch": info["best_epoch"], "train_time_s": info["train_time_s"],
                     "hardware": f"CPU, {torch.get_num_threads()} threads"}
-    save_checkpoint(model, out / "model.pt", {"classes": classes, "calibration": cal, "train_config": train_config,
-                                              "teacher_weights": args.teacher_weights, "data_root": str(root)})
-    (out / "train.json").write_text(json.dumps({"train_config": train_config, **info, "calibration": cal}, indent=2))
-    print(f"[train] done in {info['train_time_s']:.0f}s, best epoch {info['best_epoch']}; checkpoint {out / 'model.pt'}")
+    (out / "train.json").write_text(json.dumps({"train_config": train_config, **info}, indent=2))
+    print(f"[train] student done in {info['train_time_s']:.0f}s, best epoch {info['best_epoch']}")
+    return _fit_heads_and_save(args, model, root, classes, train_split, val_split, train_config,
+                               {"teacher_weights": args.teacher_weights}, out / "model.pt")
+
+
+def _fit_heads_and_save(args, model, root, classes, train_split, val_split, train_config: dict, extra: dict,
+                        path: Path) -> Path:
+    """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save."""
+    t0 = time.time()
+    model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
+    if model.cfg.density:
+        model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
+                                        train_split.images, train_split.classes, val_split.images, val_split.classes)
+    train_config["heads_fit_s"] = round(time.time() - t0, 1)
+    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
+    cal = calibrate(val_scores, val_split.classes, args.fpr)
+    defects = load_val_defects(resolve_data_root(args.val_defects), classes, model.cfg.input_size, not args.quiet) \
+        if args.val_defects else None
+    est = validation_estimate(model, val_split, defects, progress=not args.quiet)
+    # The old CutPaste proxy too, labelled as such: neither kind tracked test for both models in
+    # MODEL_CARD.md, so a run shows both rather than one number picked after seeing test.
+    cut = synthetic_val_metrics(model, val_split, not args.quiet)
+    est["cutpaste"] = {"kind": "CutPaste-style fakes of held-out good images (easier)", "per_class": cut["per_class"],
+                       "mean": cut["mean"]}
+    train_config["validation_estimate_kind"] = est["kind"]
+    save_checkpoint(model, path, {**extra, "classes": classes, "calibration": cal, "train_config": train_config,
+                                  "data_root": str(root), "validation_estimate": est})
+    (path.parent / "validation_estimate.json").write_text(json.dumps(est, indent=2))
     print(f"[train] calibration: {json.dumps(cal)}")
-    return out / "model.pt"
+    print(markdown_table(est, f"validation estimate of test AUROC -- {est['kind']}"))
+    for c, m in est["per_class"].items():
+        kinds = {str(k): v for k, v in m.get("per_defect_image_auroc", {}).items()}
+        print(f"[train] validation estimate {c}: image AUROC {m['image_auroc']:.1f} ({est['kind']}); per kind {kinds}; "
+              f"CutPaste estimate {est['cutpaste']['per_class'][c]['image_auroc']:.1f}")
+    print(f"[train] checkpoint {path}")
+    return path
+
+
+def cmd_fit_heads(args) -> Path:
+    """Fit the heads on an existing student (a checkpoint, or the student inside an exported ONNX)."""
+    if args.from_onnx:
+        from .export import read_metadata
+        meta = read_metadata(args.from_onnx)
+        tc = json.loads(meta["dcam.train_config"])
+        fields = set(variant_config("stfpm").to_dict())
+        base = {k: (tuple(v) if k == "scale_weights" else v) for k, v in tc.items() if k in fields}
+        model = DistillModel(replace(variant_config(tc.get("variant", "stfpm")), **base), args.teacher_weights)
+        load_student_from_onnx(model, args.from_onnx)
+        classes, extra = json.loads(meta["dcam.classes"]), {"student_from": str(args.from_onnx)}
+        tc = {**tc, "student_from": str(args.from_onnx)}
+    else:
+        model, ckpt = load_checkpoint(args.checkpoint, args.teacher_weights)
+        classes, tc = ckpt["classes"], dict(ckpt["train_config"])
+        extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "heads", "classes", "calibration",
+                                                               "train_config", "validation_estimate")}
+    model.heads = None
+    model.cfg = replace(model.cfg, **_head_overrides(args))
+    model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, model.cfg.score_rule)
+    tc.update(model.cfg.to_dict())
+    tc["calibration_fpr"] = args.fpr
+    root = resolve_data_root(args.data_root)
+    train_split, val_split = load_train_val(root, classes, model.cfg.input_size, tc.get("val_fraction", 0.15),
+                                            tc.get("seed", 0), not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _fit_heads_and_save(args, model, root, classes, train_split, val_split, tc, extra, out / "model.pt")
 
 
 def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
@@ -113,7 +200,9 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     t0 = time.time()
     metrics, maps, scores = evaluate_split(model, test, not args.quiet)
     metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
-    metrics["val_synthetic"] = val_metrics
+    metrics["val_synthetic"] = val_metrics  # CutPaste fakes (the old proxy; kept for comparison)
+    if ckpt.get("validation_estimate"):
+        metrics["validation_estimate"] = ckpt["validation_estimate"]
     metrics["score_rules"] = score_rules(test, maps)  # reported only; the rule is chosen on val_synthetic
     write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
     print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
@@ -126,9 +215,10 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
     metrics_path = Path(args.out_eval or ckpt_path.parent / "eval") / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic") if k in metrics}
+    summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic", "validation_estimate") if k in metrics}
     out = Path(args.output)
-    name = args.model_name or f"{ckpt['train_config'].get('variant', model.cfg.method)}-{model.cfg.backbone}".replace("_", "-")
+    name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
+                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else ""))
     export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"], name, args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
@@ -145,6 +235,8 @@ def cmd_calibrate(args) -> Path:
     ckpt_path = Path(args.checkpoint)
     model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
     tc = dict(ckpt["train_config"])
+    if args.score_rule and model.heads is not None:
+        raise SystemExit("the heads' map-score statistics depend on the score rule: use fit-heads --score-rule instead")
     if args.score_rule:
         model.cfg = replace(model.cfg, score_rule=args.score_rule)
         model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, args.score_rule)
@@ -223,11 +315,18 @@ def main(argv=None) -> None:
     p_all = sub.add_parser("all", help="train, evaluate and export")
     p_abl = sub.add_parser("ablation", help="train and compare several variants on the same budget")
     p_cal = sub.add_parser("calibrate", help="recompute calibration (optionally another score rule) from held-out good images")
-    for p in (p_train, p_eval, p_exp, p_all, p_abl, p_cal):
+    p_fit = sub.add_parser("fit-heads", help="fit density/normalisation heads on a trained student, calibrate, estimate")
+    for p in (p_train, p_eval, p_exp, p_all, p_abl, p_cal, p_fit):
         _data_args(p)
     for p in (p_train, p_all, p_abl):
         _train_args(p)
         p.add_argument("--out", default=None, help="run directory (default training/runs/<name>-<time>)")
+    _head_args(p_fit)
+    p_fit.add_argument("--fpr", type=float, default=DEFAULT_FPR)
+    p_fit.add_argument("--from-onnx", default=None, help="take the student (and its config) from this exported model")
+    p_fit.add_argument("--checkpoint", default=None)
+    p_fit.add_argument("--teacher-weights", default=None)
+    p_fit.add_argument("--out", required=True, help="run directory for the new checkpoint")
     p_cal.add_argument("--score-rule", default=None, choices=SCORE_RULES)
     p_cal.add_argument("--fpr", type=float, default=DEFAULT_FPR)
     p_cal.add_argument("--output-checkpoint", default=None)
@@ -244,7 +343,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "all": cmd_all, "ablation": cmd_ablation,
-     "calibrate": cmd_calibrate}[args.cmd](args)
+     "calibrate": cmd_calibrate, "fit-heads": cmd_fit_heads}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ class AnomalyMap(nn.Module):
         self.k = max(1, size * size // 100)
         self.blur = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
 
-    def forward(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def map(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> torch.Tensor:
         amap = None
         for t, s in zip(t_feats, s_feats):
             d = 1 - F.cosine_similarity(t, s, dim=1, eps=1e-8).unsqueeze(1)
@@ -54,7 +54,13 @@ class AnomalyMap(nn.Module):
                 amap = amap + d
             else:
                 amap = amap * d
-        amap = self.blur(amap).squeeze(1)
+        return self.blur(amap).squeeze(1)
+
+    def score(self, amap: torch.Tensor) -> torch.Tensor:
         if self.score_rule == "max":
-            return amap, amap.flatten(1).amax(dim=1)
-        return amap, torch.topk(amap.flatten(1), self.k, dim=1).values.mean(dim=1)
+            return amap.flatten(1).amax(dim=1)
+        return torch.topk(amap.flatten(1), self.k, dim=1).values.mean(dim=1)
+
+    def forward(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.map(t_feats, s_feats)
+        return amap, self.score(amap)

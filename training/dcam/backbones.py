@@ -97,3 +97,18 @@ def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def build_deep_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
+    """The frozen teacher's stages past stride 16, fed with its last map stage: image-level context
+    for the density head only (MobileNetV2 features[14:17] -> 160 ch, [17] -> 320, [18] -> 1280)."""
+    if name != "mobilenet_v2":
+        raise ValueError(f"density='deep' is implemented for mobilenet_v2 only, not {name}")
+    net = torchvision.models.mobilenet_v2(weights=None)
+    net.load_state_dict(torch.load(weights or find_packaged_weights(name), map_location="cpu", weights_only=True))
+    f = net.features
+    deep = MultiScale([f[14:17], f[17], f[18]], [160, 320, 1280])
+    deep.eval()
+    for p in deep.parameters():
+        p.requires_grad_(False)
+    return deep

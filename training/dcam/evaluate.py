@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
 from .calibrate import normalise
-from .data import Split, synthetic_anomalies
+from .data import SYNTH_KINDS, Split, synthetic_anomalies, synthetic_defects
 
 
 @torch.no_grad()
@@ -79,8 +79,13 @@ def class_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | No
 
 
 def _mean(per_class: dict) -> dict:
-    keys = [k for k in ("image_auroc", "pixel_auroc", "au_pro") if all(k in v for v in per_class.values())]
-    return {k: float(np.nanmean([v[k] for v in per_class.values()])) for k in keys}
+    """Mean over the classes that have the metric (pixel metrics skip classes without masks)."""
+    out = {}
+    for k in ("image_auroc", "pixel_auroc", "au_pro"):
+        vals = [v[k] for v in per_class.values() if k in v and np.isfinite(v[k])]
+        if vals:
+            out[k] = float(np.mean(vals))
+    return out
 
 
 def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = True,
@@ -90,13 +95,16 @@ def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = 
     per_class = {}
     for cls in sorted(set(split.classes)):
         sel = classes == cls
-        per_class[cls] = class_metrics(split.labels[sel], scores[sel], None if split.masks is None else split.masks[sel],
+        no_masks = split.masks is None or cls in split.no_mask_classes
+        per_class[cls] = class_metrics(split.labels[sel], scores[sel], None if no_masks else split.masks[sel],
                                        maps[sel], with_pro)
+        if no_masks:
+            per_class[cls]["pixel_metrics"] = "no masks"
         if split.defects:  # image AUROC of each defect type against the class's good images
             defects = np.asarray(split.defects)
             good = sel & (defects == "good")
             per_class[cls]["per_defect_image_auroc"] = {
-                d: round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
+                str(d): round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
                                       np.r_[scores[good], scores[sel & (defects == d)]]), 2)
                 for d in sorted(set(defects[sel])) if d != "good"}
     return {"per_class": {k: _round(v) for k, v in per_class.items()}, "mean": _round(_mean(per_class))}, maps, scores
@@ -119,6 +127,32 @@ def synthetic_val_metrics(model, val: Split, progress: bool = True, t_cache: lis
     return metrics
 
 
+def estimate_split(val: Split, defects: Split | None = None, per_image: int = 2, seed: int = 7) -> tuple[Split, str]:
+    """Held-out good images plus defects: the user's labelled ones (--val-defects) when given, else
+    harder synthetic ones (thin cracks, small holes, low-contrast unevenness, foreign texture)."""
+    if defects is not None and len(defects):
+        kind = f"real labelled validation defects ({len(defects)} images, --val-defects)"
+        imgs, masks, cls, kinds = defects.images, defects.masks, defects.classes, defects.defects
+        no_mask = defects.no_mask_classes
+    else:
+        kind = f"synthetic defects on held-out good images ({'/'.join(SYNTH_KINDS)}, {per_image} per image)"
+        imgs, masks, cls, kinds = synthetic_defects(val.images, val.classes, per_image, seed)
+        no_mask = set()
+    both = Split(np.concatenate([val.images, imgs]), list(val.classes) + list(cls), list(val.paths) + [""] * len(imgs),
+                 np.r_[np.zeros(len(val)), np.ones(len(imgs))].astype(np.int64),
+                 np.concatenate([np.zeros((len(val),) + val.images.shape[1:3], bool), masks]),
+                 ["good"] * len(val) + list(kinds), no_mask)
+    return both, kind
+
+
+def validation_estimate(model, val: Split, defects: Split | None = None, progress: bool = True) -> dict:
+    """What a training run prints as its estimate of test image AUROC (never uses the test split)."""
+    both, kind = estimate_split(val, defects)
+    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=False)
+    metrics["kind"] = kind
+    return metrics
+
+
 def score_rules(split: Split, maps: np.ndarray) -> dict:
     """Image AUROC per class for alternative image-score rules computed from the same maps
     (max = what the exported graph outputs; top-1% mean = mean of the largest 1 % of map values)."""
@@ -137,9 +171,10 @@ def _round(d: dict) -> dict:
 def markdown_table(metrics: dict, title: str = "") -> str:
     lines = [f"### {title}" if title else "", "", "| class | image AUROC | pixel AUROC | AU-PRO@0.3 |", "|---|---|---|---|"]
     rows = list(metrics["per_class"].items()) + [("**mean**", metrics["mean"])]
+    def cell(m, k):
+        return f"{m[k]:.1f}" if k in m else m.get("pixel_metrics", "n/a")
     for cls, m in rows:
-        lines.append(f"| {cls} | {m.get('image_auroc', float('nan')):.1f} | {m.get('pixel_auroc', float('nan')):.1f} | "
-                     f"{m.get('au_pro', float('nan')):.1f} |")
+        lines.append(f"| {cls} | {cell(m, 'image_auroc')} | {cell(m, 'pixel_auroc')} | {cell(m, 'au_pro')} |")
     return "\n".join(lines).strip() + "\n"
 
 

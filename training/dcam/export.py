@@ -19,17 +19,15 @@ REQUIRED_METADATA = ("dcam.format", "dcam.input_size", "dcam.classes", "dcam.cal
 
 
 class InferenceGraph(nn.Module):
-    """Exactly what the operator runs: normalisation, teacher + student, map with blur, max score.
-    The DCAM attention is training-only and is not part of this module."""
+    """Exactly what the operator runs: DistillModel.forward (normalisation, teacher + student, map with
+    blur, and the fitted heads if any). The DCAM attention is training-only and is never traced."""
 
     def __init__(self, model: DistillModel):
         super().__init__()
-        self.normalize, self.teacher, self.student, self.anomaly_map = (
-            model.normalize, model.teacher, model.student, model.anomaly_map)
+        self.model = model
 
     def forward(self, image: torch.Tensor):
-        x = self.normalize(image)
-        return self.anomaly_map(self.teacher(x), self.student(x))
+        return self.model(image)
 
 
 def export_onnx(model: DistillModel, path: str | Path, classes: list[str], calibration: dict, metrics: dict,

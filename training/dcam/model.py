@@ -8,7 +8,8 @@ from torch import nn
 
 from .anomaly_map import AnomalyMap
 from .attention import CBAM
-from .backbones import build_backbone, build_teacher
+from .backbones import build_backbone, build_deep_teacher, build_teacher
+from .heads import ImageHeads
 from .losses import channel_cosine_loss, position_cosine_loss, spatial_kl_loss, stfpm_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +32,12 @@ class ModelConfig:
     blur_sigma: float = 4.0
     combine: str = ""                  # how per-scale maps are merged: "sum" / "prod"; "" = sum for dcam, prod for stfpm
     score_rule: str = "max"            # image score: "max" of the map or "top1pct_mean" (see anomaly_map.py)
+    # Heads fitted after training (heads.py); "" = the score is the map score alone (the old model).
+    density: str = ""                  # "" / "map" (pooled 3 map stages) / "deep" (+ stride-32 stages)
+    tta_views: int = 1                 # flip/transpose views averaged for the density features (1, 2, 4, 8)
+    pixel_norm: str = ""               # per-pixel map normalisation from held-out normals: "" off, "score" for the
+                                       # image score only (output map stays raw), "map" for the output map too
+    w_map: float = 1.0                 # fused score = z_density + w_map * z_map
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,10 +87,27 @@ class DistillModel(nn.Module):
         self.attention = nn.ModuleList(CBAM(c, cfg.reduction) for c in chans) if cfg.attention else None
         combine = cfg.combine or ("prod" if cfg.method == "stfpm" else "sum")
         self.anomaly_map = AnomalyMap(cfg.input_size, combine, cfg.blur_sigma, cfg.score_rule)
+        self.heads: ImageHeads | None = None  # attach_heads() after training
+        self._teacher_weights = teacher_weights
+
+    def attach_heads(self, classes: list[str]) -> ImageHeads:
+        cfg = self.cfg
+        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density == "deep" else None
+        dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
+        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep).eval()
+        return self.heads
+
+    @torch.no_grad()
+    def student_map(self, images_u8) -> torch.Tensor:
+        """The raw (un-normalised) anomaly map, for fitting the heads."""
+        x = self.normalize(torch.as_tensor(images_u8))
+        return self.anomaly_map.map(self.teacher(x), self.student(x))
 
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()  # the teacher is frozen, BN statistics included
+        if self.heads is not None:
+            self.heads.eval()  # fitted, never trained
         return self
 
     @torch.no_grad()
@@ -117,12 +141,22 @@ class DistillModel(nn.Module):
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference path (attention dropped): uint8 NHWC -> (anomaly_map [N,S,S], score [N])."""
         x = self.normalize(images_u8)
-        return self.anomaly_map(self.teacher(x), self.student(x))
+        t = self.teacher(x)
+        if self.heads is None:
+            return self.anomaly_map(t, self.student(x))
+        amap = self.anomaly_map.map(t, self.student(x))
+        return self.heads.fuse(amap, self.anomaly_map.score, self.heads.pooled(self.teacher, x, t))
 
 
 def save_checkpoint(model: DistillModel, path, extra: dict | None = None) -> None:
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
-    torch.save({"config": model.cfg.to_dict(), "state_dict": state, **(extra or {})}, path)
+    # The frozen ImageNet stages come from the weight packages again at load time.
+    state = {k: v for k, v in model.state_dict().items() if not _is_teacher(k)}
+    heads = {"classes": model.heads.classes} if model.heads is not None else None
+    torch.save({"config": model.cfg.to_dict(), "state_dict": state, "heads": heads, **(extra or {})}, path)
+
+
+def _is_teacher(key: str) -> bool:
+    return key.startswith("teacher.") or key.startswith("heads.deep.")
 
 
 def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, dict]:
@@ -130,7 +164,9 @@ def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillMo
     cfgd = dict(ckpt["config"])
     cfgd["scale_weights"] = tuple(cfgd["scale_weights"])
     model = DistillModel(ModelConfig(**cfgd), teacher_weights or ckpt.get("teacher_weights"))
+    if ckpt.get("heads"):
+        model.attach_heads(ckpt["heads"]["classes"])
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
-    assert not unexpected and all(k.startswith("teacher.") for k in missing), (missing, unexpected)
+    assert not unexpected and all(_is_teacher(k) for k in missing), (missing, unexpected)
     model.eval()
     return model, ckpt

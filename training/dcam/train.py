@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,8 +42,11 @@ def val_discrepancy(model: DistillModel, images: np.ndarray, t_cache: list[torch
 
 def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray, epochs: int = 10,
           batch_size: int = 8, lr: float = 1e-3, seed: int = 0, max_steps: int | None = None,
-          progress: bool = True, log=print, t_train: list | None = None, t_val: list | None = None) -> dict:
-    """Adam + cosine LR decay; keeps the epoch with the lowest validation discrepancy."""
+          progress: bool = True, log=print, t_train: list | None = None, t_val: list | None = None,
+          state_path=None, resume: bool = False) -> dict:
+    """Adam + cosine LR decay; keeps the epoch with the lowest validation discrepancy.
+    state_path: written after every epoch (weights, optimiser, scheduler, RNG, history, best);
+    resume=True continues from it and gives the same weights as an uninterrupted run."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     t_train = t_train if t_train is not None else cache_teacher(model, train_images, progress=progress)
@@ -52,8 +56,15 @@ def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray,
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or 10 ** 12)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps)))
-    history, best, step, t0 = [], None, 0, time.time()
-    for epoch in range(epochs):
+    history, best, step, t0, start = [], None, 0, time.time(), 0
+    if resume and state_path is not None and Path(state_path).exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"], strict=False)
+        opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        rng.bit_generator.state = st["np_rng"]; torch.set_rng_state(st["torch_rng"])
+        history, best, step, start = st["history"], st["best"], st["step"], st["epoch"]
+        log(f"resumed after epoch {start} (step {step})")
+    for epoch in range(start, epochs):
         model.train()
         order = rng.permutation(len(train_images))
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
@@ -77,12 +88,20 @@ def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray,
         val = val_discrepancy(model, val_images, t_val)
         history.append({"epoch": epoch + 1, "step": step, "train_loss": run_loss / n_done, "val_discrepancy": val,
                         "elapsed_s": round(time.time() - t0, 1)})
-        log(f"epoch {epoch + 1}: train_loss={run_loss / n_done:.4f} val_discrepancy={val:.4f} ({time.time() - t0:.0f}s)")
         if best is None or val < best[0]:
-            best = (val, epoch + 1, copy.deepcopy({k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}))
+            best = (val, epoch + 1, copy.deepcopy(_student_state(model)))
+        if state_path is not None:
+            torch.save({"model": _student_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
+                        "best": best, "step": step, "epoch": epoch + 1}, state_path)
+        log(f"epoch {epoch + 1}: train_loss={run_loss / n_done:.4f} val_discrepancy={val:.4f} ({time.time() - t0:.0f}s)")
         if step >= total_steps:
             break
     model.load_state_dict(best[2], strict=False)
     model.eval()
     return {"history": history, "best_epoch": best[1], "best_val_discrepancy": best[0],
             "steps": step, "train_time_s": round(time.time() - t0, 1)}
+
+
+def _student_state(model: DistillModel) -> dict:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}

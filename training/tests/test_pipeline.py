@@ -95,7 +95,7 @@ def test_cli_all(mvtec_root, tmp_path):
     onnx_path = tmp_path / "cli.onnx"
     main(["all", "--data-root", str(mvtec_root), "--input-size", "32", "--epochs", "1", "--max-steps", "2",
           "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--output", str(onnx_path), "--quiet",
-          "--variant", "dcam"])
+          "--variant", "dcam", "--density", "none", "--pixel-norm", "none", "--score-rule", "max"])  # map-only model
     assert (out / "model.pt").exists() and (out / "eval" / "metrics.json").exists()
     assert (out / "eval" / "overlays.png").exists() and (out / "eval" / "roc_widget.png").exists()
     assert check_contract(onnx_path) == []
@@ -114,3 +114,18 @@ def test_cli_ablation(mvtec_root, tmp_path):
     res = json.loads((out / "ablation.json").read_text())
     assert set(res) == {"stfpm", "dcam"} and "au_pro" in res["dcam"]["test"]["mean"]
     assert "| stfpm |" in (out / "ablation.md").read_text()
+
+
+def test_cli_defaults_are_the_shipped_recipe(mvtec_root, tmp_path):
+    """`all` without method flags: STFPM student, deep density on 2 views, pixel-normalised map score, fused."""
+    out = tmp_path / "run"
+    main(["all", "--data-root", str(mvtec_root), "--input-size", "32", "--epochs", "1", "--max-steps", "1",
+          "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--output", str(tmp_path / "d.onnx"), "--quiet"])
+    tc = json.loads(read_metadata(tmp_path / "d.onnx")["dcam.train_config"])
+    assert (tc["variant"], tc["score_rule"], tc["density"], tc["tta_views"], tc["pixel_norm"], tc["w_map"]) == \
+        ("stfpm", "top1pct_mean", "deep", 2, "score", 0.5)
+    assert read_metadata(tmp_path / "d.onnx")["dcam.model_name"] == "stfpm-multi-mobilenetv2-density"
+    assert (out / "validation_estimate.json").exists() and check_contract(tmp_path / "d.onnx") == []
+    with pytest.raises(SystemExit):  # the heads' statistics depend on the score rule
+        main(["calibrate", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--score-rule", "max",
+              "--quiet"])
