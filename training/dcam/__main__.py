@@ -311,7 +311,7 @@ def main(argv=None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_train = sub.add_parser("train", help="train one student on all classes")
     p_eval = sub.add_parser("evaluate", help="test-split metrics + reports for a checkpoint")
-    p_exp = sub.add_parser("export", help="export a checkpoint to ONNX (DESIGN.md section 1)")
+    p_exp = sub.add_parser("export", help="export a checkpoint to ONNX (docs/DESIGN.md section 1)")
     p_all = sub.add_parser("all", help="train, evaluate and export")
     p_abl = sub.add_parser("ablation", help="train and compare several variants on the same budget")
     p_cal = sub.add_parser("calibrate", help="recompute calibration (optionally another score rule) from held-out good images")

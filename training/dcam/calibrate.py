@@ -2,7 +2,7 @@
 
 Rule: threshold = the (1 - fpr) quantile of the class's held-out good scores (linear interpolation;
 default fpr = 0.01, i.e. about 1 % false alarms on normal images), min / max = the smallest /
-largest held-out good score. `_default` uses all classes' held-out scores pooled. DESIGN.md section 1
+largest held-out good score. `_default` uses all classes' held-out scores pooled. docs/DESIGN.md section 1
 then gives normalised = clamp((raw - threshold) / (max - min) + 0.5, 0, 1).
 """
 from __future__ import annotations

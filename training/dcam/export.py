@@ -1,4 +1,4 @@
-"""ONNX export per DESIGN.md section 1 (uint8 NHWC in; anomaly_map + score out; metadata)."""
+"""ONNX export per docs/DESIGN.md section 1 (uint8 NHWC in; anomaly_map + score out; metadata)."""
 from __future__ import annotations
 
 import json
@@ -88,7 +88,7 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def check_contract(path: str | Path) -> list[str]:
-    """Problems with an ONNX file against DESIGN.md section 1 (empty list = conforms)."""
+    """Problems with an ONNX file against docs/DESIGN.md section 1 (empty list = conforms)."""
     problems = []
     proto = onnx.load(str(path))
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)

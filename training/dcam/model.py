@@ -50,7 +50,7 @@ VARIANTS: dict[str, ModelConfig] = {
     "dcam_noatt": ModelConfig(attention=False),
     "dcam_cos": ModelConfig(w_kl=0.0),
     "dcam_kl": ModelConfig(w_cos=0.0),
-    # Fix for both DESIGN.md section 7 suspects: masks on teacher too, plus the per-position term on raw maps.
+    # Fix for both docs/DESIGN.md section 7 suspects: masks on teacher too, plus the per-position term on raw maps.
     "dcam_fixed": ModelConfig(attend_teacher=True, w_pos=1.0),
     # Same as dcam_fixed but merges the scales like STFPM (product): tests the map fusion, not the loss.
     "dcam_fixed_prod": ModelConfig(attend_teacher=True, w_pos=1.0, combine="prod"),

@@ -1,4 +1,4 @@
-"""The committed models/dcam.onnx (loaded by the Rust operator) must satisfy DESIGN.md section 1."""
+"""The committed models/dcam.onnx (loaded by the Rust operator) must satisfy docs/DESIGN.md section 1."""
 import json
 from pathlib import Path
 
