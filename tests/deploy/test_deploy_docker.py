@@ -153,12 +153,13 @@ def test_builds_with_the_project_scripts(dockerfile):
         assert "docker/fetch-ort-gpu.sh" in text
         assert re.search(r'CARGO_FEATURES="?cuda,tensorrt"?', text), "GPU image builds with the GPU EP features"
         assert re.search(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime", text), "CUDA 13 + cuDNN 9 runtime base"
-    staged = (REPO / "scripts" / "build-image.sh").read_text()
+    staged = "".join((REPO / "scripts" / n).read_text() for n in ("build-image.sh", "check-cuda-image.sh")
+                     if (REPO / "scripts" / n).exists())
     for source_stage, sources, _ in [c for s in parse(dockerfile) for c in copies(s)]:
         for src in sources:
-            if source_stage is None and src.startswith(".image-build/dist/"):
-                # Offline `prebuilt` stage: files scripts/build-image.sh stages, not part of the repo.
-                assert '.image-build/dist' in staged, f"{dockerfile.name} copies {src}, which nothing stages"
+            if source_stage is None and src.startswith(".image-build/"):
+                # Offline `prebuilt` stage: files the image scripts stage, not part of the repo.
+                assert src.split("/")[1] in staged, f"{dockerfile.name} copies {src}, which nothing stages"
             elif source_stage is None and src not in (".", "models/dcam.onnx"):
                 assert (REPO / src).exists(), f"{dockerfile.name} copies missing {src}"
 
@@ -264,16 +265,18 @@ def _provides(stage: dict, path: str) -> bool:
     # A RUN that ends by checking its output: `test -f "<relative path>"` in the stage's WORKDIR.
     workdir = (instructions(stage, "WORKDIR") or ["/"])[-1]
     for made in re.findall(r'test -f "?([^"\s]+)', runs):
-        if os.path.join(workdir, expand(made, stage["args"])) == path:
+        made = os.path.join(workdir, expand(made, stage["args"]))
+        if made == path or (path.endswith("/") and made.startswith(path)):
             return True
     return path == "/etc/ssl/certs/ca-certificates.crt" and re.match(r"rust:.*bookworm", stage["from"]) is not None
 
 
-def test_cpu_dockerfile_online_and_prebuilt_sources():
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_online_and_prebuilt_sources(path):
     """BINARY_SOURCE / ORT_SOURCE pick the stages the runtime copies from: by default the online build
-    and download stages (rust:* builder, PyPI wheel), with `prebuilt` the host files that
-    scripts/build-image.sh stages. Both must provide every path the runtime copies."""
-    path = DOCKER / "Dockerfile"
+    and download stages (rust:* builder, PyPI wheels), with `prebuilt` the host files that
+    scripts/build-image.sh (CPU) or scripts/check-cuda-image.sh (CUDA) stage. Both must provide every
+    path the runtime copies."""
     args = _stage_args(path)
     assert args["BINARY_SOURCE"] == "build" and args["ORT_SOURCE"] == "ort-download", "online by default"
     stages = {s["name"]: s for s in parse(path)}
@@ -289,9 +292,10 @@ def test_cpu_dockerfile_online_and_prebuilt_sources():
         for src in wanted[alias]:
             assert _provides(stages[online], src), f"{online} does not provide {src}"
             assert _provides(stages["prebuilt"], expand(src, stages["prebuilt"]["args"])), f"prebuilt does not provide {src}"
-    script = (REPO / "scripts" / "build-image.sh").read_text()
-    for flag in ("BINARY_SOURCE=prebuilt", "ORT_SOURCE=prebuilt", "RUNTIME_IMAGE="):
-        assert flag in script, f"scripts/build-image.sh does not pass {flag}"
+    script_name, base_arg = ("build-image.sh", "RUNTIME_IMAGE=") if path.name == "Dockerfile" else ("check-cuda-image.sh", "CUDA_IMAGE=")
+    script = (REPO / "scripts" / script_name).read_text()
+    for flag in ("BINARY_SOURCE=prebuilt", "ORT_SOURCE=prebuilt", base_arg):
+        assert flag in script, f"scripts/{script_name} does not pass {flag}"
 
 
 # ---- .dockerignore -------------------------------------------------------------------------------
