@@ -170,6 +170,18 @@ def _dataset() -> Path:
     return DATASET
 
 
+def test_runs_as_non_root_with_read_only_root(image):
+    """In the hardened container the process is uid/gid 10001, / is read-only, /tmp is writable."""
+    probe = ("id -u; id -g; touch /opt/dcam/x 2>/dev/null && echo root-writable || echo root-read-only; "
+             "touch /tmp/x && echo tmp-writable; awk '/^CapEff/ {print $2}' /proc/self/status")
+    result = podman("run", "--rm", "--network=none", *HARDENED, "--entrypoint", "/bin/sh", IMAGE, "-c", probe)
+    print(f"\n{result.stdout}")
+    uid, gid, root, tmp, caps = result.stdout.split()
+    assert (int(uid), int(gid)) == (UID, CHART_VALUES["podSecurityContext"]["runAsGroup"])
+    assert root == "root-read-only" and tmp == "tmp-writable"
+    assert int(caps, 16) == 0, "no capabilities (the chart drops ALL)"
+
+
 def test_demo_in_container(image):
     """`dcam-stream demo` (in-process Kafka) in a hardened container, dataset mounted read-only."""
     started = time.monotonic()
@@ -261,6 +273,7 @@ def test_run_against_broker(image, broker, tmp_path):
                       "produce", "/data", "--per-class", str(per_class), "--topic", "images",
                       "--format", "mixed", "--brokers", broker, timeout=300)
     count = int(produced.stdout.split("published ", 1)[1].split()[0])
+    print(f"\n$ podman run ... {IMAGE} produce /data --per-class {per_class} ...: {produced.stdout.strip()}")
     assert count == per_class * len([d for d in _dataset().iterdir() if (d / "test").is_dir()])
 
     name = f"dcam-image-test-{uuid.uuid4().hex[:8]}"
@@ -312,6 +325,8 @@ def test_run_against_broker(image, broker, tmp_path):
         state = json.loads(podman("inspect", name, check=False).stdout or "[{}]")[0].get("State", {})
         logs = podman("logs", name, check=False)
         podman("rm", "-f", name, check=False)
-    print(f"container exit code after SIGTERM: {state.get('ExitCode')}")
-    assert state.get("ExitCode") == 0, logs.stderr[-3000:]
-    assert json.loads(logs.stderr.strip().splitlines()[-1] if logs.stderr.strip() else logs.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in (logs.stdout + logs.stderr).splitlines() if ln.strip()]
+    print(f"container exit code after SIGTERM: {state.get('ExitCode')}; last log line: {lines[-1] if lines else None}")
+    assert state.get("ExitCode") == 0, "\n".join(lines[-30:])
+    # log_format = json from the chart's config: every line is a JSON object.
+    assert lines and all(json.loads(ln) for ln in lines)
