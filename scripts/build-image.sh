@@ -66,8 +66,9 @@ if [ "${DCAM_REBUILD_BASE:-0}" = 1 ] || ! podman image exists "$BASE"; then
   # Slim it the way debian:*-slim is: no docs, man pages, locales or package lists/caches.
   r="$WORK/rootfs"
   rm -rf "$r"/usr/share/doc/* "$r"/usr/share/man/* "$r"/usr/share/info/* "$r"/usr/share/locale/* \
-         "$r"/usr/share/lintian "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/cache/apt/archives/*.deb "$r"/var/cache/debconf/*-old \
-         "$r"/var/log/* "$r"/tmp/* "$r"/root/.bash_history
+         "$r"/usr/share/lintian "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin \
+         "$r"/var/cache/apt/archives/*.deb "$r"/var/cache/debconf/*-old "$r"/var/log/* "$r"/tmp/* \
+         "$r"/root/.bash_history
   # debootstrap copies the host's resolv.conf and hostname; an image must not carry them.
   : > "$r/etc/resolv.conf"
   echo localhost > "$r/etc/hostname"
