@@ -153,9 +153,14 @@ def test_builds_with_the_project_scripts(dockerfile):
         assert "docker/fetch-ort-gpu.sh" in text
         assert re.search(r'CARGO_FEATURES="?cuda,tensorrt"?', text), "GPU image builds with the GPU EP features"
         assert re.search(r"nvidia/cuda:13\.[0-9.]+-cudnn-runtime", text), "CUDA 13 + cuDNN 9 runtime base"
+    staged = "".join((REPO / "scripts" / n).read_text() for n in ("build-image.sh", "check-cuda-image.sh")
+                     if (REPO / "scripts" / n).exists())
     for source_stage, sources, _ in [c for s in parse(dockerfile) for c in copies(s)]:
         for src in sources:
-            if source_stage is None and src not in (".", "models/dcam.onnx"):
+            if source_stage is None and src.startswith(".image-build/"):
+                # Offline `prebuilt` stage: files the image scripts stage, not part of the repo.
+                assert src.split("/")[1] in staged, f"{dockerfile.name} copies {src}, which nothing stages"
+            elif source_stage is None and src not in (".", "models/dcam.onnx"):
                 assert (REPO / src).exists(), f"{dockerfile.name} copies missing {src}"
 
 
@@ -232,6 +237,67 @@ def test_model_baked_from_repo():
     assert model.stat().st_size > 0
 
 
+# ---- online and offline sources of the runtime's files -----------------------------------------
+
+
+def _stage_args(path: Path) -> dict[str, str]:
+    """Global ARGs (before the first FROM) with their defaults."""
+    out = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if line.upper().startswith("FROM "):
+            break
+        if line.upper().startswith("ARG "):
+            name, _, value = line[4:].partition("=")
+            out[name.strip()] = value.strip('"')
+    return out
+
+
+def _provides(stage: dict, path: str) -> bool:
+    """Whether a stage puts `path` in place: COPY to it/its directory, `install -D ... path`, or it comes
+    with the base image (a CA bundle in a Debian-based build image)."""
+    for _, sources, dest in copies(stage):
+        if dest == path or (dest.endswith("/") and dest + os.path.basename(path) == path):
+            return True
+    runs = " ".join(instructions(stage, "RUN"))
+    if re.search(rf"install -D[^&]* {re.escape(path)}\b", runs):
+        return True
+    # A RUN that ends by checking its output: `test -f "<relative path>"` in the stage's WORKDIR.
+    workdir = (instructions(stage, "WORKDIR") or ["/"])[-1]
+    for made in re.findall(r'test -f "?([^"\s]+)', runs):
+        made = os.path.join(workdir, expand(made, stage["args"]))
+        if made == path or (path.endswith("/") and made.startswith(path)):
+            return True
+    return path == "/etc/ssl/certs/ca-certificates.crt" and re.match(r"rust:.*bookworm", stage["from"]) is not None
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_online_and_prebuilt_sources(path):
+    """BINARY_SOURCE / ORT_SOURCE pick the stages the runtime copies from: by default the online build
+    and download stages (rust:* builder, PyPI wheels), with `prebuilt` the host files that
+    scripts/build-image.sh (CPU) or scripts/check-cuda-image.sh (CUDA) stage. Both must provide every
+    path the runtime copies."""
+    args = _stage_args(path)
+    assert args["BINARY_SOURCE"] == "build" and args["ORT_SOURCE"] == "ort-download", "online by default"
+    stages = {s["name"]: s for s in parse(path)}
+    assert stages["binary"]["from"] == "build" and stages["ort"]["from"] == "ort-download"
+    assert stages["prebuilt"]["from"] == "scratch"
+    wanted = {"binary": [], "ort": []}
+    for source_stage, sources, _ in copies(runtime(path)):
+        if source_stage in wanted:
+            wanted[source_stage] += sources
+    assert wanted["binary"] and wanted["ort"], "the runtime copies from the selected stages only"
+    assert not {s for s, _, _ in copies(runtime(path)) if s} - set(wanted), "no copy bypasses the selection"
+    for alias, online in (("binary", "build"), ("ort", "ort-download")):
+        for src in wanted[alias]:
+            assert _provides(stages[online], src), f"{online} does not provide {src}"
+            assert _provides(stages["prebuilt"], expand(src, stages["prebuilt"]["args"])), f"prebuilt does not provide {src}"
+    script_name, base_arg = ("build-image.sh", "RUNTIME_IMAGE=") if path.name == "Dockerfile" else ("check-cuda-image.sh", "CUDA_IMAGE=")
+    script = (REPO / "scripts" / script_name).read_text()
+    for flag in ("BINARY_SOURCE=prebuilt", "ORT_SOURCE=prebuilt", base_arg):
+        assert flag in script, f"scripts/{script_name} does not pass {flag}"
+
+
 # ---- .dockerignore -------------------------------------------------------------------------------
 
 
@@ -256,10 +322,11 @@ def test_dockerignore_keeps_build_inputs():
     patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
     for needed in ("Cargo.toml", "Cargo.lock", ".cargo/config.toml", "src/main.rs", "config/default.toml",
-                   "scripts/fetch-ort.sh", "docker/fetch-ort-gpu.sh", "docker/config.toml", "models/dcam.onnx"):
+                   "scripts/fetch-ort.sh", "docker/fetch-ort-gpu.sh", "docker/config.toml", "models/dcam.onnx",
+                   ".image-build/dist/dcam-stream"):
         assert not _ignored(needed, patterns), f".dockerignore drops {needed}"
     for heavy in ("target/debug/dcam-stream", ".venv/bin/python", ".git/HEAD", "training/runs/x.pt",
-                  "models/checkpoint.pt", ".ort/libonnxruntime.so"):
+                  "models/checkpoint.pt", ".ort/libonnxruntime.so", ".image-build/rootfs/usr/bin/bash"):
         assert _ignored(heavy, patterns), f".dockerignore keeps {heavy}"
 
 
@@ -317,7 +384,7 @@ def test_fetch_ort_gpu_fails_without_cuda_provider(tmp_path):
 def test_rust_toolchain_meets_msrv(dockerfile):
     cargo = tomllib.loads((REPO / "Cargo.toml").read_text())
     msrv = tuple(int(x) for x in cargo["package"]["rust-version"].split("."))
-    build = parse(dockerfile)[1]
+    build = next(s for s in parse(dockerfile) if s["name"] == "build")
     match = re.match(r"rust:(\d+)\.(\d+)", build["from"])
     assert match, f"build stage should use an official rust image, got {build['from']}"
     assert tuple(int(x) for x in match.groups()) >= msrv[:2]
