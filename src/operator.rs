@@ -17,7 +17,7 @@ use crate::event::ModelRef;
 use crate::kafka;
 use crate::model::Scorer;
 use crate::pipeline::Pipeline;
-use crate::sink::{KafkaSink, Publisher, SinkSettings};
+use crate::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
 use crate::source::{self, SourceContext, SourceOptions};
 use crate::store::BlobStore;
 use crate::telemetry::{Health, Metrics, ProviderLabels};
@@ -36,7 +36,7 @@ pub struct RunningOperator {
     source: Option<std::thread::JoinHandle<Result<()>>>,
     lag: Option<std::thread::JoinHandle<()>>,
     pipeline: Option<Pipeline>,
-    producer: FutureProducer,
+    producer: Producers,
     http: tokio::task::JoinHandle<()>,
     pub http_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
@@ -83,8 +83,8 @@ impl RunningOperator {
 
         let (producer, transactions, publisher) = match settings.delivery.mode {
             DeliveryMode::AtLeastOnce => {
-                let p: FutureProducer = kafka::producer_config(&settings, None).create().context("creating the producer")?;
-                (p.clone(), None, Publisher::Direct(p))
+                let p = Arc::new(DirectProducer::new(kafka::producer_config(&settings, None)).context("creating the producer")?);
+                (Producers::Direct(p.clone()), None, Publisher::Direct(p))
             }
             DeliveryMode::ExactlyOnce => {
                 let id = kafka::transactional_id(&settings);
@@ -95,7 +95,7 @@ impl RunningOperator {
                 tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
                 let tx = Arc::new(tx);
                 let buffer = tx.buffer.clone();
-                (p, Some(tx), Publisher::Transactional(buffer))
+                (Producers::Transactional(p), Some(tx), Publisher::Transactional(buffer))
             }
         };
         let sink = KafkaSink::new(
@@ -171,7 +171,7 @@ impl RunningOperator {
             tokio::task::spawn_blocking(move || p.finish()).await?;
         }
         let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?.ok();
+        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?;
         self.http.abort();
         result
     }
@@ -180,6 +180,22 @@ impl RunningOperator {
     pub async fn stop(self) -> Result<()> {
         self.request_stop();
         self.wait().await
+    }
+}
+
+/// The producer to flush at shutdown.
+#[derive(Clone)]
+enum Producers {
+    Direct(Arc<DirectProducer>),
+    Transactional(FutureProducer),
+}
+
+impl Producers {
+    fn flush(&self, timeout: Duration) {
+        let _ = match self {
+            Self::Direct(p) => p.flush(timeout),
+            Self::Transactional(p) => p.flush(timeout),
+        };
     }
 }
 

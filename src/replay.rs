@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, Producer};
+
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{HeatmapPolicy, Settings};
@@ -22,7 +22,7 @@ use crate::event::ModelRef;
 use crate::kafka;
 use crate::model::Scorer;
 use crate::pipeline::Pipeline;
-use crate::sink::{KafkaSink, Publisher, SinkSettings};
+use crate::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
 use crate::source::job_from_message;
 use crate::store::BlobStore;
 use crate::telemetry::Metrics;
@@ -138,7 +138,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     let metrics = Metrics::new();
     let tracker = Arc::new(OffsetTracker::new());
     let fatal = Arc::new(Fatal::default());
-    let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
+    let producer = Arc::new(DirectProducer::new(kafka::producer_config(&settings, None))?);
     let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() });
     sink_settings.scores_topic = req.output_topic.clone();
     sink_settings.anomalies_topic = None;
