@@ -18,11 +18,26 @@ use crate::telemetry::{KindLabels, Metrics};
 
 /// Finished outputs per partition and offset, waiting for the next transaction.
 pub struct TxnBuffer {
-    inner: Mutex<HashMap<PartitionKey, BTreeMap<i64, Vec<OutRecord>>>>,
+    inner: Mutex<Buffered>,
     tracker: Arc<OffsetTracker>,
     /// Outputs a transaction was refused for good, by (topic, source input), with the error: after
     /// the abort and rewind they are produced again, and must go as their stand-in dead letter.
     refused: Mutex<HashMap<(String, Vec<u8>), String>>,
+}
+
+/// The buffered outputs, with running totals: back-pressure reads them on every source turn.
+#[derive(Default)]
+struct Buffered {
+    by_partition: HashMap<PartitionKey, BTreeMap<i64, Vec<OutRecord>>>,
+    inputs: usize,
+    bytes: usize,
+}
+
+impl Buffered {
+    fn forget(&mut self, removed: &BTreeMap<i64, Vec<OutRecord>>) {
+        self.inputs -= removed.len();
+        self.bytes -= removed.values().flatten().map(OutRecord::size).sum::<usize>();
+    }
 }
 
 impl TxnBuffer {
@@ -55,7 +70,13 @@ impl TxnBuffer {
         if !self.tracker.is_current(ticket) {
             return false;
         }
-        inner.entry((ticket.topic.clone(), ticket.partition)).or_default().insert(ticket.offset, records);
+        let bytes = records.iter().map(OutRecord::size).sum::<usize>();
+        let previous = inner.by_partition.entry((ticket.topic.clone(), ticket.partition)).or_default().insert(ticket.offset, records);
+        inner.inputs += 1;
+        inner.bytes += bytes;
+        if let Some(old) = previous {
+            inner.forget(&BTreeMap::from([(ticket.offset, old)]));
+        }
         true
     }
 
@@ -64,26 +85,26 @@ impl TxnBuffer {
         let mut inner = self.inner.lock().expect("txn buffer");
         let mut out = Vec::new();
         for (key, pos) in positions {
-            if let Some(by_offset) = inner.get_mut(key) {
-                let rest = by_offset.split_off(pos);
-                for (_, records) in std::mem::replace(by_offset, rest) {
-                    out.extend(records);
-                }
-            }
+            let Some(by_offset) = inner.by_partition.get_mut(key) else { continue };
+            let rest = by_offset.split_off(pos);
+            let taken = std::mem::replace(by_offset, rest);
+            inner.forget(&taken);
+            out.extend(taken.into_values().flatten());
         }
         out
     }
 
     pub fn clear(&self, key: &PartitionKey) {
-        self.inner.lock().expect("txn buffer").remove(key);
+        let mut inner = self.inner.lock().expect("txn buffer");
+        if let Some(removed) = inner.by_partition.remove(key) {
+            inner.forget(&removed);
+        }
     }
 
     /// Buffered inputs and the bytes of their outputs.
     pub fn size(&self) -> (usize, usize) {
         let inner = self.inner.lock().expect("txn buffer");
-        let count = inner.values().map(BTreeMap::len).sum();
-        let bytes = inner.values().flat_map(BTreeMap::values).flatten().map(OutRecord::size).sum();
-        (count, bytes)
+        (inner.inputs, inner.bytes)
     }
 
     pub fn len(&self) -> usize {
