@@ -219,7 +219,9 @@ fn is_secret_property(key: &str) -> bool {
 
 /// `scheme://user:pass@host/...?query` → `scheme://***@host/...?***`; anything else unchanged.
 fn mask_url_credentials(text: &str) -> String {
-    let Ok(mut url) = url::Url::parse(text) else { return text.to_string() };
+    let Ok(mut url) = url::Url::parse(text) else {
+        return text.to_string();
+    };
     if url.cannot_be_a_base() || (url.username().is_empty() && url.password().is_none() && url.query().is_none()) {
         return text.to_string();
     }
@@ -284,9 +286,7 @@ impl Settings {
                 .source(Some(env_map)),
         );
         let raw = builder.build().context("reading configuration")?;
-        let settings: Settings = raw
-            .try_deserialize()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let settings: Settings = raw.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -345,7 +345,10 @@ impl Settings {
             self.pipeline.max_in_flight >= self.batch.max_batch,
             format!("pipeline.max_in_flight ({}) must be >= batch.max_batch ({})", self.pipeline.max_in_flight, self.batch.max_batch),
         );
-        check(self.pipeline.max_in_flight_bytes >= 1 << 20, format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes));
+        check(
+            self.pipeline.max_in_flight_bytes >= 1 << 20,
+            format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes),
+        );
         check(self.pipeline.stuck_after_ms >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", self.pipeline.stuck_after_ms));
         check(
             (1000..=3_600_000).contains(&self.pipeline.shutdown_timeout_ms),
@@ -407,6 +410,23 @@ impl Settings {
             *url = mask_url_credentials(url);
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+
+    /// A copy with some keys replaced (`("kafka.brokers", "host:9092".into())`), validated like a
+    /// loaded file: how the tools that embed the operator (demo, bench) adapt it, so no caller
+    /// edits fields behind validation's back.
+    pub fn with_overrides(&self, overrides: &[(&str, serde_json::Value)]) -> Result<Self> {
+        let mut tree = serde_json::to_value(self).context("serialising settings")?;
+        for (key, value) in overrides {
+            let mut node = &mut tree;
+            for part in key.split('.') {
+                node = node.get_mut(part).with_context(|| format!("unknown setting {key}"))?;
+            }
+            *node = value.clone();
+        }
+        let settings: Settings = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("invalid override: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
     }
 
     /// Stable identity of this instance, used for the transactional id.

@@ -46,7 +46,8 @@ pub fn list(paths: &[PathBuf], split: Split) -> Result<Vec<ImageFile>> {
             if is_class_dir(root) {
                 list_class(root, split, &mut out);
             } else {
-                let mut classes: Vec<PathBuf> = std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir() && is_class_dir(p)).collect();
+                let mut classes: Vec<PathBuf> =
+                    std::fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir() && is_class_dir(p)).collect();
                 classes.sort();
                 if classes.is_empty() {
                     let class = root.file_name().and_then(|n| n.to_str()).map(str::to_string);
@@ -160,7 +161,9 @@ mod tests {
     #[test]
     fn mvtec_layout_gives_class_label_and_id() {
         let dir = tempfile::tempdir().unwrap();
-        for p in ["bottle/test/good/000.png", "bottle/test/broken large/001.png", "bottle/train/good/002.png", "tile/test/crack/a.jpg", "tile/test/crack/notes.txt"] {
+        for p in
+            ["bottle/test/good/000.png", "bottle/test/broken large/001.png", "bottle/train/good/002.png", "tile/test/crack/a.jpg", "tile/test/crack/notes.txt"]
+        {
             let path = dir.path().join(p);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, b"x").unwrap();
@@ -215,5 +218,18 @@ mod tests {
         assert_eq!(files[3].image_id, "cam3-03");
         let s = sample_per_class(files, 5);
         assert_eq!(s.iter().map(|f| f.image_id.as_str()).collect::<Vec<_>>(), vec!["cam3-00", "cam3-02", "cam3-04", "cam3-06", "cam3-08"]);
+    }
+}
+
+/// The MIME type of an image file, from its extension.
+pub fn content_type(path: &std::path::Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("bmp") => "image/bmp",
+        Some("tif" | "tiff") => "image/tiff",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
     }
 }

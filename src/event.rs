@@ -179,6 +179,15 @@ fn parse_envelope(value: &[u8]) -> Result<ImageEvent, Rejection> {
     Ok(ImageEvent { image_id, class: env.class, image, content_type: env.content_type, captured_at: env.captured_at, attributes })
 }
 
+/// Headers of a raw input event (the image bytes are the record value): its id and class.
+pub fn raw_event_headers(image_id: &str, class: Option<&str>) -> Vec<(String, Vec<u8>)> {
+    let mut headers = vec![(HEADER_IMAGE_ID.to_string(), image_id.as_bytes().to_vec())];
+    if let Some(c) = class {
+        headers.push((HEADER_CLASS.to_string(), c.as_bytes().to_vec()));
+    }
+    headers
+}
+
 /// Builds a JSON envelope (used by `produce` and the tests).
 pub fn envelope_json(image_id: &str, class: Option<&str>, bytes: &[u8], content_type: &str) -> Vec<u8> {
     let mut v = serde_json::json!({
@@ -244,11 +253,7 @@ pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &S
 
 /// Keeps a copy of just the W3C trace headers, to continue the trace on outputs.
 pub fn trace_headers(headers: &Headers) -> BTreeMap<String, String> {
-    headers
-        .iter()
-        .filter(|(k, _)| k == "traceparent" || k == "tracestate")
-        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?)))
-        .collect()
+    headers.iter().filter(|(k, _)| k == "traceparent" || k == "tracestate").filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))).collect()
 }
 
 #[cfg(test)]

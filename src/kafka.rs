@@ -40,10 +40,13 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", match k.auto_offset_reset {
-            OffsetReset::Earliest => "earliest",
-            OffsetReset::Latest => "latest",
-        })
+        .set(
+            "auto.offset.reset",
+            match k.auto_offset_reset {
+                OffsetReset::Earliest => "earliest",
+                OffsetReset::Latest => "latest",
+            },
+        )
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         // Skip records of aborted upstream transactions.
         .set("isolation.level", "read_committed")
@@ -65,11 +68,7 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
 pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientConfig {
     let k = &s.kafka;
     let mut c = base_config(k);
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.max.bytes", "20971520")
-        .set("message.timeout.ms", "120000");
+    c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("message.max.bytes", "20971520").set("message.timeout.ms", "120000");
     if let Some(id) = transactional_id {
         // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
         let txn = s.delivery.transaction_timeout_ms;

@@ -114,7 +114,11 @@ impl Metrics {
             r.register("batched_images", "Images run through the model (batched_images / batches = average batch size)", m.batched_images.clone());
             r.register("queue_depth", "Decoded images waiting for a batch", m.queue_depth.clone());
             r.register("in_flight", "Consumed events not yet committed (back-pressure pauses at pipeline.max_in_flight)", m.in_flight.clone());
-            r.register("in_flight_bytes", "Payload bytes of consumed events not yet committed (pauses at pipeline.max_in_flight_bytes)", m.in_flight_bytes.clone());
+            r.register(
+                "in_flight_bytes",
+                "Payload bytes of consumed events not yet committed (pauses at pipeline.max_in_flight_bytes)",
+                m.in_flight_bytes.clone(),
+            );
             r.register("publish_retries", "Output records re-sent after a transient broker error, by topic and error", m.publish_retries.clone());
             r.register("inference_seconds", "Model run time per batch", m.inference_seconds.clone());
             r.register("end_to_end_seconds", "From consume to all outputs acknowledged", m.end_to_end_seconds.clone());
@@ -274,11 +278,8 @@ pub fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::tr
     } else {
         use opentelemetry::trace::TracerProvider as _;
         use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(&settings.otlp_endpoint)
-            .build()
-            .context("building the OTLP exporter")?;
+        let exporter =
+            opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(&settings.otlp_endpoint).build().context("building the OTLP exporter")?;
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
         let tracer = provider.tracer("dcam-stream");

@@ -27,4 +27,4 @@ fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-pub use crate::heatmap::encode_png;
+pub use crate::inference::heatmap::encode_png;

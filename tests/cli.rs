@@ -63,7 +63,11 @@ fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
     sorted.sort();
     assert_eq!(ids, sorted, "file order");
     let anomalies = lines.iter().filter(|l| l["is_anomaly"] == true).count();
-    assert!(text(&out.stderr).contains(&format!("replayed {} records ({} scored, {anomalies} anomalies, 0 dead letters)", files.len(), files.len())), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(&format!("replayed {} records ({} scored, {anomalies} anomalies, 0 dead letters)", files.len(), files.len())),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// The README's first command, with its defaults: 24 images per class, half of them ~0.5 MB
@@ -92,7 +96,8 @@ fn score_gives_each_file_its_own_id_and_the_class_its_path_names() {
     std::fs::copy(&bottle, &copy).unwrap();
     let heat = tmp.path().join("heat");
     let args = ["score", "--heatmaps", &heat.display().to_string(), &bottle.display().to_string(), &tile.display().to_string(), &copy.display().to_string()];
-    let out = Command::new(env!("CARGO_BIN_EXE_dcam-stream")).args(args).env("DCAM__MODEL__PATH", model_path()).env("DCAM__HEATMAP__POLICY", "all").output().unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_dcam-stream")).args(args).env("DCAM__MODEL__PATH", model_path()).env("DCAM__HEATMAP__POLICY", "all").output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let ids: std::collections::HashSet<&str> = lines.iter().map(|l| l["image_id"].as_str().unwrap()).collect();

@@ -198,10 +198,12 @@ fn replay_scores_exactly_the_time_window_and_leaves_the_live_group_alone() {
     let again = read_topic(&broker.brokers, &out, 21, Duration::from_secs(10));
     assert_eq!(again.len(), 20);
     let by_id = |rs: &[Record]| -> HashMap<String, (f64, String)> {
-        rs.iter().map(|r| {
-            let v = r.json();
-            (v["image_id"].as_str().unwrap().to_string(), (v["raw_score"].as_f64().unwrap(), v["heatmap_uri"].as_str().unwrap().to_string()))
-        }).collect()
+        rs.iter()
+            .map(|r| {
+                let v = r.json();
+                (v["image_id"].as_str().unwrap().to_string(), (v["raw_score"].as_f64().unwrap(), v["heatmap_uri"].as_str().unwrap().to_string()))
+            })
+            .collect()
     };
     // Same ids, same heatmap keys, same scores (to float noise: batches may be composed differently).
     let (first, second) = (by_id(&again[..10]), by_id(&again[10..]));

@@ -205,11 +205,8 @@ fn replay_of_a_transactional_topic_ends() {
     let _serial = serial();
     let s = Scenario::start(2);
     let (records, ids) = small_image_records(6, "t");
-    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &s.broker.brokers)
-        .set("transactional.id", unique("camera"))
-        .create()
-        .unwrap();
+    let producer: rdkafka::producer::BaseProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &s.broker.brokers).set("transactional.id", unique("camera")).create().unwrap();
     use rdkafka::producer::Producer;
     producer.init_transactions(Duration::from_secs(30)).unwrap();
     producer.begin_transaction().unwrap();

@@ -6,8 +6,8 @@
 use std::sync::OnceLock;
 
 use dcam_stream::config::DecodeSettings;
-use dcam_stream::decode::Decoder;
 use dcam_stream::event::{parse_event, ErrorKind, SourceRef};
+use dcam_stream::inference::decode::Decoder;
 use proptest::prelude::*;
 
 fn source() -> SourceRef {
@@ -56,9 +56,21 @@ fn envelope() -> impl Strategy<Value = Vec<u8>> {
         Just(serde_json::Value::from("s3://")),
     ];
     let value = leaf.prop_recursive(3, 16, 4, |inner| {
-        prop_oneof![prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from), prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4).prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))]
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4).prop_map(|m| serde_json::Value::Object(m.into_iter().collect()))
+        ]
     });
-    let key = prop_oneof![Just("image_id"), Just("class"), Just("image"), Just("image_uri"), Just("content_type"), Just("attributes"), Just("captured_at"), Just("other")];
+    let key = prop_oneof![
+        Just("image_id"),
+        Just("class"),
+        Just("image"),
+        Just("image_uri"),
+        Just("content_type"),
+        Just("attributes"),
+        Just("captured_at"),
+        Just("other")
+    ];
     prop::collection::vec((key, value), 0..7).prop_map(|pairs| {
         let map: serde_json::Map<String, serde_json::Value> = pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         serde_json::to_vec(&serde_json::Value::Object(map)).unwrap()

@@ -30,8 +30,8 @@ fn scores_every_image_with_the_documented_schema_and_heatmaps() {
     let mut records = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let bytes = std::fs::read(&f.path).unwrap();
-        let (value, headers) = dcam_stream::produce::encode(f, &bytes, i % 2 == 0);
-        records.push((Some(f.image_id.clone().into_bytes()), value, headers));
+        let r = dcam_stream::cli::produce::event_record(&input, f, bytes, i % 2 == 0);
+        records.push((r.key, r.payload.unwrap(), r.headers));
     }
     let positions = publish(&broker.producer(), &input, &records);
     let expected: HashMap<String, (i32, i64, Option<String>)> =
@@ -161,8 +161,24 @@ fn malformed_inputs_go_to_the_dead_letter_topic_and_valid_ones_are_still_scored(
         ("random", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect(), "unsupported_format"),
         ("truncated-png", png_truncated, "decode"),
         ("png-bomb", dcam_stream::testing::png_header_claiming(100_000, 100_000), "too_large"),
-        ("over-limit", { let mut v = b"\x89PNG\r\n\x1a\n".to_vec(); v.resize(max_bytes + 10, 0); v }, "too_large"),
-        ("ico", { let mut v = vec![0u8, 0, 1, 0, 1, 0, 16, 16]; v.resize(300, 7); v }, "unsupported_format"),
+        (
+            "over-limit",
+            {
+                let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+                v.resize(max_bytes + 10, 0);
+                v
+            },
+            "too_large",
+        ),
+        (
+            "ico",
+            {
+                let mut v = vec![0u8, 0, 1, 0, 1, 0, 16, 16];
+                v.resize(300, 7);
+                v
+            },
+            "unsupported_format",
+        ),
         ("missing-uri", json(serde_json::json!({"image_id": "x2", "image_uri": format!("file://{}", claims.join("missing.png").display())})), "fetch"),
         ("both-image-and-uri", json(serde_json::json!({"image_id": "x3", "image": b64(&good_png), "image_uri": "file:///x"})), "schema"),
         ("no-image", json(serde_json::json!({"image_id": "x4"})), "schema"),
@@ -249,9 +265,7 @@ fn sigterm_mid_stream_then_restart_loses_nothing() {
 
     let mut second = cfg.spawn("second");
     second.wait_ready(READY);
-    let all = read_topic_until(&broker.brokers, &scores, READ, |got| {
-        got.iter().map(|r| r.key.clone()).collect::<HashSet<_>>().len() >= ids.len()
-    });
+    let all = read_topic_until(&broker.brokers, &scores, READ, |got| got.iter().map(|r| r.key.clone()).collect::<HashSet<_>>().len() >= ids.len());
     let scored: HashSet<String> = all.iter().map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap()).collect();
     let missing: Vec<_> = ids.iter().filter(|id| !scored.contains(*id)).collect();
     assert!(missing.is_empty(), "lost {} inputs: {missing:?}\nsecond instance log:\n{}", missing.len(), second.log_text());
@@ -277,9 +291,7 @@ fn two_instances_in_one_group_share_the_partitions() {
     std::thread::sleep(Duration::from_secs(8)); // let the group settle on both members
     let (records, ids) = image_records(80, "pair");
     publish(&broker.producer(), &input, &records);
-    let all = read_topic_until(&broker.brokers, &scores, READ, |got| {
-        got.iter().map(|r| r.key.clone()).collect::<HashSet<_>>().len() >= ids.len()
-    });
+    let all = read_topic_until(&broker.brokers, &scores, READ, |got| got.iter().map(|r| r.key.clone()).collect::<HashSet<_>>().len() >= ids.len());
     let scored: HashSet<String> = all.iter().map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap()).collect();
     assert_eq!(scored.len(), ids.len(), "every input scored");
     let count = |op: &OperatorProcess| -> f64 {

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dcam_stream::config::Settings;
+use dcam_stream::delivery::record::OutRecord;
+use dcam_stream::delivery::transaction::Transactions;
 use dcam_stream::delivery::OffsetTracker;
 use dcam_stream::kafka;
-use dcam_stream::record::OutRecord;
-use dcam_stream::source::{self, CommitOutcome, SourceContext};
+use dcam_stream::stream::source::{self, CommitOutcome, SourceContext};
 use dcam_stream::telemetry::Metrics;
-use dcam_stream::transaction::Transactions;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -96,8 +96,9 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let metrics = Metrics::new();
     let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
     let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics.clone(), Duration::from_secs(10)).unwrap());
-    let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default())).unwrap();
+    let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&s, "g")
+        .create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default()))
+        .unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // First pass: every output buffered, then the transaction's produce fails (abortable).
@@ -149,8 +150,9 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
     let metrics = Metrics::new();
     let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
     let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics, Duration::from_secs(10)).unwrap());
-    let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default())).unwrap();
+    let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&s, "g")
+        .create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default()))
+        .unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // Publish until the member (positioned at the end when it joined) reads something.
@@ -187,7 +189,7 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
 #[test]
 fn outputs_of_a_rewound_generation_are_not_buffered() {
     let tracker = Arc::new(OffsetTracker::new());
-    let buffer = dcam_stream::transaction::TxnBuffer::new(tracker.clone());
+    let buffer = dcam_stream::delivery::transaction::TxnBuffer::new(tracker.clone());
     let ticket = tracker.register("in", 0, 7, 100);
     let out = || vec![OutRecord { topic: "out".into(), key: None, payload: Some(b"scored 7".to_vec()), headers: vec![] }];
     tracker.assign("in", 0); // the rewind

@@ -1,6 +1,6 @@
 //! Heatmaps: the raw anomaly map, normalised like the score, colour-mapped to a PNG.
 
-use crate::model::{normalise, Calibration};
+use crate::inference::model::{normalise, Calibration};
 
 /// Jet colour map: 0 → blue, 0.5 → green/yellow, 1 → red.
 fn jet(x: f32) -> [u8; 3] {

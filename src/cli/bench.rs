@@ -9,22 +9,35 @@ use anyhow::{bail, Result};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 
-use crate::config::{HeatmapPolicy, Settings};
+use crate::cli::produce::{self, WireFormat};
+use crate::config::Settings;
 use crate::dataset::{self, Split};
-use crate::decode::Decoder;
-use crate::engine::Engine;
 use crate::event::ScoreRecord;
-use crate::operator::RunningOperator;
-use crate::produce::{self, WireFormat};
+use crate::inference::decode::Decoder;
+use crate::inference::engine::Engine;
+use crate::kafka;
+use crate::stream::operator::RunningOperator;
 
-pub struct BenchOptions {
-    pub dataset: std::path::PathBuf,
-    pub images: usize,
-    pub batches: Vec<usize>,
+#[derive(clap::Args)]
+pub(super) struct Args {
+    #[arg(long, default_value = "../shared/datasets")]
+    dataset: std::path::PathBuf,
+    #[arg(long, default_value_t = 192)]
+    images: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batches: Vec<usize>,
     /// A broker process to measure through (scripts/bench.sh starts one). Without it, librdkafka's
     /// in-process MockCluster is used; it keeps only a few MB per partition, so only small images
     /// (the magnetic_tile class) are published then.
-    pub brokers: Option<String>,
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
+    let images = args.images;
+    let (rows, provider) = measure(settings, args).await?;
+    print_table(&rows, provider, images);
+    Ok(())
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +96,7 @@ fn raw_throughput(engine: &Engine, inputs: &[Vec<u8>], batch: usize, total: usiz
 }
 
 /// Returns the rows and the execution provider actually used.
-pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'static str)> {
+async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static str)> {
     let files = dataset::sample_per_class(dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)?, opts.images.div_ceil(2));
     let files: Vec<_> = files.into_iter().filter(|f| opts.brokers.is_some() || f.class.as_deref() == Some("magnetic_tile")).collect();
     if files.is_empty() {
@@ -95,14 +108,16 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
     let model = std::path::PathBuf::from(&settings.model.path);
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model, &engine_settings)).await??);
     let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
-    let inputs: Vec<Vec<u8>> = files.iter().map(|f| decoder.decode_bytes(&std::fs::read(&f.path)?).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
+    let inputs: Vec<Vec<u8>> =
+        files.iter().map(|f| decoder.decode_bytes(&std::fs::read(&f.path)?).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
 
     let cluster = match &opts.brokers {
         Some(_) => None,
         None => Some(MockCluster::new(1)?),
     };
     let brokers = opts.brokers.clone().unwrap_or_else(|| cluster.as_ref().expect("mock").bootstrap_servers());
-    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("message.max.bytes", "20971520").create()?;
+    let base = settings.with_overrides(&[("kafka.brokers", brokers.as_str().into())])?;
+    let producer: FutureProducer = kafka::producer_config(&base, None).create()?;
     let mut rows = Vec::new();
     for &batch in &opts.batches {
         let e = engine.clone();
@@ -119,24 +134,25 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
                 c.create_topic(&input, 1, 1)?;
                 c.create_topic(&scores, 1, 1)?;
             }
-            None => create_topics(&brokers, &[&input, &scores]).await?,
+            None => create_topics(&base, &[&input, &scores]).await?,
         }
         produce::publish(&producer, &input, &files, WireFormat::Raw).await?;
-        let mut s = settings.clone();
-        s.kafka.brokers = brokers.clone();
-        s.kafka.input_topics = vec![input.clone()];
-        s.kafka.group_id = format!("bench-{run_id}");
-        s.kafka.session_timeout_ms = s.kafka.session_timeout_ms.max(6000);
-        s.topics.scores = scores.clone();
-        s.topics.dead_letter = format!("{scores}.dlq");
-        s.batch.max_batch = batch;
-        s.batch.queue_capacity = s.batch.queue_capacity.max(batch * 4);
-        s.pipeline.max_in_flight = s.pipeline.max_in_flight.max(batch * 8);
-        s.heatmap.policy = HeatmapPolicy::None;
-        s.telemetry.http_addr = "127.0.0.1:0".into();
+        let s = base.with_overrides(&[
+            ("kafka.input_topics", serde_json::json!([input])),
+            ("kafka.group_id", format!("bench-{run_id}").into()),
+            ("kafka.session_timeout_ms", base.kafka.session_timeout_ms.max(6000).into()),
+            ("topics.scores", scores.as_str().into()),
+            ("topics.dead_letter", format!("{scores}.dlq").into()),
+            ("batch.max_batch", batch.into()),
+            ("batch.queue_capacity", base.batch.queue_capacity.max(batch * 4).into()),
+            ("pipeline.max_in_flight", base.pipeline.max_in_flight.max(batch * 8).into()),
+            ("heatmap.policy", "none".into()),
+            ("telemetry.http_addr", "127.0.0.1:0".into()),
+        ])?;
         let started_ms = chrono::Utc::now().timestamp_millis() as f64;
         let op = RunningOperator::start(s, Some(engine.clone())).await?;
-        let records = crate::score_reader::ScoreReader::start(rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).clone(), &scores, files.len())?.finish(Duration::from_secs(600)).await?;
+        let records =
+            crate::cli::score_reader::ScoreReader::start(kafka::base_config(&base.kafka), &scores, files.len())?.finish(Duration::from_secs(600)).await?;
         op.stop().await?;
         let (first_ms, last_ms) = scoring_window_ms(&records).ok_or_else(|| anyhow::anyhow!("no scores to time"))?;
         let mut lat: Vec<f64> = records.iter().map(|r| r.latency_ms.total).collect();
@@ -157,9 +173,9 @@ pub async fn run(settings: Settings, opts: BenchOptions) -> Result<(Vec<Row>, &'
 }
 
 /// Creates topics up front, so readers never wait for a metadata refresh to find them.
-async fn create_topics(brokers: &str, names: &[&str]) -> Result<()> {
+async fn create_topics(settings: &Settings, names: &[&str]) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::base_config(&settings.kafka).create()?;
     let topics: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
     for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
         if let Err((t, e)) = r {
@@ -171,7 +187,7 @@ async fn create_topics(brokers: &str, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn print_table(rows: &[Row], provider: &str, images: usize) {
+fn print_table(rows: &[Row], provider: &str, images: usize) {
     println!("dcam-stream bench: {images} images per run, provider {provider}");
     println!("(a) raw = ONNX Runtime session alone, pre-decoded input, latency per batch");
     println!("(b) e2e = operator through the broker: consume, decode, batch, infer, publish, commit; latency per image;");
@@ -181,7 +197,15 @@ pub fn print_table(rows: &[Row], provider: &str, images: usize) {
     for r in rows {
         println!(
             "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} |",
-            r.batch, r.raw_ips, r.raw_p50_ms, r.raw_p99_ms, r.e2e_ips, r.e2e_p50_ms, r.e2e_p99_ms, r.startup_s, r.e2e_ips / r.raw_ips
+            r.batch,
+            r.raw_ips,
+            r.raw_p50_ms,
+            r.raw_p99_ms,
+            r.e2e_ips,
+            r.e2e_p50_ms,
+            r.e2e_p99_ms,
+            r.startup_s,
+            r.e2e_ips / r.raw_ips
         );
     }
 }

@@ -10,10 +10,10 @@ use anyhow::Result;
 use crate::config::Settings;
 use crate::dataset::ImageFile;
 use crate::delivery::Ticket;
-use crate::engine::Engine;
-use crate::heatmap;
-use crate::model::Scorer;
-use crate::pipeline::{Job, Outcome, Pipeline};
+use crate::inference::engine::Engine;
+use crate::inference::heatmap;
+use crate::inference::model::Scorer;
+use crate::stream::pipeline::{Job, Outcome, Pipeline};
 use crate::telemetry::Metrics;
 
 /// One line of `score` output.
@@ -34,7 +34,13 @@ pub struct FileScore {
 
 /// Scores `files` in order; `on_result` sees each result in file order as soon as it and all
 /// before it are done. Heatmaps (per `settings.heatmap.policy`) go under `heatmap_dir`.
-pub fn score_files(settings: &Settings, engine: Arc<Engine>, files: &[ImageFile], heatmap_dir: Option<&Path>, mut on_result: impl FnMut(&FileScore)) -> Result<Vec<FileScore>> {
+pub fn score_files(
+    settings: &Settings,
+    engine: Arc<Engine>,
+    files: &[ImageFile],
+    heatmap_dir: Option<&Path>,
+    mut on_result: impl FnMut(&FileScore),
+) -> Result<Vec<FileScore>> {
     let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
     let pipeline = Pipeline::start(engine.clone(), &settings, Metrics::new(), Arc::new(tx));
@@ -44,11 +50,12 @@ pub fn score_files(settings: &Settings, engine: Arc<Engine>, files: &[ImageFile]
         for (i, f) in feeder_files.iter().enumerate() {
             // A read error becomes an empty payload, so it comes back as a rejection in order.
             let bytes = std::fs::read(&f.path).unwrap_or_default();
-            let (value, headers) = crate::produce::encode(f, &bytes, false);
+            // The raw event form: the file's bytes as they are, id and class in headers.
+            let headers = crate::event::raw_event_headers(&f.image_id, f.class.as_deref());
             let job = Job {
                 ticket: Ticket { topic: "file".into(), partition: 0, offset: i as i64, generation: 0 },
                 key: None,
-                value: Some(value),
+                value: Some(bytes),
                 headers,
                 timestamp: None,
                 consumed_at: Instant::now(),

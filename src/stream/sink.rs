@@ -9,15 +9,15 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 
 use crate::config::{HeatmapPolicy, Settings};
+pub use crate::delivery::record::OutRecord;
+use crate::delivery::record::{is_permanent, TOO_LARGE_OUTPUT};
+use crate::delivery::Fatal;
 use crate::delivery::OffsetTracker;
 use crate::event::{dead_letter_headers, Latency, ModelRef, Rejection, ScoreRecord};
-use crate::heatmap;
-use crate::model::Scorer;
-use crate::pipeline::{Job, Outcome, OutcomeSink, Scored};
+use crate::inference::heatmap;
+use crate::inference::model::Scorer;
 use crate::store::BlobStore;
-use crate::delivery::Fatal;
-pub use crate::record::OutRecord;
-use crate::record::{is_permanent, TOO_LARGE_OUTPUT};
+use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::telemetry::{KindLabels, Metrics, PublishRetryLabels};
 
 /// The at-least-once producer. librdkafka declares an idempotent producer dead on a fatal error
@@ -66,7 +66,7 @@ pub enum Publisher {
     /// Publish now, retrying until acknowledged.
     Direct(Arc<DirectProducer>),
     /// Buffer for the next transaction.
-    Transactional(Arc<crate::transaction::TxnBuffer>),
+    Transactional(Arc<crate::delivery::transaction::TxnBuffer>),
 }
 
 /// What the sink needs to build records.
@@ -175,7 +175,12 @@ impl Inner {
         self.metrics.dead_letters.get_or_create(&crate::telemetry::KindLabels { kind: rejection.kind.as_str().into() }).inc();
         self.metrics.count_image("dead_letter", crate::event::header_str(&job.headers, crate::event::HEADER_CLASS));
         let source = job.source();
-        OutRecord { topic: self.settings.dead_letter_topic.clone(), key: job.key, payload: job.value, headers: dead_letter_headers(&job.headers, rejection, &source) }
+        OutRecord {
+            topic: self.settings.dead_letter_topic.clone(),
+            key: job.key,
+            payload: job.value,
+            headers: dead_letter_headers(&job.headers, rejection, &source),
+        }
     }
 
     async fn score_records(&self, scored: Scored, span: &tracing::Span) -> Vec<OutRecord> {
@@ -222,7 +227,8 @@ impl Inner {
         };
         self.metrics.count_image(if verdict.is_anomaly { "anomaly" } else { "normal" }, class);
         let payload = serde_json::to_vec(&record).expect("score record serialises");
-        let mut headers: Vec<(String, Vec<u8>)> = crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
+        let mut headers: Vec<(String, Vec<u8>)> =
+            crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
         headers.push(("dcam-source".into(), format!("{}/{}/{}", job.ticket.topic, job.ticket.partition, job.ticket.offset).into_bytes()));
         let score = OutRecord { topic: self.settings.scores_topic.clone(), key: Some(event.image_id.clone().into_bytes()), payload: Some(payload), headers };
         let mut out = vec![score.clone()];
@@ -257,7 +263,9 @@ impl Inner {
     /// topic), publishes a small dead letter in its place. Err only when that fails too: then
     /// the instance must stop (docs/DESIGN.md §4).
     async fn publish_or_dead_letter(&self, producer: &DirectProducer, record: &OutRecord) -> Result<(), String> {
-        let Err(refused) = publish_until_acked(producer, record, &self.metrics).await else { return Ok(()) };
+        let Err(refused) = publish_until_acked(producer, record, &self.metrics).await else {
+            return Ok(());
+        };
         let stand_in = record.stand_in(&refused, &self.settings.dead_letter_topic);
         tracing::error!(topic = %record.topic, bytes = record.size(), error = %refused, "the broker refused an output for good; publishing a truncated dead letter instead");
         self.metrics.dead_letters.get_or_create(&KindLabels { kind: TOO_LARGE_OUTPUT.into() }).inc();

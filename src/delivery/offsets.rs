@@ -141,7 +141,9 @@ impl OffsetTracker {
         if state.generation != ticket.generation {
             return false;
         }
-        let Some(done) = state.pending.remove(&ticket.offset) else { return false };
+        let Some(done) = state.pending.remove(&ticket.offset) else {
+            return false;
+        };
         inner.in_flight -= 1;
         inner.in_flight_bytes -= done.bytes;
         self.changed.notify_all();
@@ -200,12 +202,8 @@ impl OffsetTracker {
     /// Current committable positions of the given partitions (or all), without marking them.
     pub fn positions(&self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
         let inner = self.inner.lock().expect("tracker");
-        let mut out: Vec<_> = inner
-            .partitions
-            .iter()
-            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
-            .filter_map(|(k, s)| s.position().map(|p| (k.clone(), p)))
-            .collect();
+        let mut out: Vec<_> =
+            inner.partitions.iter().filter(|(k, _)| only.is_none_or(|o| o.contains(k))).filter_map(|(k, s)| s.position().map(|p| (k.clone(), p))).collect();
         out.sort();
         out
     }

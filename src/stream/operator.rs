@@ -1,7 +1,6 @@
 //! The operator: wires source → pipeline → sink with telemetry, and shuts down in order.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,25 +10,17 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, Producer};
 
 use crate::config::{DeliveryMode, HeatmapPolicy, Settings};
+use crate::delivery::transaction::Transactions;
 use crate::delivery::{Fatal, OffsetTracker};
-use crate::engine::Engine;
 use crate::event::ModelRef;
+use crate::inference::engine::Engine;
+use crate::inference::model::Scorer;
 use crate::kafka;
-use crate::model::Scorer;
-use crate::pipeline::Pipeline;
-use crate::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
-use crate::source::{self, SourceContext, SourceOptions};
 use crate::store::BlobStore;
+use crate::stream::pipeline::Pipeline;
+use crate::stream::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
+use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
-use crate::transaction::Transactions;
-
-/// Loads the model named in the settings and warms it up (blocking; call off the executor).
-pub fn load_engine(settings: &Settings) -> Result<Arc<Engine>> {
-    let engine = Engine::load(Path::new(&settings.model.path), &settings.engine)?;
-    engine.warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches)?;
-    tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
-    Ok(Arc::new(engine))
-}
 
 pub struct RunningOperator {
     shutdown: Arc<AtomicBool>,
@@ -66,7 +57,7 @@ impl RunningOperator {
             Some(e) => e,
             None => {
                 let s = settings.clone();
-                tokio::task::spawn_blocking(move || load_engine(&s)).await??
+                tokio::task::spawn_blocking(move || crate::inference::engine::load_configured(&s)).await??
             }
         };
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
@@ -113,8 +104,10 @@ impl RunningOperator {
         // The lag reporter uses a client of its own, outside the group.
         let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
         let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
-            .create_with_context(SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms), fatal)
-                .with_shutdown_timeout(Duration::from_millis(settings.pipeline.shutdown_timeout_ms)))
+            .create_with_context(
+                SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms), fatal)
+                    .with_shutdown_timeout(Duration::from_millis(settings.pipeline.shutdown_timeout_ms)),
+            )
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
@@ -145,6 +138,11 @@ impl RunningOperator {
         );
         tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running");
         Ok(Self { shutdown, source: Some(source), lag: Some(lag), pipeline: Some(pipeline), producer, http, http_addr, metrics, health, engine, heatmap_store })
+    }
+
+    /// The flag that asks the operator to stop (for signal handlers and watchdogs).
+    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
     }
 
     /// Asks the operator to stop; `wait` then drains and commits.
@@ -197,45 +195,4 @@ impl Producers {
             Self::Transactional(p) => p.flush(timeout),
         };
     }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
-}
-
-/// `dcam-stream run`: runs until SIGTERM/SIGINT or a fatal error.
-pub async fn run(settings: Settings) -> Result<()> {
-    let shutdown_timeout = Duration::from_millis(settings.pipeline.shutdown_timeout_ms);
-    let op = RunningOperator::start(settings, None).await?;
-    let stop = op.shutdown.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop.store(true, Ordering::SeqCst);
-    });
-    spawn_shutdown_watchdog(op.shutdown.clone(), shutdown_timeout);
-    op.wait().await
-}
-
-/// Once a stop is requested, the process exits within `timeout` whatever is stuck (a broker
-/// that is gone, a dependency that hangs): the orchestrator's grace period is not waited out
-/// into a SIGKILL, and what was not committed is read again after the restart.
-fn spawn_shutdown_watchdog(stop: Arc<AtomicBool>, timeout: Duration) {
-    std::thread::Builder::new()
-        .name("shutdown-watchdog".into())
-        .spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            std::thread::sleep(timeout);
-            tracing::error!(?timeout, "shutdown did not finish within pipeline.shutdown_timeout_ms; exiting, uncommitted work is read again after restart");
-            eprintln!("error: shutdown did not finish within {timeout:?}; uncommitted work is read again after restart");
-            std::process::exit(2);
-        })
-        .expect("spawn the shutdown watchdog");
 }

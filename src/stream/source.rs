@@ -12,10 +12,10 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use crate::delivery::transaction::{Transactions, TxnError};
 use crate::delivery::{Fatal, OffsetTracker, PartitionKey};
-use crate::pipeline::Job;
+use crate::stream::pipeline::Job;
 use crate::telemetry::{Health, Metrics, PartitionLabels};
-use crate::transaction::{Transactions, TxnError};
 
 pub struct SourceContext {
     pub tracker: Arc<OffsetTracker>,
@@ -77,7 +77,9 @@ impl ClientContext for SourceContext {}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else { return };
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
         let keys = partition_keys(tpl);
         if keys.is_empty() {
             return;
@@ -88,7 +90,9 @@ impl ConsumerContext for SourceContext {
         }
         match self.commit(consumer, Some(&keys), CommitMode::Sync) {
             Ok(()) => {}
-            Err(TxnError::Aborted(e)) => tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores"),
+            Err(TxnError::Aborted(e)) => {
+                tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores")
+            }
             Err(TxnError::Fatal(e)) => self.fatal.set(format!("fatal transaction error during rebalance: {e}")),
         }
         for (topic, partition) in &keys {
@@ -125,10 +129,7 @@ pub struct SourceOptions {
 
 /// Turns a record into a job and registers its offset.
 pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job {
-    let headers = m
-        .headers()
-        .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())
-        .unwrap_or_default();
+    let headers = m.headers().map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()).unwrap_or_default();
     Job {
         ticket: tracker.register(m.topic(), m.partition(), m.offset(), m.payload_len()),
         key: m.key().map(<[u8]>::to_vec),
@@ -141,7 +142,14 @@ pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job
 
 /// The source loop; returns when `shutdown` is set (after draining and committing) or on a
 /// fatal error.
-pub fn run(consumer: &BaseConsumer<SourceContext>, submit: &Sender<Job>, opts: &SourceOptions, shutdown: &AtomicBool, metrics: &Metrics, health: &Health) -> Result<()> {
+pub fn run(
+    consumer: &BaseConsumer<SourceContext>,
+    submit: &Sender<Job>,
+    opts: &SourceOptions,
+    shutdown: &AtomicBool,
+    metrics: &Metrics,
+    health: &Health,
+) -> Result<()> {
     let ctx = consumer.context();
     let tracker = &ctx.tracker;
     let mut paused = false;
@@ -252,7 +260,9 @@ pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
 /// Resumes every assigned partition at the record after the last one taken in. Pausing drops
 /// librdkafka's prefetched records; seeking makes the restart point explicit.
 fn resume(consumer: &BaseConsumer<SourceContext>) {
-    let Ok(assignment) = consumer.assignment() else { return };
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
     if let Err(e) = consumer.resume(&assignment) {
         tracing::warn!(error = %e, "resume failed");
     }
@@ -265,7 +275,12 @@ fn resume(consumer: &BaseConsumer<SourceContext>) {
 
 /// Reports consumer lag (high watermark − committable position) every few seconds from its own
 /// thread and client, so the broker round trips never stall the source loop.
-pub fn spawn_lag_reporter(config: rdkafka::ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+pub fn spawn_lag_reporter(
+    config: rdkafka::ClientConfig,
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
     let client: BaseConsumer = config.create().map_err(|e| anyhow!("lag reporter client: {e}"))?;
     Ok(std::thread::Builder::new().name("lag".into()).spawn(move || {
         while !stop.load(Ordering::SeqCst) {

@@ -12,8 +12,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::delivery::record::{is_permanent, OutRecord};
 use crate::delivery::{OffsetTracker, PartitionKey, Ticket};
-use crate::record::{is_permanent, OutRecord};
 use crate::telemetry::{KindLabels, Metrics};
 
 /// Finished outputs per partition and offset, waiting for the next transaction.
@@ -85,7 +85,9 @@ impl TxnBuffer {
         let mut inner = self.inner.lock().expect("txn buffer");
         let mut out = Vec::new();
         for (key, pos) in positions {
-            let Some(by_offset) = inner.by_partition.get_mut(key) else { continue };
+            let Some(by_offset) = inner.by_partition.get_mut(key) else {
+                continue;
+            };
             let rest = by_offset.split_off(pos);
             let taken = std::mem::replace(by_offset, rest);
             inner.forget(&taken);
@@ -166,7 +168,12 @@ impl Transactions {
         }
     }
 
-    fn run_transaction<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, records: &[OutRecord], positions: &[(PartitionKey, i64)]) -> Result<(), TxnError> {
+    fn run_transaction<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        records: &[OutRecord],
+        positions: &[(PartitionKey, i64)],
+    ) -> Result<(), TxnError> {
         let classify = |stage: &str, e: KafkaError| -> TxnError {
             let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort()) || !is_fatal(&e);
             if abortable {
@@ -228,13 +235,19 @@ impl Transactions {
     fn note_refused(&self, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
         use futures::FutureExt;
         for (record, delivery) in deliveries {
-            let Some(Ok(Err((e, _)))) = delivery.now_or_never() else { continue };
+            let Some(Ok(Err((e, _)))) = delivery.now_or_never() else {
+                continue;
+            };
             if !is_permanent(&e) {
                 continue;
             }
             if record.is_stand_in() {
                 self.producer.abort_transaction(self.timeout).ok();
-                return Err(TxnError::Fatal(format!("the broker refused even the {} byte dead letter to {}: {e}; check its max.message.bytes and ACLs", record.size(), record.topic)));
+                return Err(TxnError::Fatal(format!(
+                    "the broker refused even the {} byte dead letter to {}: {e}; check its max.message.bytes and ACLs",
+                    record.size(),
+                    record.topic
+                )));
             }
             tracing::error!(topic = %record.topic, bytes = record.size(), error = %e, "the broker refused an output for good; its stand-in dead letter goes in the retry");
             self.buffer.refuse(record, e.to_string());

@@ -69,7 +69,8 @@ pub(crate) fn stand_in(record: &OutRecord, error: &dyn std::fmt::Display, dead_l
         }
     }
     let payload = record.payload.as_ref().map(|p| p[..p.len().min(STAND_IN_PAYLOAD_BYTES)].to_vec());
-    let message = format!("{} refused the {} byte record: {error}; payload truncated to {} bytes", record.topic, record.size(), payload.as_ref().map_or(0, Vec::len));
+    let message =
+        format!("{} refused the {} byte record: {error}; payload truncated to {} bytes", record.topic, record.size(), payload.as_ref().map_or(0, Vec::len));
     headers.push(("dcam-error-kind".into(), TOO_LARGE_OUTPUT.as_bytes().to_vec()));
     headers.push(("dcam-error".into(), message.into_bytes()));
     OutRecord { topic: dead_letter_topic.to_string(), key: record.key.clone(), payload, headers }
@@ -96,4 +97,3 @@ pub fn is_permanent(e: &KafkaError) -> bool {
         )
     )
 }
-

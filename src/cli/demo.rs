@@ -10,19 +10,29 @@ use anyhow::{bail, Context, Result};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 
+use crate::cli::produce::{self, WireFormat};
+use crate::cli::score_reader::ScoreReader;
 use crate::config::{HeatmapPolicy, Settings};
 use crate::dataset::{self, ImageFile, Split};
 use crate::event::ScoreRecord;
-use crate::operator::RunningOperator;
-use crate::produce::{self, WireFormat};
-use crate::score_reader::ScoreReader;
+use crate::kafka;
+use crate::stream::operator::RunningOperator;
 
-pub struct DemoOptions {
-    pub dataset: PathBuf,
-    pub per_class: usize,
-    pub heatmaps: Option<PathBuf>,
-    pub partitions: i32,
-    pub quiet: bool,
+#[derive(clap::Args)]
+pub(super) struct Args {
+    #[arg(long, default_value = "../shared/datasets")]
+    dataset: PathBuf,
+    /// Test images per class (spread over all labels).
+    #[arg(long, default_value_t = 24)]
+    per_class: usize,
+    /// Where heatmaps go (default: a temporary directory).
+    #[arg(long)]
+    heatmaps: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+    /// Print only the summary.
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// At most this many bytes of published-but-unscored events. librdkafka's MockCluster keeps only
@@ -39,7 +49,7 @@ fn window(files: &[ImageFile]) -> usize {
     (UNSCORED_BYTES / largest).clamp(1, 32) as usize
 }
 
-pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
+pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
     let files = dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)
         .with_context(|| format!("reading the demo dataset {} (use --dataset DIR)", opts.dataset.display()))?;
     if files.is_empty() {
@@ -54,15 +64,19 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
         cluster.create_topic(t, opts.partitions, 1)?;
     }
     let heatmaps = opts.heatmaps.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dcam-demo-heatmaps-{}", std::process::id())));
-    settings.kafka.brokers = brokers.clone();
-    settings.kafka.session_timeout_ms = settings.kafka.session_timeout_ms.max(6000);
-    settings.kafka.group_id = "dcam-demo".into();
-    settings.telemetry.http_addr = "127.0.0.1:0".into();
-    settings.heatmap.store = format!("file://{}", heatmaps.display());
-    settings.heatmap.overlay = true;
-    if settings.heatmap.policy == HeatmapPolicy::None {
-        settings.heatmap.policy = HeatmapPolicy::Anomalies;
-    }
+    let policy = match settings.heatmap.policy {
+        HeatmapPolicy::None => HeatmapPolicy::Anomalies,
+        p => p,
+    };
+    let settings = settings.with_overrides(&[
+        ("kafka.brokers", brokers.as_str().into()),
+        ("kafka.session_timeout_ms", settings.kafka.session_timeout_ms.max(6000).into()),
+        ("kafka.group_id", "dcam-demo".into()),
+        ("telemetry.http_addr", "127.0.0.1:0".into()),
+        ("heatmap.store", format!("file://{}", heatmaps.display()).into()),
+        ("heatmap.overlay", true.into()),
+        ("heatmap.policy", serde_json::to_value(policy)?),
+    ])?;
 
     println!("dcam-stream demo: in-process Kafka at {brokers}, {} images from {}", files.len(), opts.dataset.display());
     let op = RunningOperator::start(settings.clone(), None).await?;
@@ -75,8 +89,8 @@ pub async fn run(mut settings: Settings, opts: DemoOptions) -> Result<()> {
         op.engine.provider,
         op.http_addr
     );
-    let producer: FutureProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("message.max.bytes", "20971520").create()?;
-    let mut reader = ScoreReader::start(rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).clone(), &settings.topics.scores, files.len())?;
+    let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
+    let mut reader = ScoreReader::start(kafka::base_config(&settings.kafka), &settings.topics.scores, files.len())?;
     let started = Instant::now();
     // Flow control: publish the next event only while few enough are waiting to be scored.
     let window = window(&files);
@@ -100,7 +114,8 @@ fn report(files: &[ImageFile], records: &[ScoreRecord], elapsed: Duration, heatm
         for r in &rows {
             let truth = by_id.get(r.image_id.as_str()).and_then(|f| f.label.clone()).unwrap_or_default();
             let verdict = if r.is_anomaly { "ANOMALY" } else { "ok" };
-            let heat = r.heatmap_uri.as_deref().map_or("-".to_string(), |u| u.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"));
+            let heat =
+                r.heatmap_uri.as_deref().map_or("-".to_string(), |u| u.rsplit('/').take(2).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("/"));
             println!("{:<44} {:<14} {:<16} {:>6.3} {:>9}  {}", r.image_id, r.class.as_deref().unwrap_or("-"), truth, r.score, verdict, heat);
         }
     }

@@ -19,12 +19,12 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::{HeatmapPolicy, Settings};
 use crate::delivery::{Fatal, OffsetTracker};
 use crate::event::ModelRef;
+use crate::inference::model::Scorer;
 use crate::kafka;
-use crate::model::Scorer;
-use crate::pipeline::Pipeline;
-use crate::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
-use crate::source::job_from_message;
 use crate::store::BlobStore;
+use crate::stream::pipeline::Pipeline;
+use crate::stream::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
+use crate::stream::source::job_from_message;
 use crate::telemetry::Metrics;
 
 pub struct ReplayRequest {
@@ -121,13 +121,14 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     let started = Instant::now();
     let engine = {
         let s = settings.clone();
-        tokio::task::spawn_blocking(move || crate::operator::load_engine(&s)).await??
+        tokio::task::spawn_blocking(move || crate::inference::engine::load_configured(&s)).await??
     };
     let id = replay_id(&req, &engine.info.version);
     let group = format!("{}-replay-{}", settings.kafka.group_id, rand::random::<u32>());
     // End-of-partition events close a partition whose last offsets hold no record to deliver:
     // a transaction's commit marker, or an aborted transaction skipped by read_committed.
-    let consumer: BaseConsumer = kafka::consumer_config(&settings, &group).set("enable.partition.eof", "true").create().context("creating the replay consumer")?;
+    let consumer: BaseConsumer =
+        kafka::consumer_config(&settings, &group).set("enable.partition.eof", "true").create().context("creating the replay consumer")?;
     let ranges = {
         let (c, r) = (&consumer, &req);
         tokio::task::block_in_place(|| resolve_ranges(c, r))?
@@ -179,7 +180,9 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
             }
             // Bounded in-flight work, as in the operator.
             tracker.wait_below(settings.pipeline.max_in_flight, Duration::from_secs(1));
-            let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+            let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
             let m = match msg {
                 Ok(m) => m,
                 Err(rdkafka::error::KafkaError::PartitionEOF(p)) => {
@@ -250,7 +253,8 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
-                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} ETA {eta} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} ETA {eta} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             b
         });
@@ -282,7 +286,7 @@ pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::p
     use std::io::Write;
     let started = Instant::now();
     let files = crate::dataset::list(paths, crate::dataset::Split::All)?;
-    let engine = crate::operator::load_engine(settings)?;
+    let engine = crate::inference::engine::load_configured(settings)?;
     let mut out: Box<dyn Write> = match output {
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
         None => Box::new(std::io::stdout().lock()),
@@ -291,7 +295,7 @@ pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::p
     let metrics = Metrics::new();
     let mut summary = ReplaySummary::default();
     let mut write_err = None;
-    crate::offline::score_files(settings, engine, &files, heatmaps, |r| {
+    crate::stream::offline::score_files(settings, engine, &files, heatmaps, |r| {
         summary.records += 1;
         match r.is_anomaly {
             Some(a) => {

@@ -9,7 +9,7 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::TensorRef;
 
 use crate::config::{EngineSettings, Provider};
-use crate::model::ModelInfo;
+use crate::inference::model::ModelInfo;
 
 static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
 
@@ -167,7 +167,11 @@ pub fn provider_available(provider: Provider) -> bool {
 fn check_signature(session: &Session) -> Result<()> {
     use ort::value::TensorElementType as T;
     use ort::value::ValueType;
-    let wanted = [("input", session.inputs(), "image", T::Uint8), ("output", session.outputs(), "anomaly_map", T::Float32), ("output", session.outputs(), "score", T::Float32)];
+    let wanted = [
+        ("input", session.inputs(), "image", T::Uint8),
+        ("output", session.outputs(), "anomaly_map", T::Float32),
+        ("output", session.outputs(), "score", T::Float32),
+    ];
     for (side, outlets, name, ty) in wanted {
         let Some(outlet) = outlets.iter().find(|o| o.name() == name) else {
             bail!("model has no {side} {name:?}");
@@ -178,4 +182,12 @@ fn check_signature(session: &Session) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Loads the model named in the settings and warms it up (blocking; call off the executor).
+pub fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
+    let engine = Engine::load(std::path::Path::new(&settings.model.path), &settings.engine)?;
+    engine.warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches)?;
+    tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
+    Ok(std::sync::Arc::new(engine))
 }

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use crate::config::{BatchSettings, Settings};
-use crate::decode::{Decoder, ModelInput};
 use crate::delivery::Ticket;
-use crate::engine::{BatchOutput, Engine};
 use crate::event::{parse_event, ErrorKind, Headers, ImageEvent, ImageSource, Rejection, SourceRef, HEADER_CLASS, HEADER_IMAGE_ID};
+use crate::inference::decode::{Decoder, ModelInput};
+use crate::inference::engine::{BatchOutput, Engine};
 use crate::telemetry::Metrics;
 
 /// One consumed record, from the source to its outcome.
@@ -29,7 +29,14 @@ pub struct Job {
 impl Job {
     /// A copy for bookkeeping, without the payload bytes.
     pub fn without_payload(&self) -> Job {
-        Job { ticket: self.ticket.clone(), key: self.key.clone(), value: None, headers: self.headers.clone(), timestamp: self.timestamp, consumed_at: self.consumed_at }
+        Job {
+            ticket: self.ticket.clone(),
+            key: self.key.clone(),
+            value: None,
+            headers: self.headers.clone(),
+            timestamp: self.timestamp,
+            consumed_at: self.consumed_at,
+        }
     }
 
     pub fn source(&self) -> SourceRef {
@@ -144,7 +151,10 @@ pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput),
     // Base64 inflates by 4/3; anything beyond that is over the limit whatever it holds.
     let limit = decoder.max_payload_bytes() / 3 * 4 + 64 * 1024;
     if value.map_or(0, <[u8]>::len) > limit {
-        return Err(Rejection::new(ErrorKind::TooLarge, format!("record value is {} bytes, over the limit for decode.max_payload_bytes", value.map_or(0, <[u8]>::len))));
+        return Err(Rejection::new(
+            ErrorKind::TooLarge,
+            format!("record value is {} bytes, over the limit for decode.max_payload_bytes", value.map_or(0, <[u8]>::len)),
+        ));
     }
     let id = crate::event::header_str(&job.headers, HEADER_IMAGE_ID);
     let class = crate::event::header_str(&job.headers, HEADER_CLASS);
@@ -158,7 +168,8 @@ pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput),
 /// pending forever or take a worker thread down.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let message = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+        let message =
+            panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
         tracing::error!(what, %message, "panic caught; dead-lettering the input");
         Err(Rejection::new(ErrorKind::Internal, format!("{what} panicked: {message}")))
     })
@@ -221,15 +232,20 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, engine: &Engine, si
             metrics.inference_seconds.observe(inference_ms / 1000.0);
             result.map(|out| (out, inference_ms)).map_err(|r| r.message)
         };
-        run_isolating_failures(batch, &mut run, &mut |items, out, inference_ms| {
-            for (i, d) in items.into_iter().enumerate() {
-                let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
-                let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
-                sink.accept(Outcome::Scored(Box::new(scored)));
-            }
-        }, &mut |d, error| {
-            sink.accept(Outcome::Rejected { job: d.job, rejection: Rejection::new(ErrorKind::Inference, error) });
-        });
+        run_isolating_failures(
+            batch,
+            &mut run,
+            &mut |items, out, inference_ms| {
+                for (i, d) in items.into_iter().enumerate() {
+                    let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
+                    let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
+                    sink.accept(Outcome::Scored(Box::new(scored)));
+                }
+            },
+            &mut |d, error| {
+                sink.accept(Outcome::Rejected { job: d.job, rejection: Rejection::new(ErrorKind::Inference, error) });
+            },
+        );
     }
 }
 
@@ -242,10 +258,12 @@ fn run_isolating_failures<T, R>(
     scored: &mut impl FnMut(Vec<T>, R, f64),
     failed: &mut impl FnMut(T, String),
 ) {
-    let mut attempt = |items: &[T]| run(items).or_else(|e| {
-        tracing::warn!(error = %e, size = items.len(), "inference failed; retrying once");
-        run(items)
-    });
+    let mut attempt = |items: &[T]| {
+        run(items).or_else(|e| {
+            tracing::warn!(error = %e, size = items.len(), "inference failed; retrying once");
+            run(items)
+        })
+    };
     let mut todo = vec![batch];
     while let Some(mut items) = todo.pop() {
         match attempt(&items) {
@@ -285,10 +303,15 @@ mod tests {
             }
         };
         let (mut ok, mut bad) = (Vec::new(), Vec::new());
-        run_isolating_failures(batch, &mut run, &mut |items: Vec<u32>, out: Vec<u32>, _| {
-            assert_eq!(out, items.iter().map(|i| i * 10).collect::<Vec<_>>(), "outputs stay with their inputs");
-            ok.extend(items)
-        }, &mut |item, e| bad.push((item, e)));
+        run_isolating_failures(
+            batch,
+            &mut run,
+            &mut |items: Vec<u32>, out: Vec<u32>, _| {
+                assert_eq!(out, items.iter().map(|i| i * 10).collect::<Vec<_>>(), "outputs stay with their inputs");
+                ok.extend(items)
+            },
+            &mut |item, e| bad.push((item, e)),
+        );
         ok.sort();
         assert_eq!(ok, (0..13).filter(|i| !poison.contains(i)).collect::<Vec<_>>());
         bad.sort();
@@ -300,7 +323,11 @@ mod tests {
         let mut calls = 0;
         let mut run = |items: &[u32]| -> Result<(usize, f64), String> {
             calls += 1;
-            if calls == 1 { Err("oom".into()) } else { Ok((items.len(), 1.0)) }
+            if calls == 1 {
+                Err("oom".into())
+            } else {
+                Ok((items.len(), 1.0))
+            }
         };
         let mut scored = 0;
         run_isolating_failures(vec![1, 2, 3], &mut run, &mut |_, n, _| scored += n, &mut |_, e| panic!("{e}"));

@@ -9,8 +9,8 @@ use fast_image_resize as fr;
 use image::{ImageDecoder, ImageFormat, ImageReader};
 
 use crate::config::{DecodeSettings, S3Settings};
-use crate::memory::{default_decode_budget, MemoryBudget};
 use crate::event::{ErrorKind, ImageSource, Rejection};
+use crate::memory::{default_decode_budget, MemoryBudget};
 
 /// Formats we accept; anything else sniffed is `unsupported_format`.
 const SUPPORTED: [ImageFormat; 6] = [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::Gif, ImageFormat::WebP];
@@ -156,7 +156,10 @@ impl Decoder {
         };
         let pixels = w as u64 * h as u64;
         if pixels > self.limits.max_pixels {
-            return Err(Rejection::new(ErrorKind::TooLarge, format!("image is {w}x{h} = {pixels} pixels, over decode.max_pixels = {}", self.limits.max_pixels)));
+            return Err(Rejection::new(
+                ErrorKind::TooLarge,
+                format!("image is {w}x{h} = {pixels} pixels, over decode.max_pixels = {}", self.limits.max_pixels),
+            ));
         }
         if pixels == 0 {
             return Err(Rejection::new(ErrorKind::Decode, "image has zero pixels"));
@@ -204,7 +207,8 @@ impl S3Fetcher {
             match stores.get(bucket) {
                 Some(s) => s.clone(),
                 None => {
-                    let s: Arc<dyn object_store::ObjectStore> = Arc::new(crate::store::s3_client(&self.settings, bucket, self.settings.request_timeout_ms * 3).map_err(|e| fail(format!("{e:#}")))?);
+                    let s: Arc<dyn object_store::ObjectStore> =
+                        Arc::new(crate::store::s3_client(&self.settings, bucket, self.settings.request_timeout_ms * 3).map_err(|e| fail(format!("{e:#}")))?);
                     stores.insert(bucket.to_string(), s.clone());
                     s
                 }
@@ -274,7 +278,14 @@ mod tests {
         let d = Decoder::new(limits(), 32);
         let rgb = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(50, 40, image::Rgb([200, 10, 10])));
         let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(40, 60, image::Luma([90])));
-        for (img, fmt) in [(rgb.clone(), ImageFormat::Png), (rgb.clone(), ImageFormat::Jpeg), (rgb.clone(), ImageFormat::Bmp), (rgb, ImageFormat::Tiff), (gray.clone(), ImageFormat::Png), (gray, ImageFormat::Jpeg)] {
+        for (img, fmt) in [
+            (rgb.clone(), ImageFormat::Png),
+            (rgb.clone(), ImageFormat::Jpeg),
+            (rgb.clone(), ImageFormat::Bmp),
+            (rgb, ImageFormat::Tiff),
+            (gray.clone(), ImageFormat::Png),
+            (gray, ImageFormat::Jpeg),
+        ] {
             let out = d.decode_bytes(&encode(img, fmt)).unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
             assert_eq!(out.rgb.len(), 32 * 32 * 3, "{fmt:?}");
         }

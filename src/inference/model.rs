@@ -160,7 +160,13 @@ mod tests {
             (vec![("dcam.classes", "bottle")], "dcam.classes"),
             (vec![("dcam.calibration", r#"{"bottle":{"threshold":1,"min":0,"max":2}}"#)], "_default"),
             (vec![("dcam.calibration", r#"{"_default":{"threshold":1,"min":0,"max":2}}"#)], "bottle"),
-            (vec![("dcam.calibration", r#"{"bottle":{"threshold":1,"min":2,"max":2},"tile":{"threshold":1,"min":0,"max":2},"_default":{"threshold":1,"min":0,"max":2}}"#)], "max > min"),
+            (
+                vec![(
+                    "dcam.calibration",
+                    r#"{"bottle":{"threshold":1,"min":2,"max":2},"tile":{"threshold":1,"min":0,"max":2},"_default":{"threshold":1,"min":0,"max":2}}"#,
+                )],
+                "max > min",
+            ),
         ] {
             let err = format!("{:#}", ModelInfo::from_metadata(meta(&extra)).unwrap_err());
             assert!(err.contains(needle), "{needle}: {err}");
