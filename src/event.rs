@@ -208,6 +208,12 @@ pub struct ModelRef {
     pub version: String,
 }
 
+impl ModelRef {
+    pub fn of(info: &crate::inference::model::ModelInfo) -> Self {
+        Self { name: info.name.clone(), version: info.version.clone() }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// From the record's timestamp to the moment we consumed it.

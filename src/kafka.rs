@@ -54,13 +54,6 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
         .set("queued.max.messages.kbytes", "32768")
         .set("fetch.message.max.bytes", "16777216")
         .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string());
-    if s.delivery.mode == crate::config::DeliveryMode::ExactlyOnce || !s.delivery.instance_id.is_empty() {
-        // Static membership (KIP-345): a restarted pod with the same identity takes its old place
-        // in the group at once instead of waiting for the dead member to be evicted. Only with a
-        // configured (or transactional, hence unique) identity: two members sharing one would fence
-        // each other.
-        c.set("group.instance.id", s.instance_id());
-    }
     apply_extra(c, k)
 }
 

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use dcam_stream::config::Settings;
 use dcam_stream::delivery::record::OutRecord;
-use dcam_stream::delivery::transaction::Transactions;
-use dcam_stream::delivery::OffsetTracker;
+use dcam_stream::delivery::{Delivery, OffsetTracker};
 use dcam_stream::kafka;
 use dcam_stream::stream::source::{self, CommitOutcome, SourceContext};
 use dcam_stream::telemetry::Metrics;
@@ -35,7 +34,8 @@ fn settings_with(brokers: &str, extra: &[(&str, &str)]) -> Settings {
 }
 
 /// Polls until `n` input records arrive; registers each and buffers one output per input.
-fn consume_and_finish(consumer: &BaseConsumer<SourceContext>, tx: &Transactions, tracker: &OffsetTracker, n: usize) -> Vec<i64> {
+fn consume_and_finish(consumer: &BaseConsumer<SourceContext>, rt: &tokio::runtime::Runtime, delivery: &Delivery, n: usize) -> Vec<i64> {
+    let tracker = delivery.tracker();
     let mut offsets = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while offsets.len() < n {
@@ -43,8 +43,7 @@ fn consume_and_finish(consumer: &BaseConsumer<SourceContext>, tx: &Transactions,
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             let job = source::job_from_message(&m, tracker);
             let out = OutRecord { topic: "out".into(), key: None, payload: Some(format!("scored {}", m.offset()).into_bytes()), headers: vec![] };
-            tx.buffer.push(&job.ticket, vec![out]);
-            assert!(tracker.complete(&job.ticket));
+            assert!(rt.block_on(delivery.deliver(&job.ticket, vec![out])), "buffered and finished");
             offsets.push(m.offset());
         }
     }
@@ -94,23 +93,21 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let s = settings(&brokers);
     let tracker = Arc::new(OffsetTracker::new());
     let metrics = Metrics::new();
-    let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
-    let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics.clone(), Duration::from_secs(10)).unwrap());
-    let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&s, "g")
-        .create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default()))
-        .unwrap();
+    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // First pass: every output buffered, then the transaction's produce fails (abortable).
-    assert_eq!(consume_and_finish(&consumer, &tx, &tracker, 5), vec![0, 1, 2, 3, 4]);
+    assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
     // Finished but uncommitted: back-pressure still counts them (they hold memory).
     assert_eq!(tracker.in_flight(), 0);
-    assert_eq!(consumer.context().held().0, 5);
+    assert_eq!(delivery.held().0, 5);
     let err = rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
     cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &[err]);
     let outcome = source::handle_commit(&consumer, CommitMode::Sync).unwrap();
     assert_eq!(outcome, CommitOutcome::Rewound);
-    assert!(tx.buffer.is_empty(), "buffered outputs of the aborted transaction are dropped");
+    assert_eq!(delivery.held(), (0, 0), "buffered outputs of the aborted transaction are dropped");
     assert_eq!(tracker.in_flight(), 0);
     assert!(metrics.encode().contains("dcam_transactions_total{kind=\"aborted\"} 1"));
     cluster.clear_request_errors(rdkafka::types::RDKafkaApiKey::Produce);
@@ -121,7 +118,7 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let mut tries = 0;
     loop {
         tries += 1;
-        assert_eq!(consume_and_finish(&consumer, &tx, &tracker, 5), vec![0, 1, 2, 3, 4], "try {tries}");
+        assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4], "try {tries}");
         match source::handle_commit(&consumer, CommitMode::Sync).unwrap() {
             CommitOutcome::Committed => break,
             CommitOutcome::Rewound => assert!(tries < 3, "still aborting after {tries} tries"),
@@ -148,11 +145,9 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
     let s = settings_with(&brokers, &[("DCAM__KAFKA__AUTO_OFFSET_RESET", "latest")]);
     let tracker = Arc::new(OffsetTracker::new());
     let metrics = Metrics::new();
-    let producer: FutureProducer = kafka::producer_config(&s, Some(&kafka::transactional_id(&s))).create().unwrap();
-    let tx = Arc::new(Transactions::new(producer, tracker.clone(), metrics, Duration::from_secs(10)).unwrap());
-    let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&s, "g")
-        .create_with_context(SourceContext::new(tracker.clone(), Some(tx.clone()), Duration::from_secs(30), Default::default()))
-        .unwrap();
+    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics, Default::default()).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // Publish until the member (positioned at the end when it joined) reads something.
@@ -165,8 +160,7 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
             let offset = m.offset();
             drop(m);
             let out = OutRecord { topic: "out".into(), key: None, payload: Some(format!("scored {offset}").into_bytes()), headers: vec![] };
-            assert!(tx.buffer.push(&job.ticket, vec![out]));
-            assert!(tracker.complete(&job.ticket));
+            assert!(rt.block_on(delivery.deliver(&job.ticket, vec![out])));
             break offset;
         }
     };

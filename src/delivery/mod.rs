@@ -1,7 +1,170 @@
-//! Delivery: from finished outputs to committed offsets (docs/DESIGN.md §4).
+//! Delivery: from an input's finished outputs to its committed offset (docs/DESIGN.md §4).
+//!
+//! One `Delivery` per operator holds both ends: the sink hands it each input's outputs
+//! (`deliver`), the source asks it to commit (`commit`) and to let go of partitions
+//! (`release`). Behind it, at-least-once publishes each record until acknowledged and commits
+//! plain offsets (`direct`); exactly-once buffers the outputs and commits them with their
+//! offsets in one transaction (`transaction`). `offsets` decides what is committable.
 
+mod direct;
 pub mod offsets;
 pub mod record;
 pub mod transaction;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+pub use direct::{publish_until_acked, DirectProducer};
 pub use offsets::{Fatal, OffsetTracker, PartitionKey, Ticket};
+use record::OutRecord;
+use transaction::{Transactions, TxnError};
+
+use crate::config::{DeliveryMode, Settings};
+use crate::kafka;
+use crate::telemetry::Metrics;
+
+/// The consumer's `group.instance.id`, if it has one. Static membership (KIP-345): a restarted
+/// pod with the same identity takes its old place in the group at once instead of waiting for
+/// the dead member to be evicted. Only with a configured identity, or in exactly-once mode,
+/// where the transactional id makes it unique: two members sharing one would fence each other.
+pub fn static_member_id(settings: &Settings) -> Option<String> {
+    (settings.delivery.mode == DeliveryMode::ExactlyOnce || !settings.delivery.instance_id.is_empty()).then(|| settings.instance_id())
+}
+
+pub struct Delivery {
+    mode: Mode,
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    fatal: Arc<Fatal>,
+    /// Where a refused output's stand-in goes.
+    dead_letter_topic: String,
+}
+
+enum Mode {
+    AtLeastOnce(Arc<DirectProducer>),
+    ExactlyOnce(Arc<Transactions>, FutureProducer),
+}
+
+impl Delivery {
+    /// The delivery `settings.delivery.mode` asks for. Blocking in exactly-once mode
+    /// (`init_transactions` fences older instances): call it off the executor.
+    pub fn build(settings: &Settings, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, fatal: Arc<Fatal>) -> Result<Self> {
+        match settings.delivery.mode {
+            DeliveryMode::AtLeastOnce => Self::at_least_once(settings, &settings.topics.dead_letter, tracker, metrics, fatal),
+            DeliveryMode::ExactlyOnce => {
+                let id = kafka::transactional_id(settings);
+                let producer: FutureProducer = kafka::producer_config(settings, Some(&id)).create().context("creating the transactional producer")?;
+                let timeout = Duration::from_millis(settings.delivery.transaction_timeout_ms);
+                let tx = Transactions::new(producer.clone(), tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("{e}"))?;
+                tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
+                let dead_letter_topic = settings.topics.dead_letter.clone();
+                Ok(Self { mode: Mode::ExactlyOnce(Arc::new(tx), producer), tracker, metrics, fatal, dead_letter_topic })
+            }
+        }
+    }
+
+    /// At-least-once publishing whatever the configured mode (replays never commit).
+    pub fn at_least_once(settings: &Settings, dead_letter_topic: &str, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, fatal: Arc<Fatal>) -> Result<Self> {
+        let producer = DirectProducer::new(kafka::producer_config(settings, None)).context("creating the producer")?;
+        Ok(Self { mode: Mode::AtLeastOnce(Arc::new(producer)), tracker, metrics, fatal, dead_letter_topic: dead_letter_topic.to_string() })
+    }
+
+    pub fn tracker(&self) -> &Arc<OffsetTracker> {
+        &self.tracker
+    }
+
+    pub fn fatal(&self) -> &Arc<Fatal> {
+        &self.fatal
+    }
+
+    /// Takes an input's outputs; true once the input counts as finished (its outputs
+    /// acknowledged, or buffered for its transaction). False when the input's partition was
+    /// revoked or rewound meanwhile (the new owner scores it again), or when a fatal error
+    /// leaves it unfinished on purpose so nothing is committed past it.
+    pub async fn deliver(&self, ticket: &Ticket, records: Vec<OutRecord>) -> bool {
+        match &self.mode {
+            Mode::AtLeastOnce(producer) => {
+                for r in &records {
+                    if let Err(e) = direct::publish_or_dead_letter(producer, r, &self.dead_letter_topic, &self.metrics).await {
+                        self.fatal.set(e);
+                        return false;
+                    }
+                }
+            }
+            Mode::ExactlyOnce(tx, _) => {
+                // An output a transaction was refused for good goes as its stand-in this time.
+                let records = records.into_iter().map(|r| tx.buffer.stand_in_if_refused(r, &self.dead_letter_topic)).collect();
+                if !tx.buffer.push(ticket, records) {
+                    return false;
+                }
+            }
+        }
+        self.tracker.complete(ticket)
+    }
+
+    /// Commits what is finished for `only` (or every partition): plain offsets in at-least-once
+    /// mode, a transaction with the buffered outputs in exactly-once mode.
+    pub fn commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>, mode: CommitMode) -> Result<(), TxnError> {
+        if let Mode::ExactlyOnce(tx, _) = &self.mode {
+            return tx.commit_step(consumer, only).map(|_| ());
+        }
+        let commits = self.tracker.take_commits(only);
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), pos) in &commits {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos));
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            // Not fatal in at-least-once: the next commit carries a later position anyway.
+            tracing::warn!(error = %e, "offset commit failed");
+        }
+        Ok(())
+    }
+
+    /// Records waiting for their outputs to be committed: unfinished ones, plus (exactly-once)
+    /// finished ones whose outputs wait in the transaction buffer behind an unfinished one.
+    pub fn held(&self) -> (usize, usize) {
+        let (mut count, mut bytes) = (self.tracker.in_flight(), self.tracker.in_flight_bytes());
+        if let Mode::ExactlyOnce(tx, _) = &self.mode {
+            let (n, b) = tx.buffer.size();
+            count += n;
+            bytes += b;
+        }
+        (count, bytes)
+    }
+
+    /// Starts `key` afresh: work read before is stale and its buffered outputs are dropped.
+    /// After an assignment or a rewind.
+    pub fn restart(&self, key: &PartitionKey) {
+        self.tracker.assign(&key.0, key.1);
+        self.drop_buffered(key);
+    }
+
+    /// Lets go of a revoked partition: its unfinished work and buffered outputs are forgotten.
+    pub fn release(&self, key: &PartitionKey) {
+        self.tracker.forget(&key.0, key.1);
+        self.drop_buffered(key);
+    }
+
+    fn drop_buffered(&self, key: &PartitionKey) {
+        if let Mode::ExactlyOnce(tx, _) = &self.mode {
+            tx.buffer.clear(key);
+        }
+    }
+
+    /// Waits for everything handed to the producer to be sent.
+    pub fn flush(&self, timeout: Duration) -> Result<()> {
+        match &self.mode {
+            Mode::AtLeastOnce(p) => p.flush(timeout),
+            Mode::ExactlyOnce(_, p) => p.flush(timeout),
+        }
+        .map_err(|e| anyhow!("flushing the producer: {e}"))
+    }
+}

@@ -1,4 +1,5 @@
-//! The operator: wires source → pipeline → sink with telemetry, and shuts down in order.
+//! The operator: wires source → pipeline → sink → delivery with telemetry, and shuts down in
+//! order. `assemble` is the part `replay` shares.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,18 +8,16 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, Producer};
 
-use crate::config::{DeliveryMode, HeatmapPolicy, Settings};
-use crate::delivery::transaction::Transactions;
-use crate::delivery::{Fatal, OffsetTracker};
+use crate::config::{HeatmapPolicy, Settings};
+use crate::delivery::{Delivery, OffsetTracker};
 use crate::event::ModelRef;
 use crate::inference::engine::Engine;
 use crate::inference::model::Scorer;
 use crate::kafka;
 use crate::store::BlobStore;
 use crate::stream::pipeline::Pipeline;
-use crate::stream::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
+use crate::stream::sink::{KafkaSink, SinkSettings};
 use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
 
@@ -27,7 +26,7 @@ pub struct RunningOperator {
     source: Option<std::thread::JoinHandle<Result<()>>>,
     lag: Option<std::thread::JoinHandle<()>>,
     pipeline: Option<Pipeline>,
-    producer: Producers,
+    delivery: Arc<Delivery>,
     http: tokio::task::JoinHandle<()>,
     pub http_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
@@ -62,50 +61,25 @@ impl RunningOperator {
         };
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
         metrics.set_classes(&engine.info.classes);
-        let store = match settings.heatmap.policy {
-            HeatmapPolicy::None => None,
-            _ => Some(BlobStore::from_settings(&settings.heatmap)?),
-        };
-        let heatmap_store = store.as_ref().map(BlobStore::describe);
         let tracker = Arc::new(OffsetTracker::new());
-        let fatal = Arc::new(Fatal::default());
-        let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
-        let model = ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() };
-
-        let (producer, transactions, publisher) = match settings.delivery.mode {
-            DeliveryMode::AtLeastOnce => {
-                let p = Arc::new(DirectProducer::new(kafka::producer_config(&settings, None)).context("creating the producer")?);
-                (Producers::Direct(p.clone()), None, Publisher::Direct(p))
-            }
-            DeliveryMode::ExactlyOnce => {
-                let id = kafka::transactional_id(&settings);
-                let p: FutureProducer = kafka::producer_config(&settings, Some(&id)).create().context("creating the transactional producer")?;
-                let (t, m, timeout) = (tracker.clone(), metrics.clone(), Duration::from_millis(settings.delivery.transaction_timeout_ms));
-                let p2 = p.clone();
-                let tx = tokio::task::spawn_blocking(move || Transactions::new(p2, t, m, timeout)).await?.map_err(|e| anyhow!("{e}"))?;
-                tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
-                let tx = Arc::new(tx);
-                let buffer = tx.buffer.clone();
-                (Producers::Transactional(p), Some(tx), Publisher::Transactional(buffer))
-            }
+        let delivery = {
+            let (s, t, m) = (settings.clone(), tracker.clone(), metrics.clone());
+            Arc::new(tokio::task::spawn_blocking(move || Delivery::build(&s, t, m, Arc::default())).await??)
         };
-        let sink = KafkaSink::new(
-            SinkSettings::from_settings(&settings, model),
-            scorer,
-            store,
-            publisher,
-            tracker.clone(),
-            metrics.clone(),
-            fatal.clone(),
-            tokio::runtime::Handle::current(),
-        );
-        let pipeline = Pipeline::start(engine.clone(), &settings, metrics.clone(), Arc::new(sink));
+        let sink_settings = SinkSettings::from_settings(&settings, ModelRef::of(&engine.info));
+        let pipeline = assemble(&settings, engine.clone(), sink_settings, delivery.clone(), metrics.clone())?;
+        let heatmap_store = pipeline.heatmap_store.clone();
+        let pipeline = pipeline.pipeline;
 
         // The lag reporter uses a client of its own, outside the group.
         let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
-        let consumer: BaseConsumer<SourceContext> = kafka::consumer_config(&settings, &settings.kafka.group_id)
+        let mut consumer_config = kafka::consumer_config(&settings, &settings.kafka.group_id);
+        if let Some(id) = crate::delivery::static_member_id(&settings) {
+            consumer_config.set("group.instance.id", id);
+        }
+        let consumer: BaseConsumer<SourceContext> = consumer_config
             .create_with_context(
-                SourceContext::new(tracker.clone(), transactions, Duration::from_millis(settings.kafka.max_poll_interval_ms), fatal)
+                SourceContext::new(delivery.clone(), Duration::from_millis(settings.kafka.max_poll_interval_ms))
                     .with_shutdown_timeout(Duration::from_millis(settings.pipeline.shutdown_timeout_ms)),
             )
             .context("creating the consumer")?;
@@ -137,7 +111,7 @@ impl RunningOperator {
             }),
         );
         tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running");
-        Ok(Self { shutdown, source: Some(source), lag: Some(lag), pipeline: Some(pipeline), producer, http, http_addr, metrics, health, engine, heatmap_store })
+        Ok(Self { shutdown, source: Some(source), lag: Some(lag), pipeline: Some(pipeline), delivery, http, http_addr, metrics, health, engine, heatmap_store })
     }
 
     /// The flag that asks the operator to stop (for signal handlers and watchdogs).
@@ -168,8 +142,10 @@ impl RunningOperator {
         if let Some(p) = self.pipeline.take() {
             tokio::task::spawn_blocking(move || p.finish()).await?;
         }
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(10))).await?;
+        let delivery = self.delivery.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || delivery.flush(Duration::from_secs(10))).await? {
+            tracing::warn!(error = %e, "outputs may be unsent at exit; their inputs are uncommitted and read again");
+        }
         self.http.abort();
         result
     }
@@ -181,18 +157,23 @@ impl RunningOperator {
     }
 }
 
-/// The producer to flush at shutdown.
-#[derive(Clone)]
-enum Producers {
-    Direct(Arc<DirectProducer>),
-    Transactional(FutureProducer),
+/// What `assemble` built: the running stages and where heatmaps go.
+pub struct Assembled {
+    pub pipeline: Pipeline,
+    pub heatmap_store: Option<String>,
 }
 
-impl Producers {
-    fn flush(&self, timeout: Duration) {
-        let _ = match self {
-            Self::Direct(p) => p.flush(timeout),
-            Self::Transactional(p) => p.flush(timeout),
-        };
-    }
+/// The stages every scoring run shares, `run` and `replay` alike: scorer, heatmap store, sink
+/// and pipeline, delivering through `delivery`. Each caller brings its own sink settings
+/// (topics, heatmap prefix) and delivery (the configured mode; replays always at-least-once).
+pub fn assemble(settings: &Settings, engine: Arc<Engine>, sink_settings: SinkSettings, delivery: Arc<Delivery>, metrics: Arc<Metrics>) -> Result<Assembled> {
+    let store = match settings.heatmap.policy {
+        HeatmapPolicy::None => None,
+        _ => Some(BlobStore::from_settings(&settings.heatmap)?),
+    };
+    let heatmap_store = store.as_ref().map(BlobStore::describe);
+    let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
+    let sink = KafkaSink::new(sink_settings, scorer, store, delivery, metrics.clone(), tokio::runtime::Handle::current());
+    let pipeline = Pipeline::start(engine, settings, metrics, Arc::new(sink));
+    Ok(Assembled { pipeline, heatmap_store })
 }

@@ -16,14 +16,12 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::{HeatmapPolicy, Settings};
-use crate::delivery::{Fatal, OffsetTracker};
+use crate::config::Settings;
+use crate::delivery::{Delivery, OffsetTracker};
 use crate::event::ModelRef;
-use crate::inference::model::Scorer;
 use crate::kafka;
-use crate::store::BlobStore;
-use crate::stream::pipeline::Pipeline;
-use crate::stream::sink::{DirectProducer, KafkaSink, Publisher, SinkSettings};
+use crate::stream::operator::assemble;
+use crate::stream::sink::SinkSettings;
 use crate::stream::source::job_from_message;
 use crate::telemetry::Metrics;
 
@@ -138,28 +136,15 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
 
     let metrics = Metrics::new();
     let tracker = Arc::new(OffsetTracker::new());
-    let fatal = Arc::new(Fatal::default());
-    let producer = Arc::new(DirectProducer::new(kafka::producer_config(&settings, None))?);
-    let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() });
+    let dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
+    let delivery = Arc::new(Delivery::at_least_once(&settings, &dead_letter_topic, tracker.clone(), metrics.clone(), Arc::default())?);
+    let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef::of(&engine.info));
     sink_settings.scores_topic = req.output_topic.clone();
     sink_settings.anomalies_topic = None;
-    sink_settings.dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
+    sink_settings.dead_letter_topic = dead_letter_topic;
     sink_settings.heatmap_prefix = format!("replay/{id}");
-    let store = match settings.heatmap.policy {
-        HeatmapPolicy::None => None,
-        _ => Some(BlobStore::from_settings(&settings.heatmap)?),
-    };
-    let sink = KafkaSink::new(
-        sink_settings,
-        Scorer::new(&engine.info, &settings.model.thresholds)?,
-        store,
-        Publisher::Direct(producer.clone()),
-        tracker.clone(),
-        metrics.clone(),
-        fatal.clone(),
-        tokio::runtime::Handle::current(),
-    );
-    let pipeline = Pipeline::start(engine, &settings, metrics.clone(), Arc::new(sink));
+    let pipeline = assemble(&settings, engine, sink_settings, delivery.clone(), metrics.clone())?.pipeline;
+    let fatal = delivery.fatal().clone();
 
     let mut tpl = TopicPartitionList::new();
     for (p, (start, end)) in &ranges {
@@ -228,7 +213,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
         Ok(())
     })?;
     tokio::task::spawn_blocking(move || pipeline.finish()).await?;
-    tokio::task::block_in_place(|| producer.flush(Duration::from_secs(30))).context("flushing replay output")?;
+    tokio::task::block_in_place(|| delivery.flush(Duration::from_secs(30))).context("flushing replay output")?;
     progress.finish();
     let t = &metrics.totals;
     Ok(ReplaySummary {

@@ -1,73 +1,18 @@
-//! Sink: turns outcomes into score, anomaly and dead-letter records plus heatmap blobs, then
-//! publishes them (at-least-once) or hands them to the transaction (exactly-once). Only when
-//! all of an input's outputs are acknowledged is its offset marked finished.
+//! Sink: turns outcomes into score, anomaly and dead-letter records plus heatmap blobs, and
+//! hands each input's records to `Delivery`, which marks the input finished once they are safe.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureProducer;
-
 use crate::config::{HeatmapPolicy, Settings};
-pub use crate::delivery::record::OutRecord;
-use crate::delivery::record::{is_permanent, TOO_LARGE_OUTPUT};
-use crate::delivery::Fatal;
-use crate::delivery::OffsetTracker;
+use crate::delivery::record::OutRecord;
+use crate::delivery::Delivery;
 use crate::event::{dead_letter_headers, Latency, ModelRef, Rejection, ScoreRecord};
 use crate::inference::heatmap;
 use crate::inference::model::Scorer;
 use crate::store::BlobStore;
 use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
-use crate::telemetry::{KindLabels, Metrics, PublishRetryLabels};
-
-/// The at-least-once producer. librdkafka declares an idempotent producer dead on a fatal error
-/// (e.g. an out-of-order sequence after a broker restart lost its producer state); it is then
-/// replaced and the unacknowledged records go again on the new one (duplicates are allowed in
-/// this mode, loss is not).
-pub struct DirectProducer {
-    config: rdkafka::ClientConfig,
-    /// (generation, producer): a replacement happens once per dead producer.
-    current: std::sync::RwLock<(u64, FutureProducer)>,
-}
-
-impl DirectProducer {
-    pub fn new(config: rdkafka::ClientConfig) -> rdkafka::error::KafkaResult<Self> {
-        let producer = config.create()?;
-        Ok(Self { config, current: std::sync::RwLock::new((0, producer)) })
-    }
-
-    pub fn get(&self) -> (u64, FutureProducer) {
-        self.current.read().expect("producer").clone()
-    }
-
-    /// Replaces producer `generation` unless another task already has.
-    fn renew(&self, generation: u64) {
-        let mut current = self.current.write().expect("producer");
-        if current.0 != generation {
-            return;
-        }
-        match self.config.create() {
-            Ok(p) => {
-                tracing::warn!(generation, "the producer failed fatally; a new one takes over");
-                *current = (generation + 1, p);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot create a new producer; retrying"),
-        }
-    }
-
-    pub fn flush(&self, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
-        use rdkafka::producer::Producer;
-        self.get().1.flush(timeout)
-    }
-}
-
-/// Where finished records go.
-pub enum Publisher {
-    /// Publish now, retrying until acknowledged.
-    Direct(Arc<DirectProducer>),
-    /// Buffer for the next transaction.
-    Transactional(Arc<crate::delivery::transaction::TxnBuffer>),
-}
+use crate::telemetry::{KindLabels, Metrics};
 
 /// What the sink needs to build records.
 pub struct SinkSettings {
@@ -102,10 +47,8 @@ struct Inner {
     settings: SinkSettings,
     scorer: Scorer,
     store: Option<BlobStore>,
-    publisher: Publisher,
-    tracker: Arc<OffsetTracker>,
+    delivery: Arc<Delivery>,
     metrics: Arc<Metrics>,
-    fatal: Arc<Fatal>,
 }
 
 #[derive(Clone)]
@@ -119,13 +62,11 @@ impl KafkaSink {
         settings: SinkSettings,
         scorer: Scorer,
         store: Option<BlobStore>,
-        publisher: Publisher,
-        tracker: Arc<OffsetTracker>,
+        delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
-        fatal: Arc<Fatal>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { inner: Arc::new(Inner { settings, scorer, store, publisher, tracker, metrics, fatal }), runtime }
+        Self { inner: Arc::new(Inner { settings, scorer, store, delivery, metrics }), runtime }
     }
 }
 
@@ -139,7 +80,7 @@ impl OutcomeSink for KafkaSink {
 impl Inner {
     async fn handle(&self, outcome: Outcome) {
         let job = outcome.job().without_payload();
-        if !self.tracker.is_current(&job.ticket) {
+        if !self.delivery.tracker().is_current(&job.ticket) {
             return; // revoked or rewound: the new owner scores it again
         }
         let span = crate::telemetry::image_span(&job.headers, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
@@ -147,25 +88,7 @@ impl Inner {
             Outcome::Scored(scored) => self.score_records(*scored, &span).await,
             Outcome::Rejected { job, rejection } => vec![self.dead_letter(job, &rejection)],
         };
-        match &self.publisher {
-            Publisher::Direct(producer) => {
-                for r in &records {
-                    if let Err(e) = self.publish_or_dead_letter(producer, r).await {
-                        // Left unfinished on purpose: nothing is committed past this input.
-                        self.fatal.set(e);
-                        return;
-                    }
-                }
-            }
-            Publisher::Transactional(buffer) => {
-                // An output a transaction was refused for good goes as its stand-in this time.
-                let records = records.into_iter().map(|r| buffer.stand_in_if_refused(r, &self.settings.dead_letter_topic)).collect();
-                if !buffer.push(&job.ticket, records) {
-                    return; // revoked or rewound meanwhile: the new owner scores it again
-                }
-            }
-        }
-        if self.tracker.complete(&job.ticket) {
+        if self.delivery.deliver(&job.ticket, records).await {
             self.metrics.end_to_end_seconds.observe(job.consumed_at.elapsed().as_secs_f64());
         }
     }
@@ -256,51 +179,4 @@ async fn put_with_retries(store: &BlobStore, key: &str, png: Vec<u8>) -> Option<
         }
     }
     None
-}
-
-impl Inner {
-    /// Publishes `record`; if the broker refuses it for good (too large, not authorised, no such
-    /// topic), publishes a small dead letter in its place. Err only when that fails too: then
-    /// the instance must stop (docs/DESIGN.md §4).
-    async fn publish_or_dead_letter(&self, producer: &DirectProducer, record: &OutRecord) -> Result<(), String> {
-        let Err(refused) = publish_until_acked(producer, record, &self.metrics).await else {
-            return Ok(());
-        };
-        let stand_in = record.stand_in(&refused, &self.settings.dead_letter_topic);
-        tracing::error!(topic = %record.topic, bytes = record.size(), error = %refused, "the broker refused an output for good; publishing a truncated dead letter instead");
-        self.metrics.dead_letters.get_or_create(&KindLabels { kind: TOO_LARGE_OUTPUT.into() }).inc();
-        publish_until_acked(producer, &stand_in, &self.metrics).await.map_err(|e| {
-            format!(
-                "cannot publish a {} byte record to {} ({refused}), nor its {} byte dead letter to {} ({e}); check the topics' max.message.bytes and ACLs",
-                record.size(),
-                record.topic,
-                stand_in.size(),
-                stand_in.topic
-            )
-        })
-    }
-}
-
-/// At-least-once publishing: an input is never marked finished before its outputs are acked.
-/// Transient errors are retried with capped backoff for as long as it takes; a permanent one
-/// comes back as Err.
-pub async fn publish_until_acked(producer: &DirectProducer, record: &OutRecord, metrics: &Metrics) -> Result<(), KafkaError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        let (generation, current) = producer.get();
-        match current.send(record.to_future_record(), Duration::from_secs(30)).await {
-            Ok(_) => return Ok(()),
-            Err((e, _)) if is_permanent(&e) => return Err(e),
-            Err((e, _)) => {
-                if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Fatal) {
-                    producer.renew(generation);
-                }
-                let reason = e.rdkafka_error_code().map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-                metrics.publish_retries.get_or_create(&PublishRetryLabels { topic: record.topic.clone(), reason }).inc();
-                tracing::warn!(topic = %record.topic, error = %e, "publish failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
-    }
 }

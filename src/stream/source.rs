@@ -12,24 +12,21 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use crate::delivery::transaction::{Transactions, TxnError};
-use crate::delivery::{Fatal, OffsetTracker, PartitionKey};
+use crate::delivery::transaction::TxnError;
+use crate::delivery::{Delivery, OffsetTracker, PartitionKey};
 use crate::stream::pipeline::Job;
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 
 pub struct SourceContext {
-    pub tracker: Arc<OffsetTracker>,
-    pub transactions: Option<Arc<Transactions>>,
+    pub delivery: Arc<Delivery>,
     /// How long a revoke or shutdown waits for in-flight work before letting go of it uncommitted;
     /// below max.poll.interval.ms so waiting never gets this member evicted.
     pub drain_timeout: Duration,
-    /// Set by a rebalance callback or a sink that hit an error that must stop the instance.
-    pub fatal: Arc<Fatal>,
 }
 
 impl SourceContext {
-    pub fn new(tracker: Arc<OffsetTracker>, transactions: Option<Arc<Transactions>>, max_poll_interval: Duration, fatal: Arc<Fatal>) -> Self {
-        Self { tracker, transactions, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)), fatal }
+    pub fn new(delivery: Arc<Delivery>, max_poll_interval: Duration) -> Self {
+        Self { delivery, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)) }
     }
 
     /// Keeps the drain on revoke and shutdown to half the shutdown budget, so the commit after it
@@ -39,37 +36,8 @@ impl SourceContext {
         self
     }
 
-    /// Records waiting for their outputs to be committed: unfinished ones, plus (exactly-once)
-    /// finished ones whose outputs wait in the transaction buffer behind an unfinished one.
-    pub fn held(&self) -> (usize, usize) {
-        let (mut count, mut bytes) = (self.tracker.in_flight(), self.tracker.in_flight_bytes());
-        if let Some(tx) = &self.transactions {
-            let (n, b) = tx.buffer.size();
-            count += n;
-            bytes += b;
-        }
-        (count, bytes)
-    }
-
-    /// Commits what is finished for `only` (or every partition): plain offsets in
-    /// at-least-once mode, a transaction in exactly-once mode.
-    fn commit(&self, consumer: &BaseConsumer<Self>, only: Option<&[PartitionKey]>, mode: CommitMode) -> Result<(), TxnError> {
-        if let Some(tx) = &self.transactions {
-            return tx.commit_step(consumer, only).map(|_| ());
-        }
-        let commits = self.tracker.take_commits(only);
-        if commits.is_empty() {
-            return Ok(());
-        }
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), pos) in &commits {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos));
-        }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            // Not fatal in at-least-once: the next commit carries a later position anyway.
-            tracing::warn!(error = %e, "offset commit failed");
-        }
-        Ok(())
+    fn tracker(&self) -> &OffsetTracker {
+        self.delivery.tracker()
     }
 }
 
@@ -85,21 +53,18 @@ impl ConsumerContext for SourceContext {
             return;
         }
         // Drain: let in-flight work of the revoked partitions finish, then commit it.
-        if !self.tracker.wait_drained(Some(&keys), self.drain_timeout) {
+        if !self.tracker().wait_drained(Some(&keys), self.drain_timeout) {
             tracing::warn!(?keys, "revoked partitions did not drain in time; their unfinished records will be scored by the next owner");
         }
-        match self.commit(consumer, Some(&keys), CommitMode::Sync) {
+        match self.delivery.commit(consumer, Some(&keys), CommitMode::Sync) {
             Ok(()) => {}
             Err(TxnError::Aborted(e)) => {
                 tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores")
             }
-            Err(TxnError::Fatal(e)) => self.fatal.set(format!("fatal transaction error during rebalance: {e}")),
+            Err(TxnError::Fatal(e)) => self.delivery.fatal().set(format!("fatal transaction error during rebalance: {e}")),
         }
-        for (topic, partition) in &keys {
-            self.tracker.forget(topic, *partition);
-            if let Some(tx) = &self.transactions {
-                tx.buffer.clear(&(topic.clone(), *partition));
-            }
+        for key in &keys {
+            self.delivery.release(key);
         }
         tracing::info!(?keys, "partitions revoked");
     }
@@ -107,8 +72,8 @@ impl ConsumerContext for SourceContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let keys = partition_keys(tpl);
-            for (topic, partition) in &keys {
-                self.tracker.assign(topic, *partition);
+            for key in &keys {
+                self.delivery.restart(key);
             }
             tracing::info!(?keys, "partitions assigned");
         }
@@ -151,14 +116,14 @@ pub fn run(
     health: &Health,
 ) -> Result<()> {
     let ctx = consumer.context();
-    let tracker = &ctx.tracker;
+    let tracker = ctx.tracker();
     let mut paused = false;
     let mut last_commit = Instant::now();
     let mut last_pause_check = Instant::now();
     let mut last_stuck_check = Instant::now();
     while !shutdown.load(Ordering::SeqCst) {
         health.beat();
-        let (held, held_bytes) = ctx.held();
+        let (held, held_bytes) = ctx.delivery.held();
         metrics.in_flight.set(held as i64);
         metrics.in_flight_bytes.set(held_bytes as i64);
         let full = held >= opts.max_in_flight || held_bytes >= opts.max_in_flight_bytes;
@@ -186,7 +151,7 @@ pub fn run(
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
-        if let Some(fatal) = ctx.fatal.get() {
+        if let Some(fatal) = ctx.delivery.fatal().get() {
             // Nothing is committed past the record that caused it: a restart re-reads it.
             return Err(anyhow!("{fatal}"));
         }
@@ -218,7 +183,7 @@ pub enum CommitOutcome {
 
 /// One commit turn; an aborted transaction leads to a rewind, a fatal one to an error.
 pub fn handle_commit(consumer: &BaseConsumer<SourceContext>, mode: CommitMode) -> Result<CommitOutcome> {
-    match consumer.context().commit(consumer, None, mode) {
+    match consumer.context().delivery.commit(consumer, None, mode) {
         Ok(()) => Ok(CommitOutcome::Committed),
         Err(TxnError::Aborted(e)) => {
             tracing::warn!(error = %e, "transaction aborted; rewinding to the last committed offsets");
@@ -242,12 +207,9 @@ pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
         // beginning of the topic. Nothing read yet: nothing to go back over.
         let target = match e.offset() {
             Offset::Offset(o) => Some(o),
-            _ => ctx.tracker.first_offset(&topic, partition),
+            _ => ctx.tracker().first_offset(&topic, partition),
         };
-        ctx.tracker.assign(&topic, partition);
-        if let Some(tx) = &ctx.transactions {
-            tx.buffer.clear(&(topic.clone(), partition));
-        }
+        ctx.delivery.restart(&(topic.clone(), partition));
         let Some(target) = target else { continue };
         if let Err(err) = consumer.seek(&topic, partition, Offset::Offset(target), Duration::from_secs(10)) {
             return Err(anyhow!("seek {topic}/{partition} to {target}: {err}"));
@@ -266,7 +228,7 @@ fn resume(consumer: &BaseConsumer<SourceContext>) {
     if let Err(e) = consumer.resume(&assignment) {
         tracing::warn!(error = %e, "resume failed");
     }
-    for ((topic, partition), next) in consumer.context().tracker.next_offsets() {
+    for ((topic, partition), next) in consumer.context().tracker().next_offsets() {
         if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(next), Duration::from_secs(5)) {
             tracing::warn!(%topic, partition, error = %e, "seek after resume failed");
         }
