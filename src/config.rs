@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -32,15 +33,26 @@ pub struct KafkaSettings {
     pub input_topics: Vec<String>,
     pub client_id: String,
     pub security_protocol: SecurityProtocol,
-    pub sasl_mechanism: String,
-    pub sasl_username: String,
-    pub sasl_password: String,
-    pub ssl_ca_location: String,
-    pub ssl_certificate_location: String,
-    pub ssl_key_location: String,
-    pub ssl_key_password: String,
-    pub session_timeout_ms: u64,
-    pub max_poll_interval_ms: u64,
+    #[serde(default, with = "empty_is_none")]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default, with = "empty_is_none")]
+    pub sasl_username: Option<String>,
+    #[serde(default)]
+    pub sasl_password: Secret,
+    #[serde(default, with = "empty_is_none")]
+    pub ssl_ca_location: Option<String>,
+    #[serde(default, with = "empty_is_none")]
+    pub ssl_certificate_location: Option<String>,
+    #[serde(default, with = "empty_is_none")]
+    pub ssl_key_location: Option<String>,
+    #[serde(default)]
+    pub ssl_key_password: Secret,
+    /// How long the broker waits for a heartbeat before evicting this member.
+    #[serde(rename = "session_timeout_ms", with = "millis")]
+    pub session_timeout: Duration,
+    /// Longest gap between polls before the member leaves the group; drains stay below half of it.
+    #[serde(rename = "max_poll_interval_ms", with = "millis")]
+    pub max_poll_interval: Duration,
     pub auto_offset_reset: OffsetReset,
     /// librdkafka properties. The config crate splits dotted keys into tables, so they are
     /// flattened back to `a.b.c` here.
@@ -82,7 +94,9 @@ pub enum OffsetReset {
 #[serde(deny_unknown_fields)]
 pub struct TopicSettings {
     pub scores: String,
-    pub anomalies: String,
+    /// Anomalies only, for alerting consumers; off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub anomalies: Option<String>,
     pub dead_letter: String,
 }
 
@@ -111,7 +125,9 @@ pub struct EngineSettings {
     pub sessions: usize,
     pub intra_threads: usize,
     pub trt_fp16: bool,
-    pub trt_engine_cache: String,
+    /// Where TensorRT keeps built engines; off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub trt_engine_cache: Option<String>,
     pub warmup_batches: usize,
 }
 
@@ -119,7 +135,9 @@ pub struct EngineSettings {
 #[serde(deny_unknown_fields)]
 pub struct BatchSettings {
     pub max_batch: usize,
-    pub max_delay_ms: u64,
+    /// A batch closes when full or this long after its first image.
+    #[serde(rename = "max_delay_ms", with = "millis")]
+    pub max_delay: Duration,
     pub queue_capacity: usize,
 }
 
@@ -129,7 +147,9 @@ pub struct DecodeSettings {
     pub max_payload_bytes: usize,
     pub max_pixels: u64,
     pub workers: usize,
-    pub file_uri_root: String,
+    /// `file://` image URIs are read only under this folder; off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub file_uri_root: Option<String>,
     pub max_decode_bytes: u64,
 }
 
@@ -138,8 +158,12 @@ pub struct DecodeSettings {
 pub struct PipelineSettings {
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
-    pub stuck_after_ms: u64,
-    pub shutdown_timeout_ms: u64,
+    /// A partition whose oldest record waits longer makes `/readyz` fail.
+    #[serde(rename = "stuck_after_ms", with = "millis")]
+    pub stuck_after: Duration,
+    /// After a stop request the process exits within this, whatever hangs.
+    #[serde(rename = "shutdown_timeout_ms", with = "millis")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -156,20 +180,31 @@ pub struct HeatmapSettings {
     pub policy: HeatmapPolicy,
     pub store: String,
     pub overlay: bool,
-    pub write_timeout_ms: u64,
+    /// A heatmap write (retries included) that takes longer is given up; the score goes out.
+    #[serde(rename = "write_timeout_ms", with = "millis")]
+    pub write_timeout: Duration,
     pub s3: S3Settings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Settings {
-    pub endpoint: String,
+    /// A non-AWS endpoint (MinIO, moto); AWS when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub endpoint: Option<String>,
     pub region: String,
     pub allow_http: bool,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    pub connect_timeout_ms: u64,
-    pub request_timeout_ms: u64,
+    /// Static credentials; the AWS default chain when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Secret,
+    /// TCP/TLS connect timeout of the S3 client.
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    pub connect_timeout: Duration,
+    /// Timeout of one S3 request.
+    #[serde(rename = "request_timeout_ms", with = "millis")]
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -183,9 +218,15 @@ pub enum DeliveryMode {
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     pub mode: DeliveryMode,
-    pub instance_id: String,
-    pub transaction_timeout_ms: u64,
-    pub commit_interval_ms: u64,
+    /// This instance's stable identity (transactional id, static membership); the hostname when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub instance_id: Option<String>,
+    /// Kafka transaction timeout (exactly-once).
+    #[serde(rename = "transaction_timeout_ms", with = "millis")]
+    pub transaction_timeout: Duration,
+    /// How often finished offsets (or a transaction) are committed.
+    #[serde(rename = "commit_interval_ms", with = "millis")]
+    pub commit_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -201,7 +242,9 @@ pub struct TelemetrySettings {
     pub http_addr: String,
     pub log_format: LogFormat,
     pub log_level: String,
-    pub otlp_endpoint: String,
+    /// OTLP/gRPC collector for traces; off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub otlp_endpoint: Option<String>,
     pub service_name: String,
 }
 
@@ -258,6 +301,74 @@ fn flatten_dotted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<Str
     Ok(out)
 }
 
+/// A secret setting (passwords, keys, tokens): `Debug` never shows it, and `config check`
+/// prints it masked. Empty means unset.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that hands it to a client library.
+    pub fn expose(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { MASK })
+    }
+}
+
+thread_local! {
+    /// Set while `to_toml_masked` serialises, so secrets come out masked there and only there
+    /// (`with_overrides` round-trips settings through serde and must keep them).
+    static MASKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let masked = MASKING.with(|m| m.get()) && !self.0.is_empty();
+        s.serialize_str(if masked { MASK } else { &self.0 })
+    }
+}
+
+/// Durations are written in milliseconds (`*_ms` keys) and typed `Duration` in code.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// Optional strings are written as `""` when off (TOML has no null, env vars cannot unset).
+mod empty_is_none {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_deref().unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        Option::<String>::deserialize(d).map(|v| v.filter(|s| !s.trim().is_empty()))
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
 impl Settings {
     /// Loads the layered configuration and validates it.
     pub fn load(file: Option<&Path>) -> Result<Self> {
@@ -303,17 +414,17 @@ impl Settings {
         check(!self.kafka.group_id.trim().is_empty(), "kafka.group_id must not be empty".into());
         check(!self.kafka.input_topics.is_empty(), "kafka.input_topics must name at least one topic".into());
         check(
-            (1000..=3_600_000).contains(&self.kafka.session_timeout_ms),
-            format!("kafka.session_timeout_ms must be in 1000..=3600000, got {}", self.kafka.session_timeout_ms),
+            (1000..=3_600_000).contains(&ms(self.kafka.session_timeout)),
+            format!("kafka.session_timeout_ms must be in 1000..=3600000, got {}", ms(self.kafka.session_timeout)),
         );
         check(
-            (self.kafka.session_timeout_ms..=3_600_000).contains(&self.kafka.max_poll_interval_ms),
-            format!("kafka.max_poll_interval_ms must be in session_timeout_ms..=3600000, got {}", self.kafka.max_poll_interval_ms),
+            (ms(self.kafka.session_timeout)..=3_600_000).contains(&ms(self.kafka.max_poll_interval)),
+            format!("kafka.max_poll_interval_ms must be in session_timeout_ms..=3600000, got {}", ms(self.kafka.max_poll_interval)),
         );
         if self.kafka.security_protocol.uses_sasl() {
             let known = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
             check(
-                known.contains(&self.kafka.sasl_mechanism.as_str()),
+                self.kafka.sasl_mechanism.as_deref().is_some_and(|m| known.contains(&m)),
                 format!("kafka.sasl_mechanism must be one of {known:?} with SASL, got {:?}", self.kafka.sasl_mechanism),
             );
         }
@@ -321,7 +432,7 @@ impl Settings {
         check(!self.topics.dead_letter.is_empty(), "topics.dead_letter must not be empty".into());
         for t in &self.kafka.input_topics {
             check(
-                t != &self.topics.scores && t != &self.topics.dead_letter && t != &self.topics.anomalies,
+                t != &self.topics.scores && t != &self.topics.dead_letter && Some(t) != self.topics.anomalies.as_ref(),
                 format!("kafka.input_topics contains output topic {t:?}"),
             );
         }
@@ -333,7 +444,7 @@ impl Settings {
         check(self.engine.intra_threads <= 256, format!("engine.intra_threads must be <= 256, got {}", self.engine.intra_threads));
         check(self.engine.device_id >= 0, format!("engine.device_id must be >= 0, got {}", self.engine.device_id));
         check((1..=1024).contains(&self.batch.max_batch), format!("batch.max_batch must be in 1..=1024, got {}", self.batch.max_batch));
-        check(self.batch.max_delay_ms <= 60_000, format!("batch.max_delay_ms must be <= 60000, got {}", self.batch.max_delay_ms));
+        check(ms(self.batch.max_delay) <= 60_000, format!("batch.max_delay_ms must be <= 60000, got {}", ms(self.batch.max_delay)));
         check(
             self.batch.queue_capacity >= self.batch.max_batch,
             format!("batch.queue_capacity ({}) must be >= batch.max_batch ({})", self.batch.queue_capacity, self.batch.max_batch),
@@ -349,32 +460,32 @@ impl Settings {
             self.pipeline.max_in_flight_bytes >= 1 << 20,
             format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes),
         );
-        check(self.pipeline.stuck_after_ms >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", self.pipeline.stuck_after_ms));
+        check(ms(self.pipeline.stuck_after) >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", ms(self.pipeline.stuck_after)));
         check(
-            (1000..=3_600_000).contains(&self.pipeline.shutdown_timeout_ms),
-            format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", self.pipeline.shutdown_timeout_ms),
+            (1000..=3_600_000).contains(&ms(self.pipeline.shutdown_timeout)),
+            format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", ms(self.pipeline.shutdown_timeout)),
         );
         check(
             self.decode.max_decode_bytes == 0 || self.decode.max_decode_bytes >= 16 << 20,
             format!("decode.max_decode_bytes must be 0 (auto) or >= 16777216, got {}", self.decode.max_decode_bytes),
         );
-        check(self.heatmap.write_timeout_ms >= 100, format!("heatmap.write_timeout_ms must be >= 100, got {}", self.heatmap.write_timeout_ms));
-        check(self.heatmap.s3.connect_timeout_ms >= 100, format!("heatmap.s3.connect_timeout_ms must be >= 100, got {}", self.heatmap.s3.connect_timeout_ms));
-        check(self.heatmap.s3.request_timeout_ms >= 100, format!("heatmap.s3.request_timeout_ms must be >= 100, got {}", self.heatmap.s3.request_timeout_ms));
+        check(ms(self.heatmap.write_timeout) >= 100, format!("heatmap.write_timeout_ms must be >= 100, got {}", ms(self.heatmap.write_timeout)));
+        check(ms(self.heatmap.s3.connect_timeout) >= 100, format!("heatmap.s3.connect_timeout_ms must be >= 100, got {}", ms(self.heatmap.s3.connect_timeout)));
+        check(ms(self.heatmap.s3.request_timeout) >= 100, format!("heatmap.s3.request_timeout_ms must be >= 100, got {}", ms(self.heatmap.s3.request_timeout)));
         check(
             self.heatmap.store.starts_with("file://") || self.heatmap.store.starts_with("s3://"),
             format!("heatmap.store must start with file:// or s3://, got {:?}", self.heatmap.store),
         );
         check(
-            (1000..=900_000).contains(&self.delivery.transaction_timeout_ms),
-            format!("delivery.transaction_timeout_ms must be in 1000..=900000, got {}", self.delivery.transaction_timeout_ms),
+            (1000..=900_000).contains(&ms(self.delivery.transaction_timeout)),
+            format!("delivery.transaction_timeout_ms must be in 1000..=900000, got {}", ms(self.delivery.transaction_timeout)),
         );
         check(
-            (10..=60_000).contains(&self.delivery.commit_interval_ms),
-            format!("delivery.commit_interval_ms must be in 10..=60000, got {}", self.delivery.commit_interval_ms),
+            (10..=60_000).contains(&ms(self.delivery.commit_interval)),
+            format!("delivery.commit_interval_ms must be in 10..=60000, got {}", ms(self.delivery.commit_interval)),
         );
         check(
-            self.delivery.instance_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            self.delivery.instance_id.as_deref().unwrap_or_default().chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
             format!("delivery.instance_id may only hold [A-Za-z0-9._-], got {:?}", self.delivery.instance_id),
         );
         check(
@@ -396,20 +507,19 @@ impl Settings {
     /// pass-through properties that name a secret, and credentials inside endpoint URLs.
     pub fn to_toml_masked(&self) -> String {
         let mut copy = self.clone();
-        for secret in [&mut copy.kafka.sasl_password, &mut copy.kafka.ssl_key_password, &mut copy.heatmap.s3.secret_access_key] {
-            if !secret.is_empty() {
-                *secret = MASK.into();
-            }
-        }
         for (key, value) in copy.kafka.extra.iter_mut() {
             if is_secret_property(key) {
                 *value = MASK.into();
             }
         }
-        for url in [&mut copy.telemetry.otlp_endpoint, &mut copy.heatmap.s3.endpoint, &mut copy.kafka.brokers] {
+        for url in [copy.telemetry.otlp_endpoint.as_mut(), copy.heatmap.s3.endpoint.as_mut(), Some(&mut copy.kafka.brokers)].into_iter().flatten() {
             *url = mask_url_credentials(url);
         }
-        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}"))
+        // `Secret` fields print as the mask while this is set.
+        MASKING.with(|m| m.set(true));
+        let text = toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}"));
+        MASKING.with(|m| m.set(false));
+        text
     }
 
     /// A copy with some keys replaced (`("kafka.brokers", "host:9092".into())`), validated like a
@@ -431,8 +541,8 @@ impl Settings {
 
     /// Stable identity of this instance, used for the transactional id.
     pub fn instance_id(&self) -> String {
-        if !self.delivery.instance_id.is_empty() {
-            return self.delivery.instance_id.clone();
+        if let Some(id) = &self.delivery.instance_id {
+            return id.clone();
         }
         hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "dcam-stream".into())
     }
@@ -521,6 +631,24 @@ mod tests {
         let s = Settings::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert_eq!(s.kafka.extra.get("fetch.max.bytes").map(String::as_str), Some("52428800"));
         assert_eq!(s.kafka.extra.get("enable.idempotence").map(String::as_str), Some("true"));
+    }
+
+    #[test]
+    fn durations_are_typed_and_secrets_never_print() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[("DCAM__BATCH__MAX_DELAY_MS", "7"), ("DCAM__KAFKA__SASL_PASSWORD", "hunter2"), ("DCAM__TOPICS__ANOMALIES", "")]),
+        )
+        .unwrap();
+        assert_eq!(s.batch.max_delay, Duration::from_millis(7));
+        assert_eq!(s.topics.anomalies, None, "empty means off");
+        assert!(!format!("{s:?}").contains("hunter2"), "Debug shows no secret");
+        // Overrides round-trip through serde and keep the secret (and the `_ms` keys).
+        let o = s.with_overrides(&[("batch.max_delay_ms", 9.into()), ("kafka.brokers", "b:1".into())]).unwrap();
+        assert_eq!(o.kafka.sasl_password.expose(), Some("hunter2"));
+        assert_eq!((o.batch.max_delay, o.kafka.brokers.as_str()), (Duration::from_millis(9), "b:1"));
+        assert!(s.with_overrides(&[("batch.max_batch", 0.into())]).unwrap_err().to_string().contains("batch.max_batch"), "overrides are validated");
+        assert!(s.with_overrides(&[("batch.nope", 1.into())]).is_err());
     }
 
     #[test]

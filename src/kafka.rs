@@ -7,22 +7,28 @@ use crate::config::{KafkaSettings, OffsetReset, Settings};
 /// Connection and security settings, then the free-form pass-through (applied last, so it wins).
 pub fn base_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers).set("client.id", &k.client_id).set("security.protocol", k.security_protocol.as_librdkafka());
+    c.set("bootstrap.servers", &k.brokers).set("client.id", &k.client_id);
+    apply_auth(k, &mut c);
+    c
+}
+
+/// The security settings every client gets (operator, tools, replay, bench, demo): one place.
+pub fn apply_auth(k: &KafkaSettings, c: &mut ClientConfig) {
+    c.set("security.protocol", k.security_protocol.as_librdkafka());
     let optional = [
-        ("sasl.mechanisms", &k.sasl_mechanism),
-        ("sasl.username", &k.sasl_username),
-        ("sasl.password", &k.sasl_password),
-        ("ssl.ca.location", &k.ssl_ca_location),
-        ("ssl.certificate.location", &k.ssl_certificate_location),
-        ("ssl.key.location", &k.ssl_key_location),
-        ("ssl.key.password", &k.ssl_key_password),
+        ("sasl.mechanisms", k.sasl_mechanism.as_deref()),
+        ("sasl.username", k.sasl_username.as_deref()),
+        ("sasl.password", k.sasl_password.expose()),
+        ("ssl.ca.location", k.ssl_ca_location.as_deref()),
+        ("ssl.certificate.location", k.ssl_certificate_location.as_deref()),
+        ("ssl.key.location", k.ssl_key_location.as_deref()),
+        ("ssl.key.password", k.ssl_key_password.expose()),
     ];
     for (key, value) in optional {
-        if !value.is_empty() {
-            c.set(key, value);
+        if let Some(v) = value {
+            c.set(key, v);
         }
     }
-    c
 }
 
 fn apply_extra(mut c: ClientConfig, k: &KafkaSettings) -> ClientConfig {
@@ -47,13 +53,13 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
                 OffsetReset::Latest => "latest",
             },
         )
-        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
         // Skip records of aborted upstream transactions.
         .set("isolation.level", "read_committed")
         // Bound librdkafka's prefetch: pausing is our back-pressure, not its buffers.
         .set("queued.max.messages.kbytes", "32768")
         .set("fetch.message.max.bytes", "16777216")
-        .set("max.poll.interval.ms", k.max_poll_interval_ms.to_string());
+        .set("max.poll.interval.ms", k.max_poll_interval.as_millis().to_string());
     apply_extra(c, k)
 }
 
@@ -64,7 +70,7 @@ pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientCo
     c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("message.max.bytes", "20971520").set("message.timeout.ms", "120000");
     if let Some(id) = transactional_id {
         // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
-        let txn = s.delivery.transaction_timeout_ms;
+        let txn = s.delivery.transaction_timeout.as_millis() as u64;
         c.set("transactional.id", id).set("transaction.timeout.ms", txn.to_string()).set("message.timeout.ms", txn.min(120_000).to_string());
     }
     apply_extra(c, k)

@@ -29,7 +29,7 @@ impl BlobStore {
             if bucket.is_empty() {
                 bail!("heatmap.store s3:// needs a bucket name");
             }
-            let store = s3_client(&settings.s3, bucket, settings.write_timeout_ms).context("configuring the S3 heatmap store")?;
+            let store = s3_client(&settings.s3, bucket, settings.write_timeout).context("configuring the S3 heatmap store")?;
             return Ok(Self::S3 { store: Arc::new(store), bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
         }
         bail!("heatmap.store must be file:// or s3://, got {url:?}")
@@ -66,19 +66,16 @@ impl BlobStore {
 }
 
 /// An S3 client for `bucket`, bounded at every level so a slow store never holds anything for
-/// long: connect and per-request timeouts, and at most `total_ms` of retries.
-pub fn s3_client(s3: &S3Settings, bucket: &str, total_ms: u64) -> Result<object_store::aws::AmazonS3> {
-    let client = object_store::ClientOptions::new()
-        .with_allow_http(s3.allow_http)
-        .with_connect_timeout(Duration::from_millis(s3.connect_timeout_ms))
-        .with_timeout(Duration::from_millis(s3.request_timeout_ms));
-    let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: Duration::from_millis(total_ms), ..Default::default() };
+/// long: connect and per-request timeouts, and at most `total` of retries.
+pub fn s3_client(s3: &S3Settings, bucket: &str, total: Duration) -> Result<object_store::aws::AmazonS3> {
+    let client = object_store::ClientOptions::new().with_allow_http(s3.allow_http).with_connect_timeout(s3.connect_timeout).with_timeout(s3.request_timeout);
+    let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: total, ..Default::default() };
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket).with_region(&s3.region).with_client_options(client).with_retry(retry);
-    if !s3.endpoint.is_empty() {
-        b = b.with_endpoint(&s3.endpoint);
+    if let Some(endpoint) = &s3.endpoint {
+        b = b.with_endpoint(endpoint);
     }
-    if !s3.access_key_id.is_empty() {
-        b = b.with_access_key_id(&s3.access_key_id).with_secret_access_key(&s3.secret_access_key);
+    if let Some(key_id) = &s3.access_key_id {
+        b = b.with_access_key_id(key_id).with_secret_access_key(s3.secret_access_key.expose().unwrap_or_default());
     }
     Ok(b.build()?)
 }

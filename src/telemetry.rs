@@ -273,18 +273,17 @@ pub async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>
 pub fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
-    let (provider, otel_layer) = if settings.otlp_endpoint.is_empty() {
-        (None, None)
-    } else {
+    let (provider, otel_layer) = if let Some(endpoint) = &settings.otlp_endpoint {
         use opentelemetry::trace::TracerProvider as _;
         use opentelemetry_otlp::WithExportConfig;
-        let exporter =
-            opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(&settings.otlp_endpoint).build().context("building the OTLP exporter")?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build().context("building the OTLP exporter")?;
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
         let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
         let tracer = provider.tracer("dcam-stream");
         opentelemetry::global::set_tracer_provider(provider.clone());
         (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer)))
+    } else {
+        (None, None)
     };
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = match settings.log_format {

@@ -15,7 +15,7 @@ fn source() -> SourceRef {
 }
 
 fn decoder() -> Decoder {
-    let limits = DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: String::new(), max_decode_bytes: 64 << 20 };
+    let limits = DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: None, max_decode_bytes: 64 << 20 };
     Decoder::new(limits, 32)
 }
 

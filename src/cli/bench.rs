@@ -140,7 +140,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static s
         let s = base.with_overrides(&[
             ("kafka.input_topics", serde_json::json!([input])),
             ("kafka.group_id", format!("bench-{run_id}").into()),
-            ("kafka.session_timeout_ms", base.kafka.session_timeout_ms.max(6000).into()),
+            ("kafka.session_timeout_ms", (base.kafka.session_timeout.as_millis().max(6000) as u64).into()),
             ("topics.scores", scores.as_str().into()),
             ("topics.dead_letter", format!("{scores}.dlq").into()),
             ("batch.max_batch", batch.into()),

@@ -70,7 +70,7 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
     };
     let settings = settings.with_overrides(&[
         ("kafka.brokers", brokers.as_str().into()),
-        ("kafka.session_timeout_ms", settings.kafka.session_timeout_ms.max(6000).into()),
+        ("kafka.session_timeout_ms", (settings.kafka.session_timeout.as_millis().max(6000) as u64).into()),
         ("kafka.group_id", "dcam-demo".into()),
         ("telemetry.http_addr", "127.0.0.1:0".into()),
         ("heatmap.store", format!("file://{}", heatmaps.display()).into()),

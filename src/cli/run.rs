@@ -21,7 +21,7 @@ async fn shutdown_signal() {
 
 /// `dcam-stream run`: runs until SIGTERM/SIGINT or a fatal error.
 pub(super) async fn run(settings: Settings) -> Result<()> {
-    let shutdown_timeout = Duration::from_millis(settings.pipeline.shutdown_timeout_ms);
+    let shutdown_timeout = settings.pipeline.shutdown_timeout;
     let op = RunningOperator::start(settings, None).await?;
     let stop = op.stop_flag();
     tokio::spawn(async move {

@@ -33,7 +33,7 @@ use crate::telemetry::Metrics;
 /// the dead member to be evicted. Only with a configured identity, or in exactly-once mode,
 /// where the transactional id makes it unique: two members sharing one would fence each other.
 pub fn static_member_id(settings: &Settings) -> Option<String> {
-    (settings.delivery.mode == DeliveryMode::ExactlyOnce || !settings.delivery.instance_id.is_empty()).then(|| settings.instance_id())
+    (settings.delivery.mode == DeliveryMode::ExactlyOnce || settings.delivery.instance_id.is_some()).then(|| settings.instance_id())
 }
 
 pub struct Delivery {
@@ -59,7 +59,7 @@ impl Delivery {
             DeliveryMode::ExactlyOnce => {
                 let id = kafka::transactional_id(settings);
                 let producer: FutureProducer = kafka::producer_config(settings, Some(&id)).create().context("creating the transactional producer")?;
-                let timeout = Duration::from_millis(settings.delivery.transaction_timeout_ms);
+                let timeout = settings.delivery.transaction_timeout;
                 let tx = Transactions::new(producer.clone(), tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("{e}"))?;
                 tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
                 let dead_letter_topic = settings.topics.dead_letter.clone();

@@ -36,8 +36,8 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(limits: DecodeSettings, size: u32) -> Self {
-        let file_root = (!limits.file_uri_root.is_empty()).then(|| {
-            let root = PathBuf::from(&limits.file_uri_root);
+        let file_root = limits.file_uri_root.as_ref().map(|root| {
+            let root = PathBuf::from(root);
             let canonical = root.canonicalize().unwrap_or_else(|_| root.clone());
             (root, canonical)
         });
@@ -208,7 +208,7 @@ impl S3Fetcher {
                 Some(s) => s.clone(),
                 None => {
                     let s: Arc<dyn object_store::ObjectStore> =
-                        Arc::new(crate::store::s3_client(&self.settings, bucket, self.settings.request_timeout_ms * 3).map_err(|e| fail(format!("{e:#}")))?);
+                        Arc::new(crate::store::s3_client(&self.settings, bucket, self.settings.request_timeout * 3).map_err(|e| fail(format!("{e:#}")))?);
                     stores.insert(bucket.to_string(), s.clone());
                     s
                 }
@@ -257,7 +257,7 @@ mod tests {
     use super::*;
 
     fn limits() -> DecodeSettings {
-        DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: String::new(), max_decode_bytes: 64 << 20 }
+        DecodeSettings { max_payload_bytes: 1 << 20, max_pixels: 4_000_000, workers: 1, file_uri_root: None, max_decode_bytes: 64 << 20 }
     }
 
     pub(crate) fn png(w: u32, h: u32) -> Vec<u8> {
@@ -324,7 +324,7 @@ mod tests {
         let off = Decoder::new(l.clone(), 8);
         let uri = format!("file://{}", dir.path().join("a.png").display());
         assert_eq!(off.decode(&ImageSource::Uri(uri.clone())).unwrap_err().kind, ErrorKind::Fetch);
-        l.file_uri_root = dir.path().display().to_string();
+        l.file_uri_root = Some(dir.path().display().to_string());
         let on = Decoder::new(l, 8);
         assert_eq!(on.decode(&ImageSource::Uri(uri)).unwrap().rgb.len(), 8 * 8 * 3);
         let missing = format!("file://{}", dir.path().join("missing.png").display());
@@ -339,7 +339,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("my dir")).unwrap();
         std::fs::write(dir.path().join("my dir/a.png"), png(10, 10)).unwrap();
         let mut l = limits();
-        l.file_uri_root = dir.path().display().to_string();
+        l.file_uri_root = Some(dir.path().display().to_string());
         let d = Decoder::new(l, 8);
         let root = dir.path().display();
         // localhost and percent-encoding are URI syntax, not part of the path.
@@ -363,7 +363,7 @@ mod tests {
         let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let mut l = limits();
-        l.file_uri_root = dir.path().display().to_string();
+        l.file_uri_root = Some(dir.path().display().to_string());
         let d = Decoder::new(l, 8);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || tx.send(d.fetch(&format!("file://{}", fifo.display()))).unwrap());

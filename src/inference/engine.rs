@@ -145,8 +145,8 @@ fn gpu_provider(settings: &EngineSettings) -> (&'static str, ep::ExecutionProvid
     match settings.provider {
         Provider::Tensorrt => {
             let mut trt = ep::TensorRT::default().with_device_id(settings.device_id).with_fp16(settings.trt_fp16);
-            if !settings.trt_engine_cache.is_empty() {
-                trt = trt.with_engine_cache(true).with_engine_cache_path(&settings.trt_engine_cache);
+            if let Some(cache) = &settings.trt_engine_cache {
+                trt = trt.with_engine_cache(true).with_engine_cache_path(cache);
             }
             ("tensorrt", trt.build())
         }

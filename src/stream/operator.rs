@@ -79,8 +79,7 @@ impl RunningOperator {
         }
         let consumer: BaseConsumer<SourceContext> = consumer_config
             .create_with_context(
-                SourceContext::new(delivery.clone(), Duration::from_millis(settings.kafka.max_poll_interval_ms))
-                    .with_shutdown_timeout(Duration::from_millis(settings.pipeline.shutdown_timeout_ms)),
+                SourceContext::new(delivery.clone(), settings.kafka.max_poll_interval).with_shutdown_timeout(settings.pipeline.shutdown_timeout),
             )
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
@@ -92,8 +91,8 @@ impl RunningOperator {
             let opts = SourceOptions {
                 max_in_flight: settings.pipeline.max_in_flight,
                 max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
-                commit_interval: Duration::from_millis(settings.delivery.commit_interval_ms),
-                stuck_after: Duration::from_millis(settings.pipeline.stuck_after_ms),
+                commit_interval: settings.delivery.commit_interval,
+                stuck_after: settings.pipeline.stuck_after,
             };
             std::thread::Builder::new().name("source".into()).spawn(move || {
                 let result = source::run(&consumer, &submit, &opts, &shutdown, &metrics, &health);

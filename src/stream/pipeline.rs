@@ -3,7 +3,7 @@
 //! only ever does I/O. Every job leaves as exactly one `Outcome`, success or rejection.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
@@ -191,7 +191,7 @@ fn decode_loop(jobs: Receiver<Job>, to_batch: Sender<Decoded>, decoder: &Decoder
 
 /// Triton-style dynamic batching: a batch closes when full or `max_delay_ms` after its first item.
 fn batch_loop(decoded: Receiver<Decoded>, to_engine: Sender<Vec<Decoded>>, settings: &BatchSettings, metrics: &Metrics) {
-    let max_delay = Duration::from_millis(settings.max_delay_ms);
+    let max_delay = settings.max_delay;
     loop {
         let Ok(first) = decoded.recv() else { return };
         let deadline = Instant::now() + max_delay;

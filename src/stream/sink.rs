@@ -32,12 +32,12 @@ impl SinkSettings {
     pub fn from_settings(s: &Settings, model: ModelRef) -> Self {
         Self {
             scores_topic: s.topics.scores.clone(),
-            anomalies_topic: (!s.topics.anomalies.is_empty()).then(|| s.topics.anomalies.clone()),
+            anomalies_topic: s.topics.anomalies.clone(),
             dead_letter_topic: s.topics.dead_letter.clone(),
             heatmap_policy: s.heatmap.policy,
             overlay: s.heatmap.overlay,
             heatmap_prefix: String::new(),
-            heatmap_write_timeout: Duration::from_millis(s.heatmap.write_timeout_ms),
+            heatmap_write_timeout: s.heatmap.write_timeout,
             model,
         }
     }
