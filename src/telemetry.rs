@@ -17,6 +17,19 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::{LogFormat, TelemetrySettings};
 
+/// Things that happen inside the operator that users count and read about. Each is one
+/// `Metrics::emit` call, which writes its log line and moves its counters together, so the two
+/// never disagree.
+#[derive(Debug, Clone, Copy)]
+pub enum InternalEvent<'a> {
+    /// An input was scored (`source` = `topic/partition/offset`).
+    Scored { anomaly: bool, class: Option<&'a str>, source: &'a str },
+    /// An input went to the dead-letter topic.
+    DeadLettered { kind: &'a str, error: &'a str, class: Option<&'a str>, source: &'a str },
+    /// The broker refused an output for good; its stand-in dead letter goes instead.
+    OutputRefused { topic: &'a str, bytes: usize, error: &'a str },
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: String,
@@ -150,17 +163,29 @@ impl Metrics {
         }
     }
 
-    pub fn count_image(&self, outcome: &str, class: Option<&str>) {
-        let total = match outcome {
-            "dead_letter" => &self.totals.dead_letters,
-            "anomaly" => &self.totals.anomalies,
-            _ => &self.totals.scored,
-        };
-        total.fetch_add(1, Ordering::Relaxed);
-        if outcome == "anomaly" {
-            self.totals.scored.fetch_add(1, Ordering::Relaxed);
+    /// Records what happened to one input: its log line and its counters, in one call.
+    pub fn emit(&self, event: InternalEvent<'_>) {
+        match event {
+            InternalEvent::Scored { anomaly, class, source } => {
+                tracing::debug!(source, anomaly, "scored");
+                let outcome = if anomaly { "anomaly" } else { "normal" };
+                self.totals.scored.fetch_add(1, Ordering::Relaxed);
+                if anomaly {
+                    self.totals.anomalies.fetch_add(1, Ordering::Relaxed);
+                }
+                self.images.get_or_create(&OutcomeLabels { outcome: outcome.into(), class: self.class_label(class) }).inc();
+            }
+            InternalEvent::DeadLettered { kind, error, class, source } => {
+                tracing::warn!(source, kind, error, "dead-lettering input");
+                self.totals.dead_letters.fetch_add(1, Ordering::Relaxed);
+                self.dead_letters.get_or_create(&KindLabels { kind: kind.into() }).inc();
+                self.images.get_or_create(&OutcomeLabels { outcome: "dead_letter".into(), class: self.class_label(class) }).inc();
+            }
+            InternalEvent::OutputRefused { topic, bytes, error } => {
+                tracing::error!(topic, bytes, error, "the broker refused an output for good; publishing a truncated dead letter instead");
+                self.dead_letters.get_or_create(&KindLabels { kind: crate::delivery::record::TOO_LARGE_OUTPUT.into() }).inc();
+            }
         }
-        self.images.get_or_create(&OutcomeLabels { outcome: outcome.into(), class: self.class_label(class) }).inc();
     }
 }
 
@@ -335,13 +360,16 @@ mod tests {
     fn class_labels_come_only_from_the_model() {
         let m = Metrics::new();
         m.set_classes(&["bottle".to_string()]);
-        m.count_image("normal", Some("bottle"));
-        m.count_image("dead_letter", Some("x\"} 1\ndcam_injected_total 42\n#"));
-        m.count_image("normal", None);
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("bottle"), source: "in/0/0" });
+        m.emit(InternalEvent::DeadLettered { kind: "decode", error: "bad", class: Some("x\"} 1\ndcam_injected_total 42\n#"), source: "in/0/1" });
+        m.emit(InternalEvent::Scored { anomaly: false, class: None, source: "in/0/2" });
         let text = m.encode();
         assert!(!text.contains("injected"), "{text}");
         assert!(text.contains(r#"dcam_images_total{outcome="dead_letter",class="_other"} 1"#), "{text}");
         assert!(text.contains(r#"dcam_images_total{outcome="normal",class="bottle"} 1"#), "{text}");
         assert!(text.contains(r#"dcam_images_total{outcome="normal",class="_none"} 1"#), "{text}");
+        // One event moves the per-kind counter and the totals together.
+        assert!(text.contains(r#"dcam_dead_letters_total{kind="decode"} 1"#), "{text}");
+        assert_eq!((m.totals.scored.load(Ordering::Relaxed), m.totals.dead_letters.load(Ordering::Relaxed)), (2, 1));
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 
-use crate::delivery::record::{is_permanent, OutRecord, TOO_LARGE_OUTPUT};
-use crate::telemetry::{KindLabels, Metrics, PublishRetryLabels};
+use crate::delivery::record::{is_permanent, OutRecord};
+use crate::telemetry::{InternalEvent, Metrics, PublishRetryLabels};
 
 /// The at-least-once producer. librdkafka declares an idempotent producer dead on a fatal error
 /// (e.g. an out-of-order sequence after a broker restart lost its producer state); it is then
@@ -59,8 +59,7 @@ pub(super) async fn publish_or_dead_letter(producer: &DirectProducer, record: &O
         return Ok(());
     };
     let stand_in = record.stand_in(&refused, dead_letter_topic);
-    tracing::error!(topic = %record.topic, bytes = record.size(), error = %refused, "the broker refused an output for good; publishing a truncated dead letter instead");
-    metrics.dead_letters.get_or_create(&KindLabels { kind: TOO_LARGE_OUTPUT.into() }).inc();
+    metrics.emit(InternalEvent::OutputRefused { topic: &record.topic, bytes: record.size(), error: &refused.to_string() });
     publish_until_acked(producer, &stand_in, metrics).await.map_err(|e| {
         format!(
             "cannot publish a {} byte record to {} ({refused}), nor its {} byte dead letter to {} ({e}); check the topics' max.message.bytes and ACLs",

@@ -26,7 +26,7 @@ use transaction::{Transactions, TxnError};
 
 use crate::config::{DeliveryMode, Settings};
 use crate::kafka;
-use crate::telemetry::Metrics;
+use crate::telemetry::{InternalEvent, Metrics};
 
 /// The consumer's `group.instance.id`, if it has one. Static membership (KIP-345): a restarted
 /// pod with the same identity takes its old place in the group at once instead of waiting for
@@ -98,7 +98,16 @@ impl Delivery {
             }
             Mode::ExactlyOnce(tx, _) => {
                 // An output a transaction was refused for good goes as its stand-in this time.
-                let records = records.into_iter().map(|r| tx.buffer.stand_in_if_refused(r, &self.dead_letter_topic)).collect();
+                let records = records
+                    .into_iter()
+                    .map(|r| match tx.buffer.refusal(&r) {
+                        Some(error) => {
+                            self.metrics.emit(InternalEvent::OutputRefused { topic: &r.topic, bytes: r.size(), error: &error });
+                            r.stand_in(&error, &self.dead_letter_topic)
+                        }
+                        None => r,
+                    })
+                    .collect();
                 if !tx.buffer.push(ticket, records) {
                     return false;
                 }

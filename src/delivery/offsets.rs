@@ -18,6 +18,13 @@ pub struct Ticket {
     pub generation: u64,
 }
 
+impl std::fmt::Display for Ticket {
+    /// `topic/partition/offset`, as in the `dcam-source` header.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
 /// A consumed record whose outputs are not yet acknowledged.
 #[derive(Debug, Clone, Copy)]
 struct Pending {

@@ -51,14 +51,14 @@ impl TxnBuffer {
         }
     }
 
-    /// `record`, or its stand-in dead letter if a transaction was refused it for good before.
-    pub fn stand_in_if_refused(&self, record: OutRecord, dead_letter_topic: &str) -> OutRecord {
-        let refused = self.refused.lock().expect("refused");
-        let error = record.source().and_then(|s| refused.get(&(record.topic.clone(), s.to_vec())));
-        match error {
-            Some(e) if !record.is_stand_in() => record.stand_in(e, dead_letter_topic),
-            _ => record,
+    /// Why a transaction was refused `record` for good before, if it was (a stand-in never is
+    /// replaced again).
+    pub fn refusal(&self, record: &OutRecord) -> Option<String> {
+        if record.is_stand_in() {
+            return None;
         }
+        let refused = self.refused.lock().expect("refused");
+        record.source().and_then(|s| refused.get(&(record.topic.clone(), s.to_vec()))).cloned()
     }
 
     /// Buffers a ticket's outputs, unless its partition was revoked or rewound since it was

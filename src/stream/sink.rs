@@ -12,7 +12,7 @@ use crate::inference::heatmap;
 use crate::inference::model::Scorer;
 use crate::store::BlobStore;
 use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
-use crate::telemetry::{KindLabels, Metrics};
+use crate::telemetry::{InternalEvent, KindLabels, Metrics};
 
 /// What the sink needs to build records.
 pub struct SinkSettings {
@@ -94,9 +94,12 @@ impl Inner {
     }
 
     fn dead_letter(&self, job: Job, rejection: &Rejection) -> OutRecord {
-        tracing::warn!(topic = %job.ticket.topic, partition = job.ticket.partition, offset = job.ticket.offset, kind = rejection.kind.as_str(), error = %rejection.message, "dead-lettering input");
-        self.metrics.dead_letters.get_or_create(&crate::telemetry::KindLabels { kind: rejection.kind.as_str().into() }).inc();
-        self.metrics.count_image("dead_letter", crate::event::header_str(&job.headers, crate::event::HEADER_CLASS));
+        self.metrics.emit(InternalEvent::DeadLettered {
+            kind: rejection.kind.as_str(),
+            error: &rejection.message,
+            class: crate::event::header_str(&job.headers, crate::event::HEADER_CLASS),
+            source: &job.ticket.to_string(),
+        });
         let source = job.source();
         OutRecord {
             topic: self.settings.dead_letter_topic.clone(),
@@ -148,7 +151,7 @@ impl Inner {
             latency_ms: Latency { queue: queue_ms, inference: inference_ms, total: job.consumed_at.elapsed().as_secs_f64() * 1000.0 },
             attributes: event.attributes.clone(),
         };
-        self.metrics.count_image(if verdict.is_anomaly { "anomaly" } else { "normal" }, class);
+        self.metrics.emit(InternalEvent::Scored { anomaly: verdict.is_anomaly, class, source: &job.ticket.to_string() });
         let payload = serde_json::to_vec(&record).expect("score record serialises");
         let mut headers: Vec<(String, Vec<u8>)> =
             crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
