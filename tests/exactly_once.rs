@@ -29,12 +29,7 @@ fn unique_keys(records: &[Record]) -> usize {
 /// Produces `n` events, kills the operator with SIGKILL at three random points, restarts it each
 /// time, and returns (lost, duplicates) once every input has a score.
 fn kill_three_times(mode: &str, n: usize) -> (usize, usize) {
-    let broker = Broker::start();
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic(&input, 4);
-    broker.create_topic(&scores, 2);
-    broker.create_topic(&dlq, 1);
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start_with_score_partitions(4, 2);
     let (records, ids) = small_image_records(n, mode);
     publish(&broker.producer(), &input, &records);
     let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
@@ -102,16 +97,11 @@ fn at_least_once_survives_three_sigkills_with_no_loss() {
 #[ignore = "a real broker restart stalls the operator after the rebalance (open bug, see the comment above)"]
 fn broker_restart_mid_stream_recovers_without_loss() {
     let _serial = serial();
-    let mut broker = Broker::start();
+    let Scenario { mut broker, input, scores, dlq, group, tmp } = Scenario::start(2);
     if broker.is_external() {
         eprintln!("skipped: DCAM_TEST_BROKERS points at an external cluster we cannot restart");
         return;
     }
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic(&input, 2);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let tmp = tempfile::tempdir().unwrap();
     let (records, ids) = small_image_records(600, "restart");
     publish(&broker.producer(), &input, &records);
     let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
@@ -133,12 +123,9 @@ fn broker_restart_mid_stream_recovers_without_loss() {
 #[test]
 fn replay_scores_exactly_the_time_window_and_leaves_the_live_group_alone() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq, group, out) = (unique("images"), unique("scores"), unique("dlq"), unique("group"), unique("replayed"));
-    broker.create_topic(&input, 2);
-    for t in [&scores, &dlq, &out] {
-        broker.create_topic(t, 1);
-    }
+    let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start(2);
+    let out = unique("replayed");
+    broker.create_topic(&out, 1);
     // Three windows an hour apart, ten events each, with explicit record timestamps.
     let base = chrono::Utc::now().timestamp_millis() - 4 * 3_600_000;
     let (tiny, _) = small_image_records(30, "unused");
@@ -160,7 +147,6 @@ fn replay_scores_exactly_the_time_window_and_leaves_the_live_group_alone() {
     });
 
     // The live operator scores everything and commits.
-    let tmp = tempfile::tempdir().unwrap();
     let mut live = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path()).set("DCAM__HEATMAP__POLICY", "none").spawn("live");
     live.wait_ready(READY);
     assert_eq!(read_topic(&broker.brokers, &scores, 30, Duration::from_secs(300)).len(), 30);

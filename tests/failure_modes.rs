@@ -10,36 +10,6 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(120);
 
-/// A topic set and a temp dir for one operator run.
-struct Scenario {
-    broker: Broker,
-    input: String,
-    scores: String,
-    dlq: String,
-    group: String,
-    tmp: tempfile::TempDir,
-}
-
-impl Scenario {
-    fn start(partitions: i32) -> Scenario {
-        Self::with_limits(partitions, &[], &[])
-    }
-
-    /// With topic-level configs (e.g. `max.message.bytes`) for the input and dead-letter topics.
-    fn with_limits(partitions: i32, input_config: &[(&str, &str)], dlq_config: &[(&str, &str)]) -> Scenario {
-        let broker = Broker::start();
-        let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-        broker.create_topic_with(&input, partitions, input_config);
-        broker.create_topic(&scores, 1);
-        broker.create_topic_with(&dlq, 1, dlq_config);
-        Scenario { broker, input, scores, dlq, group, tmp: tempfile::tempdir().unwrap() }
-    }
-
-    fn operator(&self) -> OperatorConfig {
-        OperatorConfig::new(&self.broker.brokers, &self.input, &self.scores, &self.dlq, &self.group, self.tmp.path())
-    }
-}
-
 /// Row A: a dead letter bigger than the dead-letter topic allows. It must not be retried
 /// forever: a truncated stand-in goes out, the partition's offset moves on, SIGTERM works.
 #[test]
@@ -57,7 +27,7 @@ fn exactly_once_a_dead_letter_too_large_for_its_topic_is_replaced_and_the_offset
 fn too_large_dead_letter(mode: &str) {
     let _serial = serial();
     // The dead-letter topic keeps the broker's default limit: 1 MB.
-    let s = Scenario::with_limits(1, &[("max.message.bytes", "5242880")], &[]);
+    let s = Scenario::start_with(1, &[("max.message.bytes", "5242880")], &[]);
     let Scenario { broker, input, scores, dlq, group, .. } = &s;
 
     let junk: Vec<u8> = (0..1_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
@@ -94,7 +64,7 @@ fn too_large_dead_letter(mode: &str) {
 #[test]
 fn an_output_that_can_never_be_published_stops_the_operator_without_committing_past_it() {
     let _serial = serial();
-    let s = Scenario::with_limits(1, &[], &[("max.message.bytes", "2048")]);
+    let s = Scenario::start_with(1, &[], &[("max.message.bytes", "2048")]);
     let (records, _) = small_image_records(3, "ok");
     let mut all = records.clone();
     all.insert(1, (None, vec![b'x'; 100_000], vec![]));

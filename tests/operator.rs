@@ -15,12 +15,7 @@ const READ: Duration = Duration::from_secs(300);
 #[test]
 fn scores_every_image_with_the_documented_schema_and_heatmaps() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
-    broker.create_topic(&input, 3);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, tmp, .. } = Scenario::start(3);
     let heat = tmp.path().join("heatmaps");
 
     // Both wire forms, two classes.
@@ -93,12 +88,7 @@ fn scores_every_image_with_the_documented_schema_and_heatmaps() {
 #[test]
 fn heatmap_policy_anomalies_writes_only_anomalies() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
-    for t in [&input, &scores, &dlq] {
-        broker.create_topic(t, 1);
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, tmp, .. } = Scenario::start(1);
     let heat = tmp.path().join("heat");
     let (records, ids) = image_records(12, "pol");
     publish(&broker.producer(), &input, &records);
@@ -132,12 +122,7 @@ fn walk_files(dir: &std::path::Path) -> usize {
 #[test]
 fn malformed_inputs_go_to_the_dead_letter_topic_and_valid_ones_are_still_scored() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
-    for t in [&input, &scores, &dlq] {
-        broker.create_topic(t, 1);
-    }
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, tmp, .. } = Scenario::start(1);
     let claims = tmp.path().join("claims");
     std::fs::create_dir_all(&claims).unwrap();
     // Small real images (magnetic tile JPEGs) keep every valid record far below the limits.
@@ -238,12 +223,7 @@ fn malformed_inputs_go_to_the_dead_letter_topic_and_valid_ones_are_still_scored(
 #[test]
 fn sigterm_mid_stream_then_restart_loses_nothing() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic(&input, 2);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start(2);
     let (records, ids) = small_image_records(400, "term");
     publish(&broker.producer(), &input, &records);
     // A small in-flight bound: SIGTERM drains only what was taken in (and exercises pausing).
@@ -277,12 +257,7 @@ fn sigterm_mid_stream_then_restart_loses_nothing() {
 #[test]
 fn two_instances_in_one_group_share_the_partitions() {
     let _serial = serial();
-    let broker = Broker::start();
-    let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
-    broker.create_topic(&input, 4);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
-    let tmp = tempfile::tempdir().unwrap();
+    let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start(4);
     let cfg = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path()).set("DCAM__HEATMAP__POLICY", "none");
     let mut a = cfg.spawn("a");
     let mut b = cfg.spawn("b");

@@ -59,11 +59,7 @@ fn start_collector() -> (Collector, u16) {
 fn each_input_trace_is_continued_exported_and_carried_onto_its_score() {
     let _serial = serial();
     let (collector, port) = start_collector();
-    let broker = Broker::start();
-    let (input, scores, dlq) = (unique("images"), unique("scores"), unique("dlq"));
-    broker.create_topic(&input, 1);
-    broker.create_topic(&scores, 1);
-    broker.create_topic(&dlq, 1);
+    let Scenario { broker, input, scores, dlq, tmp, .. } = Scenario::start(1);
     let (mut records, ids) = small_image_records(4, "traced");
     // Each camera event arrives inside its own trace.
     let mut parents = HashMap::new();
@@ -74,7 +70,6 @@ fn each_input_trace_is_continued_exported_and_carried_onto_its_score() {
     }
     publish(&broker.producer(), &input, &records);
 
-    let tmp = tempfile::tempdir().unwrap();
     let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path())
         .set("DCAM__HEATMAP__POLICY", "none")
         .set("DCAM__TELEMETRY__OTLP_ENDPOINT", format!("http://127.0.0.1:{port}"))

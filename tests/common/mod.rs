@@ -475,3 +475,46 @@ fn records_cycling(files: Vec<dcam_stream::dataset::ImageFile>, n: usize, id_pre
     }
     (records, ids)
 }
+
+/// One operator run's world: a broker, fresh input/scores/dead-letter topics, a group id and a
+/// temp dir for logs and heatmaps. Destructure what a test needs:
+/// `let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start(2);`
+pub struct Scenario {
+    pub broker: Broker,
+    pub input: String,
+    pub scores: String,
+    pub dlq: String,
+    pub group: String,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Scenario {
+    /// `partitions` input partitions; one scores and one dead-letter partition.
+    pub fn start(partitions: i32) -> Scenario {
+        Self::start_with(partitions, &[], &[])
+    }
+
+    /// With several scores partitions (transactions then span partitions).
+    pub fn start_with_score_partitions(partitions: i32, score_partitions: i32) -> Scenario {
+        Self::create(partitions, score_partitions, &[], &[])
+    }
+
+    /// With topic-level configs (e.g. `max.message.bytes`) for the input and dead-letter topics.
+    pub fn start_with(partitions: i32, input_config: &[(&str, &str)], dlq_config: &[(&str, &str)]) -> Scenario {
+        Self::create(partitions, 1, input_config, dlq_config)
+    }
+
+    fn create(partitions: i32, score_partitions: i32, input_config: &[(&str, &str)], dlq_config: &[(&str, &str)]) -> Scenario {
+        let broker = Broker::start();
+        let (input, scores, dlq, group) = (unique("images"), unique("scores"), unique("dlq"), unique("group"));
+        broker.create_topic_with(&input, partitions, input_config);
+        broker.create_topic(&scores, score_partitions);
+        broker.create_topic_with(&dlq, 1, dlq_config);
+        Scenario { broker, input, scores, dlq, group, tmp: tempfile::tempdir().unwrap() }
+    }
+
+    /// The operator's settings for these topics, group and temp dir.
+    pub fn operator(&self) -> OperatorConfig {
+        OperatorConfig::new(&self.broker.brokers, &self.input, &self.scores, &self.dlq, &self.group, self.tmp.path())
+    }
+}
