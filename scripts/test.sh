@@ -6,9 +6,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== setup: ONNX Runtime library and Python environment"
+echo "== setup: ONNX Runtime library, Python environment, Chromium for the page test"
 scripts/fetch-ort.sh
 scripts/setup-python.sh
+# tests/inspection_page.rs drives the /ui page in a real browser (Debian's chromium).
+if [ ! -x "${DCAM_CHROMIUM:-/usr/bin/chromium}" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  else
+    echo "test.sh: Chromium is missing; install Debian's chromium (as root: apt-get install chromium) or set DCAM_CHROMIUM" >&2
+    exit 1
+  fi
+fi
 
 echo "== build"
 cargo build --locked --bins --tests

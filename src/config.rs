@@ -23,6 +23,7 @@ pub struct Settings {
     pub heatmap: HeatmapSettings,
     pub delivery: DeliverySettings,
     pub telemetry: TelemetrySettings,
+    pub inspect: InspectSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,12 +99,19 @@ pub struct TopicSettings {
     #[serde(default, with = "empty_is_none")]
     pub anomalies: Option<String>,
     pub dead_letter: String,
+    /// The compacted control topic (runtime thresholds, model announcements) every replica reads;
+    /// runtime changes are off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub control: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub path: String,
+    /// How often `path` is checked for a new file to hot-reload; 0 = never.
+    #[serde(rename = "watch_interval_ms", with = "millis")]
+    pub watch_interval: Duration,
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
 }
@@ -246,6 +254,19 @@ pub struct TelemetrySettings {
     #[serde(default, with = "empty_is_none")]
     pub otlp_endpoint: Option<String>,
     pub service_name: String,
+    /// Bearer token for the HTTP API's writes (thresholds, model); writes are off when empty.
+    #[serde(default)]
+    pub api_token: Secret,
+}
+
+/// The inspection page's in-memory data.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InspectSettings {
+    /// Bytes of recent score records and thumbnails kept for `/ui`; 0 = off.
+    pub recent_bytes: usize,
+    /// Thumbnail edge in pixels (heatmap over the model input); 0 = no thumbnails.
+    pub thumbnail_px: u32,
 }
 
 const MASK: &str = "***";
@@ -437,6 +458,18 @@ impl Settings {
             );
         }
         check(!self.model.path.is_empty(), "model.path must not be empty".into());
+        check(
+            self.model.watch_interval.is_zero() || self.model.watch_interval >= Duration::from_millis(500),
+            format!("model.watch_interval_ms must be 0 (off) or >= 500, got {}", ms(self.model.watch_interval)),
+        );
+        check(self.inspect.recent_bytes <= 1 << 30, format!("inspect.recent_bytes must be <= 1073741824, got {}", self.inspect.recent_bytes));
+        check(self.inspect.thumbnail_px <= 512, format!("inspect.thumbnail_px must be <= 512, got {}", self.inspect.thumbnail_px));
+        if let Some(control) = &self.topics.control {
+            check(
+                !self.kafka.input_topics.contains(control) && control != &self.topics.scores && control != &self.topics.dead_letter,
+                format!("topics.control ({control:?}) must be a topic of its own"),
+            );
+        }
         for (class, t) in &self.model.thresholds {
             check(t.is_finite(), format!("model.thresholds.{class} must be a finite number"));
         }

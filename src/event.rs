@@ -95,6 +95,8 @@ struct Envelope {
     attributes: Option<serde_json::Value>,
 }
 
+/// `dcam-error-kind` of a dead letter that replaces an output the broker refused.
+pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
 pub const HEADER_IMAGE_ID: &str = "dcam-image-id";
 pub const HEADER_CLASS: &str = "dcam-class";
 
@@ -208,12 +210,6 @@ pub struct ModelRef {
     pub version: String,
 }
 
-impl ModelRef {
-    pub fn of(info: &crate::inference::model::ModelInfo) -> Self {
-        Self { name: info.name.clone(), version: info.version.clone() }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
     /// From the record's timestamp to the moment we consumed it.
@@ -232,6 +228,9 @@ pub struct ScoreRecord {
     pub score: f32,
     pub raw_score: f32,
     pub threshold: f32,
+    /// Where `threshold` came from: the model's calibration, the configuration, or a runtime change.
+    #[serde(default)]
+    pub threshold_source: ThresholdSource,
     pub is_anomaly: bool,
     pub heatmap_uri: Option<String>,
     pub model: ModelRef,
@@ -239,6 +238,19 @@ pub struct ScoreRecord {
     pub scored_at: String,
     pub latency_ms: Latency,
     pub attributes: serde_json::Value,
+}
+
+/// Where the threshold an image was judged with came from (it is on every score record).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdSource {
+    /// The model's own calibration (`dcam.calibration`).
+    #[default]
+    Model,
+    /// `model.thresholds` in the configuration.
+    Config,
+    /// Set at runtime through the API / control topic.
+    Runtime,
 }
 
 /// Headers carried over to outputs and to dead letters.

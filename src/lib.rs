@@ -26,12 +26,15 @@
 //! thread reports consumer lag; the HTTP server (`/metrics`, `/healthz`, `/readyz`) runs on tokio.
 //! The contracts behind all of this are in `docs/DESIGN.md`.
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dataset;
 pub mod delivery;
 pub mod event;
 pub mod inference;
+pub mod inspect;
 pub mod kafka;
 pub mod memory;
 pub mod store;

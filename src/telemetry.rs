@@ -22,6 +22,12 @@ use crate::config::{LogFormat, TelemetrySettings};
 /// never disagree.
 #[derive(Debug, Clone, Copy)]
 pub enum InternalEvent<'a> {
+    /// A runtime change (threshold, model) was published through the API.
+    ControlChange { kind: &'a str },
+    /// A model was swapped in (hot reload).
+    ModelSwapped { name: &'a str, version: &'a str, source: &'a str },
+    /// A model was refused (contract, input size, warm-up); the active one keeps serving.
+    ModelRejected { source: &'a str, error: &'a str },
     /// An input was scored (`source` = `topic/partition/offset`).
     Scored { anomaly: bool, class: Option<&'a str>, source: &'a str },
     /// An input went to the dead-letter topic.
@@ -94,6 +100,19 @@ pub struct Metrics {
     pub provider: Family<ProviderLabels, Gauge>,
     pub transactions: Family<KindLabels, Counter>,
     pub heatmaps: Family<KindLabels, Counter>,
+    pub model_info: Family<ModelLabels, Gauge>,
+    pub model_reloads: Family<KindLabels, Counter>,
+    pub control_changes: Family<KindLabels, Counter>,
+    /// Sum of `consumer_lag` over partitions, for the live page.
+    pub total_lag: std::sync::atomic::AtomicI64,
+    dead_letter_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
+    known_models: Mutex<Vec<ModelLabels>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub name: String,
+    pub version: String,
 }
 
 impl Metrics {
@@ -117,9 +136,18 @@ impl Metrics {
             provider: Family::default(),
             transactions: Family::default(),
             heatmaps: Family::default(),
+            model_info: Family::default(),
+            model_reloads: Family::default(),
+            control_changes: Family::default(),
+            total_lag: Default::default(),
+            dead_letter_kinds: Mutex::default(),
+            known_models: Mutex::default(),
         };
         {
             let mut r = m.registry.lock().expect("fresh");
+            r.register("model_info", "The model serving now (1) and the ones before it (0)", m.model_info.clone());
+            r.register("model_reloads", "Model hot reloads by result (swapped, rejected)", m.model_reloads.clone());
+            r.register("control_changes", "Runtime changes published through the API, by kind (threshold, model)", m.control_changes.clone());
             r.register("images", "Input events by outcome (normal, anomaly, dead_letter) and class", m.images.clone());
             r.register("dead_letters", "Dead-lettered inputs by error kind", m.dead_letters.clone());
             r.register("batch_size", "Images per model run", m.batch_size.clone());
@@ -147,6 +175,25 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().expect("registry")).expect("encode metrics");
         out
+    }
+
+    /// Marks `name`/`version` as the model serving now, and every other one as not.
+    pub fn set_model(&self, name: &str, version: &str) {
+        let current = ModelLabels { name: name.into(), version: version.into() };
+        let known: Vec<ModelLabels> = self.known_models.lock().expect("metrics").clone();
+        for m in known.iter().filter(|m| **m != current) {
+            self.model_info.get_or_create(m).set(0);
+        }
+        self.model_info.get_or_create(&current).set(1);
+        let mut known = self.known_models.lock().expect("metrics");
+        if !known.contains(&current) {
+            known.push(current);
+        }
+    }
+
+    /// Dead letters so far by kind.
+    pub fn dead_letter_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.dead_letter_kinds.lock().expect("metrics").clone()
     }
 
     /// Sets the classes that may appear as label values (once, from the loaded model).
@@ -178,12 +225,25 @@ impl Metrics {
             InternalEvent::DeadLettered { kind, error, class, source } => {
                 tracing::warn!(source, kind, error, "dead-lettering input");
                 self.totals.dead_letters.fetch_add(1, Ordering::Relaxed);
+                *self.dead_letter_kinds.lock().expect("metrics").entry(kind.to_string()).or_default() += 1;
                 self.dead_letters.get_or_create(&KindLabels { kind: kind.into() }).inc();
                 self.images.get_or_create(&OutcomeLabels { outcome: "dead_letter".into(), class: self.class_label(class) }).inc();
             }
+            InternalEvent::ControlChange { kind } => {
+                self.control_changes.get_or_create(&KindLabels { kind: kind.into() }).inc();
+            }
+            InternalEvent::ModelSwapped { name, version, source } => {
+                tracing::info!(name, version, source, "model swapped in");
+                self.model_reloads.get_or_create(&KindLabels { kind: "swapped".into() }).inc();
+                self.set_model(name, version);
+            }
+            InternalEvent::ModelRejected { source, error } => {
+                tracing::error!(source, error, "model rejected; the active model keeps serving");
+                self.model_reloads.get_or_create(&KindLabels { kind: "rejected".into() }).inc();
+            }
             InternalEvent::OutputRefused { topic, bytes, error } => {
                 tracing::error!(topic, bytes, error, "the broker refused an output for good; publishing a truncated dead letter instead");
-                self.dead_letters.get_or_create(&KindLabels { kind: crate::delivery::record::TOO_LARGE_OUTPUT.into() }).inc();
+                self.dead_letters.get_or_create(&KindLabels { kind: crate::event::TOO_LARGE_OUTPUT.into() }).inc();
             }
         }
     }
@@ -229,6 +289,19 @@ impl Health {
         *stuck = partitions;
     }
 
+    /// `/readyz`: whether ready, and the details with the stuck partitions.
+    pub fn report(&self) -> (bool, serde_json::Value) {
+        let ready = self.is_ready();
+        let mut body = self.details.lock().expect("health").clone();
+        if let serde_json::Value::Object(ref mut o) = body {
+            o.insert("ready".into(), ready.into());
+            o.insert("stuck_partitions".into(), self.stuck.lock().expect("health").clone().into());
+        } else {
+            body = serde_json::json!({ "ready": ready });
+        }
+        (ready, body)
+    }
+
     /// Called by the source loop on every turn.
     pub fn beat(&self) {
         let ms = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64).max(1);
@@ -241,56 +314,6 @@ impl Health {
         let now = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64);
         last == 0 || now.saturating_sub(last) < HEARTBEAT_TIMEOUT.as_millis() as u64
     }
-}
-
-/// Serves `/metrics`, `/healthz`, `/readyz` until the task is dropped.
-pub async fn serve_http(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) -> Result<()> {
-    use axum::{http::StatusCode, routing::get, Json, Router};
-    let m = metrics.clone();
-    let h = health.clone();
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let m = m.clone();
-                async move { ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
-            }),
-        )
-        .route(
-            "/healthz",
-            get({
-                let h = health.clone();
-                move || {
-                    let h = h.clone();
-                    async move {
-                        if h.is_alive() {
-                            (StatusCode::OK, "ok\n")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "source loop stalled\n")
-                        }
-                    }
-                }
-            }),
-        )
-        .route(
-            "/readyz",
-            get(move || {
-                let h = h.clone();
-                async move {
-                    let mut body = h.details.lock().expect("health").clone();
-                    let ready = h.is_ready();
-                    if let serde_json::Value::Object(ref mut o) = body {
-                        o.insert("ready".into(), ready.into());
-                        o.insert("stuck_partitions".into(), h.stuck.lock().expect("health").clone().into());
-                    } else {
-                        body = serde_json::json!({ "ready": ready });
-                    }
-                    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-                    (code, Json(body))
-                }
-            }),
-        );
-    axum::serve(listener, app).await.context("http server")
 }
 
 /// Installs the log subscriber, plus an OTLP trace exporter when configured.

@@ -60,7 +60,8 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
     let cluster = MockCluster::new(1).context("starting the in-process Kafka (MockCluster)")?;
     let brokers = cluster.bootstrap_servers();
     let topic = settings.kafka.input_topics[0].clone();
-    for t in [&topic, &settings.topics.scores, &settings.topics.dead_letter] {
+    let control = settings.topics.control.clone();
+    for t in [Some(&topic), Some(&settings.topics.scores), Some(&settings.topics.dead_letter), control.as_ref()].into_iter().flatten() {
         cluster.create_topic(t, opts.partitions, 1)?;
     }
     let heatmaps = opts.heatmaps.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dcam-demo-heatmaps-{}", std::process::id())));
@@ -80,15 +81,10 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
 
     println!("dcam-stream demo: in-process Kafka at {brokers}, {} images from {}", files.len(), opts.dataset.display());
     let op = RunningOperator::start(settings.clone(), None).await?;
-    println!(
-        "model {} v{} ({} classes, {}px) on {}; metrics at http://{}/metrics",
-        op.engine.info.name,
-        op.engine.info.version,
-        op.engine.info.classes.len(),
-        op.engine.info.input_size,
-        op.engine.provider,
-        op.http_addr
-    );
+    let model = op.models.current();
+    let info = &model.engine.info;
+    println!("model {} v{} ({} classes, {}px) on {}", info.name, info.version, info.classes.len(), info.input_size, model.engine.provider);
+    println!("inspection page at http://{}/ui, metrics at http://{}/metrics", op.http_addr, op.http_addr);
     let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
     let mut reader = ScoreReader::start(kafka::base_config(&settings.kafka), &settings.topics.scores, files.len())?;
     let started = Instant::now();

@@ -51,8 +51,7 @@ impl OutRecord {
     }
 }
 
-/// `dcam-error-kind` of a dead letter that replaces an output the broker refused.
-pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
+pub use crate::event::TOO_LARGE_OUTPUT;
 /// How much of a refused record's payload its stand-in dead letter keeps.
 const STAND_IN_PAYLOAD_BYTES: usize = 16 * 1024;
 

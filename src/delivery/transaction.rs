@@ -12,8 +12,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::delivery::offsets::{OffsetTracker, PartitionKey, Ticket};
 use crate::delivery::record::{is_permanent, OutRecord};
-use crate::delivery::{OffsetTracker, PartitionKey, Ticket};
 use crate::telemetry::{KindLabels, Metrics};
 
 /// Finished outputs per partition and offset, waiting for the next transaction.

@@ -30,6 +30,15 @@ pub fn render_png(map: &[f32], size: u32, calibration: &Calibration, background:
     encode_png(&render(map, size, calibration, background))
 }
 
+/// A small JPEG of the heatmap over the input, for the inspection page.
+pub fn thumbnail_jpeg(map: &[f32], size: u32, calibration: &Calibration, input: &[u8], px: u32) -> Vec<u8> {
+    let full = render(map, size, calibration, Some(input));
+    let small = image::imageops::thumbnail(&full, px, px);
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80).encode_image(&small).expect("jpeg encode");
+    out
+}
+
 /// Encodes an RGB image as PNG.
 pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+pub use crate::event::ThresholdSource;
+
 pub const DEFAULT_CLASS: &str = "_default";
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -32,11 +34,36 @@ pub struct ModelInfo {
 pub struct Judgement {
     pub score: f32,
     pub threshold: f32,
+    pub threshold_source: ThresholdSource,
     pub is_anomaly: bool,
     pub calibration: Calibration,
 }
 
+/// Thresholds set at runtime, per model version and class (see `control`).
+#[derive(Debug, Default)]
+pub struct RuntimeThresholds(std::sync::RwLock<BTreeMap<(String, String), f32>>);
+
+impl RuntimeThresholds {
+    pub fn set(&self, model_version: &str, class: &str, threshold: Option<f32>) {
+        let mut map = self.0.write().expect("thresholds");
+        let key = (model_version.to_string(), class.to_string());
+        match threshold {
+            Some(t) => map.insert(key, t),
+            None => map.remove(&key),
+        };
+    }
+
+    pub fn get(&self, model_version: &str, class: &str) -> Option<f32> {
+        self.0.read().expect("thresholds").get(&(model_version.to_string(), class.to_string())).copied()
+    }
+}
+
 impl ModelInfo {
+    /// How score records name this model.
+    pub fn model_ref(&self) -> crate::event::ModelRef {
+        crate::event::ModelRef { name: self.name.clone(), version: self.version.clone() }
+    }
+
     /// Reads and validates `dcam.*` metadata; `get` looks a key up in `metadata_props`.
     pub fn from_metadata(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let req = |key: &str| get(key).ok_or_else(|| anyhow!("model metadata is missing {key:?} (see docs/DESIGN.md §1)"));
@@ -82,6 +109,8 @@ impl ModelInfo {
 #[derive(Debug, Clone)]
 pub struct Scorer {
     calibration: BTreeMap<String, Calibration>,
+    /// Classes whose threshold comes from `model.thresholds`.
+    configured: std::collections::BTreeSet<String>,
 }
 
 impl Scorer {
@@ -91,7 +120,19 @@ impl Scorer {
             let base = *calibration.get(class).or_else(|| calibration.get(DEFAULT_CLASS)).expect("validated");
             calibration.insert(class.clone(), Calibration { threshold: *t, ..base });
         }
-        Ok(Self { calibration })
+        Ok(Self { calibration, configured: threshold_overrides.keys().cloned().collect() })
+    }
+
+    /// Like `judge`, with a runtime threshold for the class winning over the configured one.
+    pub fn judge_with(&self, class: Option<&str>, raw: f32, runtime: Option<f32>) -> Judgement {
+        let Some(threshold) = runtime else { return self.judge(class, raw) };
+        let c = Calibration { threshold, ..self.calibration_for(class) };
+        Judgement { score: normalise(raw, &c), threshold, threshold_source: ThresholdSource::Runtime, is_anomaly: raw >= threshold, calibration: c }
+    }
+
+    /// The calibration entry `class` is judged by: its own, or `_default` for an unknown class.
+    pub fn class_key<'a>(&self, class: Option<&'a str>) -> &'a str {
+        class.filter(|k| self.calibration.contains_key(*k)).unwrap_or(DEFAULT_CLASS)
     }
 
     pub fn calibration_for(&self, class: Option<&str>) -> Calibration {
@@ -100,7 +141,9 @@ impl Scorer {
 
     pub fn judge(&self, class: Option<&str>, raw: f32) -> Judgement {
         let c = self.calibration_for(class);
-        Judgement { score: normalise(raw, &c), threshold: c.threshold, is_anomaly: raw >= c.threshold, calibration: c }
+        let key = self.class_key(class);
+        let threshold_source = if self.configured.contains(key) { ThresholdSource::Config } else { ThresholdSource::Model };
+        Judgement { score: normalise(raw, &c), threshold: c.threshold, threshold_source, is_anomaly: raw >= c.threshold, calibration: c }
     }
 }
 
@@ -193,5 +236,25 @@ mod tests {
         assert_eq!(j.threshold, 1.0);
         assert!(j.is_anomaly, "raw == threshold is anomalous");
         assert_eq!(s.judge(None, 0.0).threshold, 1.0);
+        assert_eq!(s.judge(Some("bottle"), 0.0).threshold_source, ThresholdSource::Config);
+        assert_eq!(s.judge(Some("screw"), 0.0).threshold_source, ThresholdSource::Model);
+    }
+
+    #[test]
+    fn runtime_thresholds_win_and_belong_to_a_model_version() {
+        let info = ModelInfo::from_metadata(meta(&[])).unwrap();
+        let s = Scorer::new(&info, &BTreeMap::from([("bottle".to_string(), 0.8f32)])).unwrap();
+        let runtime = RuntimeThresholds::default();
+        runtime.set("1.0", "bottle", Some(0.5));
+        let j = s.judge_with(Some("bottle"), 0.6, runtime.get("1.0", "bottle"));
+        assert_eq!((j.threshold, j.threshold_source, j.is_anomaly), (0.5, ThresholdSource::Runtime, true));
+        assert_eq!(
+            j.score,
+            normalise(0.6, &Calibration { threshold: 0.5, ..s.calibration_for(Some("bottle")) }),
+            "the score is normalised around the threshold used"
+        );
+        assert_eq!(runtime.get("2.0", "bottle"), None, "another model version starts from its own calibration");
+        runtime.set("1.0", "bottle", None);
+        assert_eq!(s.judge_with(Some("bottle"), 0.6, runtime.get("1.0", "bottle")).threshold_source, ThresholdSource::Config);
     }
 }

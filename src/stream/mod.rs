@@ -4,6 +4,7 @@
 pub mod offline;
 pub mod operator;
 pub mod pipeline;
+pub mod reload;
 pub mod replay;
 pub mod sink;
 pub mod source;

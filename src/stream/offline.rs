@@ -10,9 +10,9 @@ use anyhow::Result;
 use crate::config::Settings;
 use crate::dataset::ImageFile;
 use crate::delivery::Ticket;
+use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::inference::engine::Engine;
 use crate::inference::heatmap;
-use crate::inference::model::Scorer;
 use crate::stream::pipeline::{Job, Outcome, Pipeline};
 use crate::telemetry::Metrics;
 
@@ -41,9 +41,9 @@ pub fn score_files(
     heatmap_dir: Option<&Path>,
     mut on_result: impl FnMut(&FileScore),
 ) -> Result<Vec<FileScore>> {
-    let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
+    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, settings, &settings.model.path)?));
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
-    let pipeline = Pipeline::start(engine.clone(), &settings, Metrics::new(), Arc::new(tx));
+    let pipeline = Pipeline::start(models, settings, Metrics::new(), Arc::new(tx));
     let submit = pipeline.submitter();
     let feeder_files: Vec<ImageFile> = files.to_vec();
     let feeder = std::thread::spawn(move || {
@@ -85,7 +85,7 @@ pub fn score_files(
         };
         match outcome {
             Outcome::Scored(s) => {
-                let v = scorer.judge(f.class.as_deref(), s.raw_score);
+                let v = s.model.scorer.judge(f.class.as_deref(), s.raw_score);
                 let wanted = match settings.heatmap.policy {
                     crate::config::HeatmapPolicy::All => true,
                     crate::config::HeatmapPolicy::Anomalies => v.is_anomaly,

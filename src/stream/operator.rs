@@ -9,15 +9,19 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use crate::api::ApiState;
 use crate::config::{HeatmapPolicy, Settings};
+use crate::control::Control;
 use crate::delivery::{Delivery, OffsetTracker};
-use crate::event::ModelRef;
+use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::inference::engine::Engine;
-use crate::inference::model::Scorer;
+use crate::inference::model::RuntimeThresholds;
+use crate::inspect::Recent;
 use crate::kafka;
 use crate::store::BlobStore;
 use crate::stream::pipeline::Pipeline;
-use crate::stream::sink::{KafkaSink, SinkSettings};
+use crate::stream::reload::Reloader;
+use crate::stream::sink::{KafkaSink, Oversight, SinkSettings};
 use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
 
@@ -25,13 +29,16 @@ pub struct RunningOperator {
     shutdown: Arc<AtomicBool>,
     source: Option<std::thread::JoinHandle<Result<()>>>,
     lag: Option<std::thread::JoinHandle<()>>,
+    reloader: Option<std::thread::JoinHandle<()>>,
     pipeline: Option<Pipeline>,
     delivery: Arc<Delivery>,
+    control: Option<Arc<Control>>,
     http: tokio::task::JoinHandle<()>,
     pub http_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub engine: Arc<Engine>,
+    /// The serving model; hot reload swaps it.
+    pub models: Arc<ModelSlot>,
     pub heatmap_store: Option<String>,
 }
 
@@ -44,14 +51,6 @@ impl RunningOperator {
             .await
             .with_context(|| format!("cannot listen on telemetry.http_addr {}", settings.telemetry.http_addr))?;
         let http_addr = listener.local_addr()?;
-        let http = {
-            let (m, h) = (metrics.clone(), health.clone());
-            tokio::spawn(async move {
-                if let Err(e) = crate::telemetry::serve_http(listener, m, h).await {
-                    tracing::error!(error = %e, "http server stopped");
-                }
-            })
-        };
         let engine = match engine {
             Some(e) => e,
             None => {
@@ -61,13 +60,55 @@ impl RunningOperator {
         };
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
         metrics.set_classes(&engine.info.classes);
+        metrics.set_model(&engine.info.name, &engine.info.version);
+        let models = Arc::new(ModelSlot::new(ActiveModel::new(engine.clone(), &settings, &settings.model.path)?));
+
+        // Runtime thresholds and model announcements, read to the end before the first image.
+        let thresholds = Arc::new(RuntimeThresholds::default());
+        let control = match &settings.topics.control {
+            Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone()).await?)),
+            None => None,
+        };
+        let recent = Arc::new(Recent::new(settings.inspect.recent_bytes, settings.inspect.thumbnail_px));
+        let shared_settings = Arc::new(settings.clone());
+        let http = {
+            let state = ApiState {
+                metrics: metrics.clone(),
+                health: health.clone(),
+                recent: recent.clone(),
+                models: Some(models.clone()),
+                thresholds: thresholds.clone(),
+                control: control.clone(),
+                token: settings.telemetry.api_token.clone(),
+                settings: shared_settings.clone(),
+            };
+            tokio::spawn(async move {
+                if let Err(e) = crate::api::serve(listener, state).await {
+                    tracing::error!(error = %e, "http server stopped");
+                }
+            })
+        };
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let reloader = (control.is_some() || !settings.model.watch_interval.is_zero())
+            .then(|| {
+                Reloader {
+                    models: models.clone(),
+                    control: control.as_ref().map(|c| c.state.clone()),
+                    settings: shared_settings.clone(),
+                    metrics: metrics.clone(),
+                    runtime: tokio::runtime::Handle::current(),
+                }
+                .spawn(shutdown.clone())
+            })
+            .transpose()?;
+
         let tracker = Arc::new(OffsetTracker::new());
         let delivery = {
             let (s, t, m) = (settings.clone(), tracker.clone(), metrics.clone());
             Arc::new(tokio::task::spawn_blocking(move || Delivery::build(&s, t, m, Arc::default())).await??)
         };
-        let sink_settings = SinkSettings::from_settings(&settings, ModelRef::of(&engine.info));
-        let pipeline = assemble(&settings, engine.clone(), sink_settings, delivery.clone(), metrics.clone())?;
+        let oversight = Oversight { thresholds, recent: Some(recent) };
+        let pipeline = assemble(&settings, models.clone(), SinkSettings::from_settings(&settings), oversight, delivery.clone(), metrics.clone())?;
         let heatmap_store = pipeline.heatmap_store.clone();
         let pipeline = pipeline.pipeline;
 
@@ -84,7 +125,6 @@ impl RunningOperator {
             .context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
-        let shutdown = Arc::new(AtomicBool::new(false));
         let lag = source::spawn_lag_reporter(lag_config, tracker, metrics.clone(), shutdown.clone())?;
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
@@ -104,13 +144,27 @@ impl RunningOperator {
             true,
             serde_json::json!({
                 "provider": engine.provider,
-                "model": {"name": engine.info.name, "version": engine.info.version, "classes": engine.info.classes, "input_size": engine.info.input_size},
                 "topics": topics,
+                "control_topic": settings.topics.control,
                 "delivery": settings.delivery.mode,
             }),
         );
-        tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running");
-        Ok(Self { shutdown, source: Some(source), lag: Some(lag), pipeline: Some(pipeline), delivery, http, http_addr, metrics, health, engine, heatmap_store })
+        tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running; inspection page at http://{http_addr}/ui");
+        Ok(Self {
+            shutdown,
+            source: Some(source),
+            lag: Some(lag),
+            reloader,
+            pipeline: Some(pipeline),
+            delivery,
+            control,
+            http,
+            http_addr,
+            metrics,
+            health,
+            models,
+            heatmap_store,
+        })
     }
 
     /// The flag that asks the operator to stop (for signal handlers and watchdogs).
@@ -138,6 +192,12 @@ impl RunningOperator {
         if let Some(lag) = self.lag.take() {
             let _ = tokio::task::spawn_blocking(move || lag.join()).await;
         }
+        if let Some(reloader) = self.reloader.take() {
+            let _ = tokio::task::spawn_blocking(move || reloader.join()).await;
+        }
+        if let Some(control) = self.control.take() {
+            let _ = tokio::task::spawn_blocking(move || control.stop()).await;
+        }
         if let Some(p) = self.pipeline.take() {
             tokio::task::spawn_blocking(move || p.finish()).await?;
         }
@@ -162,17 +222,24 @@ pub struct Assembled {
     pub heatmap_store: Option<String>,
 }
 
-/// The stages every scoring run shares, `run` and `replay` alike: scorer, heatmap store, sink
-/// and pipeline, delivering through `delivery`. Each caller brings its own sink settings
-/// (topics, heatmap prefix) and delivery (the configured mode; replays always at-least-once).
-pub fn assemble(settings: &Settings, engine: Arc<Engine>, sink_settings: SinkSettings, delivery: Arc<Delivery>, metrics: Arc<Metrics>) -> Result<Assembled> {
+/// The stages every scoring run shares, `run` and `replay` alike: heatmap store, sink and
+/// pipeline, scoring with `models` and delivering through `delivery`. Each caller brings its own
+/// sink settings (topics, heatmap prefix), oversight (runtime thresholds, the page's buffer)
+/// and delivery (the configured mode; replays always at-least-once).
+pub fn assemble(
+    settings: &Settings,
+    models: Arc<ModelSlot>,
+    sink_settings: SinkSettings,
+    oversight: Oversight,
+    delivery: Arc<Delivery>,
+    metrics: Arc<Metrics>,
+) -> Result<Assembled> {
     let store = match settings.heatmap.policy {
         HeatmapPolicy::None => None,
         _ => Some(BlobStore::from_settings(&settings.heatmap)?),
     };
     let heatmap_store = store.as_ref().map(BlobStore::describe);
-    let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
-    let sink = KafkaSink::new(sink_settings, scorer, store, delivery, metrics.clone(), tokio::runtime::Handle::current());
-    let pipeline = Pipeline::start(engine, settings, metrics, Arc::new(sink));
+    let sink = KafkaSink::new(sink_settings, oversight, store, delivery, metrics.clone(), tokio::runtime::Handle::current());
+    let pipeline = Pipeline::start(models, settings, metrics, Arc::new(sink));
     Ok(Assembled { pipeline, heatmap_store })
 }

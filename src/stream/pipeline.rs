@@ -10,8 +10,9 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use crate::config::{BatchSettings, Settings};
 use crate::delivery::Ticket;
 use crate::event::{parse_event, ErrorKind, Headers, ImageEvent, ImageSource, Rejection, SourceRef, HEADER_CLASS, HEADER_IMAGE_ID};
+use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::inference::decode::{Decoder, ModelInput};
-use crate::inference::engine::{BatchOutput, Engine};
+use crate::inference::engine::BatchOutput;
 use crate::telemetry::Metrics;
 
 /// One consumed record, from the source to its outcome.
@@ -45,9 +46,10 @@ impl Job {
 }
 
 /// A scored image.
-#[derive(Debug)]
 pub struct Scored {
     pub job: Job,
+    /// The model that scored it (a hot reload may swap another in for the next batch).
+    pub model: Arc<ActiveModel>,
     pub event: ImageEvent,
     pub input: ModelInput,
     pub raw_score: f32,
@@ -55,7 +57,6 @@ pub struct Scored {
     pub inference_ms: f64,
 }
 
-#[derive(Debug)]
 pub enum Outcome {
     Scored(Box<Scored>),
     Rejected { job: Job, rejection: Rejection },
@@ -94,17 +95,18 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    pub fn start(engine: Arc<Engine>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
-        let decoder = Decoder::from_settings(settings, engine.input_size());
-        Self::start_with(engine, decoder, &settings.batch, metrics, sink)
+    pub fn start(models: Arc<ModelSlot>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+        let decoder = Decoder::from_settings(settings, models.current().engine.input_size());
+        Self::start_with(models, decoder, &settings.batch, metrics, sink)
     }
 
     /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
-    pub fn start_with(engine: Arc<Engine>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+    pub fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+        let sessions = models.current().engine.session_count();
         let workers = if decoder.settings().workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<Job>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
-        let (to_engine, batches) = bounded::<Vec<Decoded>>(engine.session_count());
+        let (to_engine, batches) = bounded::<Vec<Decoded>>(sessions);
         let decoder = Arc::new(decoder);
         let mut threads = Vec::new();
         for i in 0..workers {
@@ -115,9 +117,9 @@ impl Pipeline {
         let settings = batch.clone();
         let m = metrics.clone();
         threads.push(spawn("batcher".into(), move || batch_loop(decoded, to_engine, &settings, &m)));
-        for slot in 0..engine.session_count() {
-            let (batches, engine, sink, metrics) = (batches.clone(), engine.clone(), sink.clone(), metrics.clone());
-            threads.push(spawn(format!("engine-{slot}"), move || engine_loop(slot, batches, &engine, &*sink, &metrics)));
+        for slot in 0..sessions {
+            let (batches, models, sink, metrics) = (batches.clone(), models.clone(), sink.clone(), metrics.clone());
+            threads.push(spawn(format!("engine-{slot}"), move || engine_loop(slot, batches, &models, &*sink, &metrics)));
         }
         Self { submit: Some(submit), threads }
     }
@@ -217,10 +219,12 @@ fn batch_loop(decoded: Receiver<Decoded>, to_engine: Sender<Vec<Decoded>>, setti
     }
 }
 
-fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, engine: &Engine, sink: &dyn OutcomeSink, metrics: &Metrics) {
-    let s = engine.input_size() as usize;
+fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, models: &ModelSlot, sink: &dyn OutcomeSink, metrics: &Metrics) {
     let mut buffer = Vec::new();
     for batch in batches {
+        // One model per batch: a swap takes effect between batches.
+        let model = models.current();
+        let (engine, s) = (&model.engine, model.engine.input_size() as usize);
         let mut run = |items: &[Decoded]| -> Result<(BatchOutput, f64), String> {
             buffer.clear();
             for d in items {
@@ -238,7 +242,7 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, engine: &Engine, si
             &mut |items, out, inference_ms| {
                 for (i, d) in items.into_iter().enumerate() {
                     let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
-                    let scored = Scored { job: d.job, event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
+                    let scored = Scored { job: d.job, model: model.clone(), event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
                     sink.accept(Outcome::Scored(Box::new(scored)));
                 }
             },

@@ -18,10 +18,10 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
 use crate::delivery::{Delivery, OffsetTracker};
-use crate::event::ModelRef;
+use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::kafka;
 use crate::stream::operator::assemble;
-use crate::stream::sink::SinkSettings;
+use crate::stream::sink::{Oversight, SinkSettings};
 use crate::stream::source::job_from_message;
 use crate::telemetry::Metrics;
 
@@ -138,12 +138,15 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     let tracker = Arc::new(OffsetTracker::new());
     let dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
     let delivery = Arc::new(Delivery::at_least_once(&settings, &dead_letter_topic, tracker.clone(), metrics.clone(), Arc::default())?);
-    let mut sink_settings = SinkSettings::from_settings(&settings, ModelRef::of(&engine.info));
+    let mut sink_settings = SinkSettings::from_settings(&settings);
     sink_settings.scores_topic = req.output_topic.clone();
     sink_settings.anomalies_topic = None;
     sink_settings.dead_letter_topic = dead_letter_topic;
     sink_settings.heatmap_prefix = format!("replay/{id}");
-    let pipeline = assemble(&settings, engine, sink_settings, delivery.clone(), metrics.clone())?.pipeline;
+    // A replay judges with the model's calibration and the configured thresholds, not with
+    // runtime changes: it answers "what would this model have said".
+    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?));
+    let pipeline = assemble(&settings, models, sink_settings, Oversight::default(), delivery.clone(), metrics.clone())?.pipeline;
     let fatal = delivery.fatal().clone();
 
     let mut tpl = TopicPartitionList::new();

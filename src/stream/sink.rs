@@ -7,9 +7,10 @@ use std::time::Duration;
 use crate::config::{HeatmapPolicy, Settings};
 use crate::delivery::record::OutRecord;
 use crate::delivery::Delivery;
-use crate::event::{dead_letter_headers, Latency, ModelRef, Rejection, ScoreRecord};
+use crate::event::{dead_letter_headers, Latency, Rejection, ScoreRecord};
 use crate::inference::heatmap;
-use crate::inference::model::Scorer;
+use crate::inference::model::RuntimeThresholds;
+use crate::inspect::Recent;
 use crate::store::BlobStore;
 use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::telemetry::{InternalEvent, KindLabels, Metrics};
@@ -25,11 +26,10 @@ pub struct SinkSettings {
     pub heatmap_prefix: String,
     /// A heatmap write (retries included) that takes longer is given up: the score goes out.
     pub heatmap_write_timeout: Duration,
-    pub model: ModelRef,
 }
 
 impl SinkSettings {
-    pub fn from_settings(s: &Settings, model: ModelRef) -> Self {
+    pub fn from_settings(s: &Settings) -> Self {
         Self {
             scores_topic: s.topics.scores.clone(),
             anomalies_topic: s.topics.anomalies.clone(),
@@ -38,14 +38,21 @@ impl SinkSettings {
             overlay: s.heatmap.overlay,
             heatmap_prefix: String::new(),
             heatmap_write_timeout: s.heatmap.write_timeout,
-            model,
         }
     }
 }
 
+/// What judges a score beside the model: thresholds changed at runtime, and the inspection
+/// page's ring buffer.
+#[derive(Clone, Default)]
+pub struct Oversight {
+    pub thresholds: Arc<RuntimeThresholds>,
+    pub recent: Option<Arc<Recent>>,
+}
+
 struct Inner {
     settings: SinkSettings,
-    scorer: Scorer,
+    oversight: Oversight,
     store: Option<BlobStore>,
     delivery: Arc<Delivery>,
     metrics: Arc<Metrics>,
@@ -60,13 +67,13 @@ pub struct KafkaSink {
 impl KafkaSink {
     pub fn new(
         settings: SinkSettings,
-        scorer: Scorer,
+        oversight: Oversight,
         store: Option<BlobStore>,
         delivery: Arc<Delivery>,
         metrics: Arc<Metrics>,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { inner: Arc::new(Inner { settings, scorer, store, delivery, metrics }), runtime }
+        Self { inner: Arc::new(Inner { settings, oversight, store, delivery, metrics }), runtime }
     }
 }
 
@@ -110,21 +117,31 @@ impl Inner {
     }
 
     async fn score_records(&self, scored: Scored, span: &tracing::Span) -> Vec<OutRecord> {
-        let Scored { job, event, input, raw_score, map, inference_ms } = scored;
+        let Scored { job, model, event, input, raw_score, map, inference_ms } = scored;
         let class = event.class.as_deref();
-        let verdict = self.scorer.judge(class, raw_score);
+        let runtime = self.oversight.thresholds.get(&model.model.version, model.scorer.class_key(class));
+        let verdict = model.scorer.judge_with(class, raw_score, runtime);
         let wants_heatmap = match self.settings.heatmap_policy {
             HeatmapPolicy::All => true,
             HeatmapPolicy::Anomalies => verdict.is_anomaly,
             HeatmapPolicy::None => false,
+        } && self.store.is_some();
+        let thumbnail_px = self.oversight.recent.as_ref().filter(|r| r.wants_thumbnail(verdict.is_anomaly)).map(|r| r.thumbnail_px());
+        // Rendering is CPU work: off the async executor, both images in one go.
+        let (png, thumbnail) = if wants_heatmap || thumbnail_px.is_some() {
+            let (overlay, calibration, size) = (self.settings.overlay, verdict.calibration, input.size);
+            tokio::task::spawn_blocking(move || {
+                let png = wants_heatmap.then(|| heatmap::render_png(&map, size, &calibration, overlay.then_some(input.rgb.as_slice())));
+                (png, thumbnail_px.map(|px| heatmap::thumbnail_jpeg(&map, size, &calibration, &input.rgb, px)))
+            })
+            .await
+            .expect("heatmap render")
+        } else {
+            (None, None)
         };
         let mut heatmap_uri = None;
-        if let (true, Some(store)) = (wants_heatmap, &self.store) {
-            let key = heatmap::key(&self.settings.heatmap_prefix, &self.settings.model.version, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
-            let (overlay, calibration, size) = (self.settings.overlay, verdict.calibration, input.size);
-            let png = tokio::task::spawn_blocking(move || heatmap::render_png(&map, size, &calibration, overlay.then_some(input.rgb.as_slice())))
-                .await
-                .expect("heatmap render");
+        if let (Some(png), Some(store)) = (png, &self.store) {
+            let key = heatmap::key(&self.settings.heatmap_prefix, &model.model.version, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
             let timeout = self.settings.heatmap_write_timeout;
             heatmap_uri = tokio::time::timeout(timeout, put_with_retries(store, &key, png)).await.unwrap_or_else(|_| {
                 tracing::error!(key, ?timeout, "heatmap write timed out (heatmap.write_timeout_ms); publishing the score without it");
@@ -143,15 +160,19 @@ impl Inner {
             score: verdict.score,
             raw_score,
             threshold: verdict.threshold,
+            threshold_source: verdict.threshold_source,
             is_anomaly: verdict.is_anomaly,
             heatmap_uri,
-            model: self.settings.model.clone(),
+            model: model.model.clone(),
             source: job.source(),
             scored_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             latency_ms: Latency { queue: queue_ms, inference: inference_ms, total: job.consumed_at.elapsed().as_secs_f64() * 1000.0 },
             attributes: event.attributes.clone(),
         };
         self.metrics.emit(InternalEvent::Scored { anomaly: verdict.is_anomaly, class, source: &job.ticket.to_string() });
+        if let Some(recent) = &self.oversight.recent {
+            recent.push(&record, thumbnail);
+        }
         let payload = serde_json::to_vec(&record).expect("score record serialises");
         let mut headers: Vec<(String, Vec<u8>)> =
             crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();

@@ -246,11 +246,15 @@ pub fn spawn_lag_reporter(
     let client: BaseConsumer = config.create().map_err(|e| anyhow!("lag reporter client: {e}"))?;
     Ok(std::thread::Builder::new().name("lag".into()).spawn(move || {
         while !stop.load(Ordering::SeqCst) {
+            let mut total = 0;
             for ((topic, partition), pos) in tracker.positions(None) {
                 if let Ok((_, high)) = client.fetch_watermarks(&topic, partition, Duration::from_secs(2)) {
-                    metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set((high - pos).max(0));
+                    let lag = (high - pos).max(0);
+                    total += lag;
+                    metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set(lag);
                 }
             }
+            metrics.total_lag.store(total, Ordering::Relaxed);
             for _ in 0..50 {
                 if stop.load(Ordering::SeqCst) {
                     return;

@@ -251,6 +251,8 @@ impl OperatorConfig {
             ("DCAM__KAFKA__MAX_POLL_INTERVAL_MS", "15000".to_string()),
             ("DCAM__TOPICS__SCORES", scores.to_string()),
             ("DCAM__TOPICS__DEAD_LETTER", dlq.to_string()),
+            // Replicas of one group share their control topic; other tests never see it.
+            ("DCAM__TOPICS__CONTROL", format!("{group}.control")),
             ("DCAM__MODEL__PATH", model_path().display().to_string()),
             ("DCAM__DELIVERY__COMMIT_INTERVAL_MS", "200".to_string()),
             ("DCAM__BATCH__MAX_BATCH", "8".to_string()),
@@ -345,10 +347,16 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Minimal bodiless HTTP/1.1 request on localhost: (status, body).
 pub fn http_request(method: &str, port: u16, path: &str) -> Option<(u16, String)> {
+    http_send(method, port, path, &[], "")
+}
+
+/// Minimal HTTP/1.1 request with headers and a body on localhost: (status, body).
+pub fn http_send(method: &str, port: u16, path: &str, headers: &[(&str, &str)], body: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(if method == "GET" { 5 } else { 150 }))).ok()?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
@@ -426,21 +434,13 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// Publishes `(key, value, headers)` records in order and waits for every ack.
 pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>)]) -> Vec<(i32, i64)> {
-    use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::FutureRecord;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let mut out = Vec::new();
         for (key, value, headers) in records {
-            let mut h = OwnedHeaders::new();
-            for (k, v) in headers {
-                h = h.insert(Header { key: k, value: Some(v.as_slice()) });
-            }
-            let mut r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(value.as_slice()).headers(h);
-            if let Some(k) = key {
-                r = r.key(k.as_slice());
-            }
-            let d = producer.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("publish");
+            let record =
+                dcam_stream::delivery::record::OutRecord { topic: topic.to_string(), key: key.clone(), payload: Some(value.clone()), headers: headers.clone() };
+            let d = producer.send(record.to_future_record(), Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("publish");
             out.push((d.partition, d.offset));
         }
         out

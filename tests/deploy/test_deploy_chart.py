@@ -391,6 +391,24 @@ def test_sasl_ssl_s3_values():
     assert trigger["sasl"] == "scram_sha512" and trigger["tls"] == "enable"
 
 
+def test_ui_ingress_and_api_token():
+    """The page is exposed through an Ingress to the `http` port; the token comes from a Secret."""
+    values = yaml.safe_load((CHART / "ci" / "sasl-ssl-s3-values.yaml").read_text())
+    docs = manifests(values)
+    env = {e["name"]: e for e in container(docs)["env"]}
+    assert env["DCAM__TELEMETRY__API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dcam-ui-token", "key": "token"}
+    ingress = one(docs, "Ingress")
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "dcam.example.com" and ingress["spec"]["ingressClassName"] == "nginx"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": one(docs, "Service")["metadata"]["name"], "port": {"name": "http"}}
+    assert ingress["spec"]["tls"][0]["secretName"] == "dcam-ui-tls"
+    # Off by default: no Ingress, no token (writes refused by the operator).
+    defaults = manifests({})
+    assert not [d for d in defaults if d["kind"] == "Ingress"]
+    assert "DCAM__TELEMETRY__API_TOKEN" not in {e["name"] for e in container(defaults).get("env", [])}
+
+
 def test_no_secret_in_configmap(values_set):
     _, values = values_set
     cfg = tomllib.loads(config_toml(manifests(values)))
@@ -444,7 +462,7 @@ def test_chart_config_covers_default_toml():
     rendered = flat_keys(tomllib.loads(config_toml(manifests({}))))
     chart_managed = {"kafka.sasl_password", "kafka.ssl_key_password", "heatmap.s3.secret_access_key",
                      "heatmap.s3.access_key_id", "kafka.ssl_ca_location", "kafka.ssl_certificate_location",
-                     "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id"}
+                     "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id", "telemetry.api_token"}
     missing = default_keys() - rendered - chart_managed
     assert not missing, f"values.yaml config lacks {sorted(missing)} (new operator keys?)"
 

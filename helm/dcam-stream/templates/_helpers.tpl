@@ -275,6 +275,13 @@ overrides, then extraEnv.
       name: {{ .Values.heatmaps.s3.existingSecret }}
       key: {{ .Values.heatmaps.s3.secretAccessKeyKey }}
 {{- end }}
+{{- if .Values.ui.tokenSecret }}
+- name: DCAM__TELEMETRY__API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.ui.tokenSecret }}
+      key: {{ .Values.ui.tokenKey }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

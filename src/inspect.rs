@@ -1,0 +1,220 @@
+//! What the inspection page (`/ui`) shows, kept in memory and bounded: the latest scored images
+//! with heatmap thumbnails (so the page works with `heatmap.policy = none`), recent raw scores
+//! per class with their labels, and recent end-to-end latencies.
+//!
+//! Thumbnails cost a render per image, so normal images get one only while someone is watching
+//! (the page or its API was asked in the last few minutes); anomalies always do.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::event::ScoreRecord;
+
+/// How long after the last page or API request normal images still get thumbnails.
+const WATCH_WINDOW: Duration = Duration::from_secs(300);
+/// Recent raw scores kept per class for the histograms.
+const SCORES_PER_CLASS: usize = 2000;
+/// Latencies kept for the live percentiles.
+const LATENCY_WINDOW: Duration = Duration::from_secs(60);
+
+/// One scored image as the page lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentItem {
+    pub id: u64,
+    pub has_thumbnail: bool,
+    pub record: ScoreRecord,
+}
+
+struct Entry {
+    item: RecentItem,
+    thumbnail: Option<Vec<u8>>,
+    bytes: usize,
+}
+
+/// One class's recent raw scores; `normal` is the label from `attributes.label`, if any.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClassScores {
+    pub raw: VecDeque<f32>,
+    pub normal: VecDeque<Option<bool>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: VecDeque<Entry>,
+    bytes: usize,
+    next_id: u64,
+    scores: BTreeMap<String, ClassScores>,
+    latencies: VecDeque<(Instant, f64)>,
+}
+
+pub struct Recent {
+    max_bytes: usize,
+    thumbnail_px: u32,
+    inner: Mutex<Inner>,
+    started: Instant,
+    /// Milliseconds since `started` of the last request from the page (0 = never).
+    watched_at: AtomicU64,
+}
+
+impl Recent {
+    /// `max_bytes` bounds records and thumbnails together; 0 turns the ring buffer off.
+    pub fn new(max_bytes: usize, thumbnail_px: u32) -> Self {
+        Self { max_bytes, thumbnail_px, inner: Mutex::default(), started: Instant::now(), watched_at: AtomicU64::new(0) }
+    }
+
+    pub fn thumbnail_px(&self) -> u32 {
+        self.thumbnail_px
+    }
+
+    /// Called by the page's endpoints: someone is looking.
+    pub fn watched(&self) {
+        self.watched_at.store(self.started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// Whether an image should get a thumbnail.
+    pub fn wants_thumbnail(&self, anomaly: bool) -> bool {
+        if self.max_bytes == 0 || self.thumbnail_px == 0 {
+            return false;
+        }
+        let at = self.watched_at.load(Ordering::Relaxed);
+        anomaly || (at > 0 && self.started.elapsed().as_millis() as u64 - at < WATCH_WINDOW.as_millis() as u64)
+    }
+
+    /// Adds a scored image; the oldest ones go when the byte bound is reached.
+    pub fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>) {
+        let mut inner = self.inner.lock().expect("recent");
+        let now = Instant::now();
+        inner.latencies.push_back((now, record.latency_ms.total));
+        while inner.latencies.front().is_some_and(|(t, _)| now.duration_since(*t) > LATENCY_WINDOW) {
+            inner.latencies.pop_front();
+        }
+        let class = record.class.clone().unwrap_or_else(|| "_none".into());
+        let scores = inner.scores.entry(class).or_default();
+        scores.raw.push_back(record.raw_score);
+        scores.normal.push_back(normal_label(&record.attributes));
+        if scores.raw.len() > SCORES_PER_CLASS {
+            scores.raw.pop_front();
+            scores.normal.pop_front();
+        }
+        if self.max_bytes == 0 {
+            return;
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let bytes = thumbnail.as_ref().map_or(0, Vec::len) + record_size(record);
+        inner.bytes += bytes;
+        inner.entries.push_back(Entry { item: RecentItem { id, has_thumbnail: thumbnail.is_some(), record: record.clone() }, thumbnail, bytes });
+        while inner.bytes > self.max_bytes {
+            let Some(old) = inner.entries.pop_front() else { break };
+            inner.bytes -= old.bytes;
+        }
+    }
+
+    /// The newest images first, optionally one class or anomalies only.
+    pub fn list(&self, class: Option<&str>, anomalies_only: bool, limit: usize) -> Vec<RecentItem> {
+        let inner = self.inner.lock().expect("recent");
+        inner
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| class.is_none_or(|c| e.item.record.class.as_deref() == Some(c)))
+            .filter(|e| !anomalies_only || e.item.record.is_anomaly)
+            .take(limit)
+            .map(|e| e.item.clone())
+            .collect()
+    }
+
+    pub fn thumbnail(&self, id: u64) -> Option<Vec<u8>> {
+        let inner = self.inner.lock().expect("recent");
+        inner.entries.iter().find(|e| e.item.id == id).and_then(|e| e.thumbnail.clone())
+    }
+
+    pub fn scores(&self) -> BTreeMap<String, ClassScores> {
+        self.inner.lock().expect("recent").scores.clone()
+    }
+
+    /// (p50, p99) end-to-end latency in ms over the last minute.
+    pub fn latency_percentiles(&self) -> Option<(f64, f64)> {
+        let inner = self.inner.lock().expect("recent");
+        let mut ms: Vec<f64> = inner.latencies.iter().map(|(_, l)| *l).collect();
+        if ms.is_empty() {
+            return None;
+        }
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+
+    /// Bytes held now (records and thumbnails).
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().expect("recent").bytes
+    }
+}
+
+fn record_size(record: &ScoreRecord) -> usize {
+    // Strings dominate; the attributes are counted by their JSON size.
+    512 + record.image_id.len() + record.heatmap_uri.as_ref().map_or(0, String::len) + record.attributes.to_string().len()
+}
+
+/// `attributes.label` of a camera event, when it says whether the part was good:
+/// `good` / `normal` / `ok` → normal; any other string → not normal; absent → unknown.
+fn normal_label(attributes: &serde_json::Value) -> Option<bool> {
+    let label = attributes.get("label")?.as_str()?.to_ascii_lowercase();
+    Some(matches!(label.as_str(), "good" | "normal" | "ok"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Latency, ModelRef, SourceRef};
+
+    fn record(id: &str, class: &str, raw: f32, anomaly: bool, label: Option<&str>) -> ScoreRecord {
+        ScoreRecord {
+            image_id: id.into(),
+            class: Some(class.into()),
+            score: 0.5,
+            raw_score: raw,
+            threshold: 1.0,
+            threshold_source: crate::inference::model::ThresholdSource::Model,
+            is_anomaly: anomaly,
+            heatmap_uri: None,
+            model: ModelRef { name: "m".into(), version: "1".into() },
+            source: SourceRef { topic: "t".into(), partition: 0, offset: 0, timestamp: None },
+            scored_at: String::new(),
+            latency_ms: Latency { queue: 0.0, inference: 1.0, total: 10.0 },
+            attributes: label.map_or(serde_json::json!({}), |l| serde_json::json!({"label": l})),
+        }
+    }
+
+    #[test]
+    fn the_ring_buffer_stays_under_its_byte_bound_and_lists_newest_first() {
+        let recent = Recent::new(10_000, 64);
+        for i in 0..100 {
+            recent.push(&record(&format!("img-{i}"), if i % 2 == 0 { "bottle" } else { "tile" }, i as f32, i % 10 == 0, Some("good")), Some(vec![0u8; 500]));
+        }
+        assert!(recent.bytes() <= 10_000, "{} bytes", recent.bytes());
+        let newest = recent.list(None, false, 3);
+        assert_eq!(newest.iter().map(|i| i.record.image_id.as_str()).collect::<Vec<_>>(), ["img-99", "img-98", "img-97"]);
+        assert!(recent.list(Some("bottle"), false, 100).iter().all(|i| i.record.class.as_deref() == Some("bottle")));
+        assert!(recent.list(None, true, 100).iter().all(|i| i.record.is_anomaly));
+        assert!(recent.thumbnail(newest[0].id).is_some() && recent.thumbnail(0).is_none(), "the oldest thumbnails are gone");
+        // The score history is kept beyond the thumbnails, with labels.
+        assert_eq!(recent.scores()["bottle"].raw.len(), 50);
+        assert_eq!(recent.scores()["tile"].normal[0], Some(true));
+    }
+
+    #[test]
+    fn normal_images_get_thumbnails_only_while_watched() {
+        let recent = Recent::new(1 << 20, 64);
+        assert!(recent.wants_thumbnail(true) && !recent.wants_thumbnail(false));
+        recent.watched();
+        assert!(recent.wants_thumbnail(false));
+        assert!(!Recent::new(0, 64).wants_thumbnail(true), "off when the buffer is off");
+        assert_eq!(normal_label(&serde_json::json!({"label": "crack"})), Some(false));
+        assert_eq!(normal_label(&serde_json::json!({})), None);
+    }
+}
