@@ -121,6 +121,8 @@ impl Control {
         let stop = Arc::new(AtomicBool::new(false));
         let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("{}-control-{}", settings.kafka.group_id, rand::random::<u32>()))
             .set("isolation.level", "read_uncommitted")
+            // A change should reach every replica well within a second.
+            .set("fetch.wait.max.ms", "100")
             .create()
             .context("creating the control-topic reader")?;
         let (c, t) = (consumer, topic.to_string());

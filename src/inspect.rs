@@ -81,7 +81,7 @@ impl Recent {
             return false;
         }
         let at = self.watched_at.load(Ordering::Relaxed);
-        anomaly || (at > 0 && self.started.elapsed().as_millis() as u64 - at < WATCH_WINDOW.as_millis() as u64)
+        anomaly || (at > 0 && (self.started.elapsed().as_millis() as u64).saturating_sub(at) < WATCH_WINDOW.as_millis() as u64)
     }
 
     /// Adds a scored image; the oldest ones go when the byte bound is reached.

@@ -33,7 +33,7 @@ pub fn render_png(map: &[f32], size: u32, calibration: &Calibration, background:
 /// A small JPEG of the heatmap over the input, for the inspection page.
 pub fn thumbnail_jpeg(map: &[f32], size: u32, calibration: &Calibration, input: &[u8], px: u32) -> Vec<u8> {
     let full = render(map, size, calibration, Some(input));
-    let small = image::imageops::thumbnail(&full, px, px);
+    let small = if px >= size { full } else { image::imageops::thumbnail(&full, px, px) };
     let mut out = Vec::new();
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80).encode_image(&small).expect("jpeg encode");
     out

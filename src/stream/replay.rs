@@ -138,11 +138,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     let tracker = Arc::new(OffsetTracker::new());
     let dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
     let delivery = Arc::new(Delivery::at_least_once(&settings, &dead_letter_topic, tracker.clone(), metrics.clone(), Arc::default())?);
-    let mut sink_settings = SinkSettings::from_settings(&settings);
-    sink_settings.scores_topic = req.output_topic.clone();
-    sink_settings.anomalies_topic = None;
-    sink_settings.dead_letter_topic = dead_letter_topic;
-    sink_settings.heatmap_prefix = format!("replay/{id}");
+    let sink_settings = SinkSettings::for_replay(&settings, &req.output_topic, &dead_letter_topic, &id);
     // A replay judges with the model's calibration and the configured thresholds, not with
     // runtime changes: it answers "what would this model have said".
     let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?));

@@ -29,6 +29,18 @@ pub struct SinkSettings {
 }
 
 impl SinkSettings {
+    /// A replay's outputs: its own scores and dead-letter topics, no anomalies topic, and
+    /// heatmaps under `replay/<id>` so they never overwrite the live ones.
+    pub fn for_replay(s: &Settings, scores_topic: &str, dead_letter_topic: &str, replay_id: &str) -> Self {
+        Self {
+            scores_topic: scores_topic.to_string(),
+            anomalies_topic: None,
+            dead_letter_topic: dead_letter_topic.to_string(),
+            heatmap_prefix: format!("replay/{replay_id}"),
+            ..Self::from_settings(s)
+        }
+    }
+
     pub fn from_settings(s: &Settings) -> Self {
         Self {
             scores_topic: s.topics.scores.clone(),
@@ -80,7 +92,15 @@ impl KafkaSink {
 impl OutcomeSink for KafkaSink {
     fn accept(&self, outcome: Outcome) {
         let inner = self.inner.clone();
-        self.runtime.spawn(async move { inner.handle(outcome).await });
+        self.runtime.spawn(async move {
+            use futures::FutureExt;
+            // A panic here would leave the input unfinished for good: stop the instance instead,
+            // so nothing is committed past it and a restart scores it again.
+            if let Err(panic) = std::panic::AssertUnwindSafe(inner.handle(outcome)).catch_unwind().await {
+                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                inner.delivery.fatal().set(format!("a sink task panicked: {what}"));
+            }
+        });
     }
 }
 

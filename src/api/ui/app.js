@@ -100,9 +100,11 @@ async function applyThreshold(cls, value, status) {
 }
 
 async function refreshScores() {
+  const box = $("histograms");
+  // Leave the panels alone while someone is typing a threshold.
+  if (box.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return;
   const data = await getJson("/api/scores");
   thresholds = data.thresholds;
-  const box = $("histograms");
   const filter = $("class-filter");
   const known = new Set([...filter.options].map((o) => o.value));
   for (const cls of Object.keys(thresholds)) if (!known.has(cls) && cls !== "_default") filter.appendChild(el("option", { value: cls, text: cls }));
@@ -133,10 +135,34 @@ async function refreshScores() {
   box.replaceChildren(...panels);
 }
 
+/// The last five minutes of a live value as a line.
+const history = { rate: [], p99: [] };
+function sparkline(canvas, values) {
+  const ctx = canvas.getContext("2d");
+  const w = (canvas.width = canvas.clientWidth * devicePixelRatio);
+  const h = (canvas.height = canvas.clientHeight * devicePixelRatio);
+  ctx.clearRect(0, 0, w, h);
+  const top = Math.max(1e-9, ...values.filter((v) => v !== null));
+  ctx.strokeStyle = "#9fc2ff";
+  ctx.lineWidth = devicePixelRatio;
+  ctx.beginPath();
+  values.forEach((v, i) => {
+    const x = (i / Math.max(1, values.length - 1)) * w, y = h - ((v || 0) / top) * (h - 2) - 1;
+    if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+  });
+  ctx.stroke();
+}
+
 function live() {
   const source = new EventSource("/api/live");
   source.addEventListener("stats", (e) => {
     const s = JSON.parse(e.data);
+    for (const [key, value] of [["rate", s.images_per_second], ["p99", s.latency_ms.p99]]) {
+      history[key].push(value);
+      if (history[key].length > 300) history[key].shift();
+    }
+    sparkline($("rate-history"), history.rate);
+    sparkline($("p99-history"), history.p99);
     $("rate").textContent = fmt(s.images_per_second, 1);
     $("p50").textContent = fmt(s.latency_ms.p50, 0);
     $("p99").textContent = fmt(s.latency_ms.p99, 0);
