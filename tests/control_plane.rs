@@ -45,7 +45,7 @@ fn a_threshold_change_reaches_every_replica_and_survives_a_restart() {
     assert_eq!(before["bottle"]["source"], "model", "{before}");
 
     // Writes need the token.
-    let body = r#"{"threshold": 123.5}"#;
+    let body = r#"{"threshold": 1000000.0}"#;
     assert_eq!(http_send("PUT", a.http_port, "/api/thresholds/bottle", &[("Content-Type", "application/json")], body).unwrap().0, 401);
     assert_eq!(
         http_send("PUT", a.http_port, "/api/thresholds/bottle", &[("Authorization", "Bearer wrong"), ("Content-Type", "application/json")], body).unwrap().0,
@@ -67,8 +67,8 @@ fn a_threshold_change_reaches_every_replica_and_survives_a_restart() {
     };
     let lag = changed_at.elapsed();
     eprintln!("threshold change visible on the other replica after {lag:?}");
-    assert_eq!(on_b["bottle"]["threshold"], 123.5);
-    assert_eq!(thresholds(a.http_port)["bottle"]["threshold"], 123.5, "read-your-writes on the replica that took the request");
+    assert_eq!(on_b["bottle"]["threshold"], 1000000.0);
+    assert_eq!(thresholds(a.http_port)["bottle"]["threshold"], 1000000.0, "read-your-writes on the replica that took the request");
 
     // Scores say which threshold judged them (both replicas score: two partitions).
     let (records, ids) = image_records(8, "thr");
@@ -77,8 +77,8 @@ fn a_threshold_change_reaches_every_replica_and_survives_a_restart() {
     assert_eq!(out.len(), ids.len());
     for r in out.iter().map(Record::json) {
         if r["class"] == "bottle" {
-            assert_eq!((r["threshold"].as_f64(), r["threshold_source"].as_str()), (Some(123.5), Some("runtime")), "{r}");
-            assert_eq!(r["is_anomaly"], false, "nothing reaches a raw score of 123.5: {r}");
+            assert_eq!((r["threshold"].as_f64(), r["threshold_source"].as_str()), (Some(1000000.0), Some("runtime")), "{r}");
+            assert_eq!(r["is_anomaly"], false, "no image reaches a raw score of a million: {r}");
         } else {
             assert_eq!(r["threshold_source"], "model", "{r}");
         }
@@ -88,13 +88,13 @@ fn a_threshold_change_reaches_every_replica_and_survives_a_restart() {
     assert!(b.terminate(Duration::from_secs(60)).success());
     let mut b2 = cfg.spawn("b2");
     b2.wait_ready(READY);
-    assert_eq!(thresholds(b2.http_port)["bottle"]["threshold"], 123.5);
+    assert_eq!(thresholds(b2.http_port)["bottle"]["threshold"], 1000000.0);
 
     // The audit trail: who, when, old and new, on the compacted control topic.
     let control = read_topic(&broker.brokers, &format!("{group}.control"), 1, Duration::from_secs(30));
     let audit = control.last().expect("a control record").json();
     assert_eq!((audit["kind"].as_str(), audit["class"].as_str(), audit["by"].as_str()), (Some("threshold"), Some("bottle"), Some("qe-alice")), "{audit}");
-    assert_eq!(audit["threshold"], 123.5);
+    assert_eq!(audit["threshold"], 1000000.0);
     assert!((audit["previous"].as_f64().unwrap() - model_threshold).abs() < 1e-4, "{audit}");
     assert!(audit["at"].as_str().is_some_and(|t| t.starts_with("20")), "{audit}");
 
