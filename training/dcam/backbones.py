@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torchvision
 
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .efficientnet_lite import EfficientNetLite0, Renormalize, Stem
 
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_lite0")
@@ -75,12 +76,11 @@ def build_backbone(name: str, pretrained_path: str | Path | None = None) -> Mult
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         return MultiScale([stem, net.layer2, net.layer3], [64, 128, 256])
     if name == "efficientnet_lite0":
-        from .model import IMAGENET_MEAN, IMAGENET_STD  # lazy: model imports this module
         net = EfficientNetLite0()
         if pretrained_path:
             net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
         b = net._blocks  # strides: stem+[0:3] -> 4 (24ch), [3:5] -> 8 (40ch), [5:11] -> 16 (112ch); head unused
-        # The inputs arrive ImageNet-normalised (model.Normalize); the Lite weights expect mean/std 0.5.
+        # The inputs arrive ImageNet-normalised (torch_model.Normalize); the Lite weights expect mean/std 0.5.
         first = nn.Sequential(Renormalize(IMAGENET_MEAN, IMAGENET_STD), Stem(net._conv_stem, net._bn0), *b[0:3])
         return MultiScale([first, nn.Sequential(*b[3:5]), nn.Sequential(*b[5:11])], [24, 40, 112])
     raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")

@@ -13,7 +13,9 @@ from dcam.data import load_test, load_train_val
 from dcam.density import DensityHead
 from dcam.evaluate import evaluate_split, markdown_table, predict, validation_estimate
 from dcam.export import check_contract, export_onnx, run_onnx
-from dcam.model import DistillModel, load_checkpoint, save_checkpoint, variant_config
+from dcam.checkpoint import load_checkpoint, save_checkpoint
+from dcam.config import variant_config
+from dcam.torch_model import DistillModel
 from dcam.pixel_norm import PixelNorm
 from dcam.recover import model_from_onnx
 from dcam.train import train
@@ -66,8 +68,7 @@ def headed(mvtec_root, tmp_path_factory):
     model = DistillModel(variant_config("stfpm", input_size=S, score_rule="top1pct_mean", density="map",
                                         tta_views=2, pixel_norm="score", w_map=0.5))
     train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=2, progress=False, log=lambda *_: None)
-    model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
-                                    tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
+    model.fit_heads(classes, tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
     _, val_scores = predict(model, va.images, progress=False)
     path = tmp_path_factory.mktemp("heads") / "h.onnx"
     export_onnx(model, path, classes, calibrate(val_scores, va.classes), {}, model.cfg.to_dict() | {"variant": "stfpm"})
@@ -126,8 +127,7 @@ def test_class_without_masks(mvtec_root, tmp_path):
     tr, va = load_train_val(root, classes, S, val_fraction=0.25, seed=0, progress=False)
     model = DistillModel(variant_config("stfpm", input_size=S, density="map"))
     train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=1, progress=False, log=lambda *_: None)
-    model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
-                                    tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
+    model.fit_heads(classes, tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
     test = load_test(root, classes, S, progress=False)
     assert test.no_mask_classes == {"tile"}
     with warnings.catch_warnings():
