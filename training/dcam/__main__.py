@@ -57,7 +57,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
-SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5)
+SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5, density_groups=1)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +71,9 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                    help="per-class per-pixel map normalisation from held-out normals: off, for the image score "
                         "only (output map raw), or for the output map too")
     p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
+    p.add_argument("--density-groups", type=int, default=d["density_groups"],
+                   help="up to K Gaussians per class in the density head (k-means groups of >= 100 training images; "
+                        "not chosen on the synthetic validation, see MODEL_CARD)")
     p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
                    "(<dir>/<class>/<defect>/<img>; never the test split); default: synthetic defects")
 
@@ -78,7 +81,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
                 tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
-                w_map=args.w_map)
+                w_map=args.w_map, density_groups=args.density_groups)
 
 
 def _classes(args) -> tuple[Path, list[str]]:
@@ -130,7 +133,8 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     if model.cfg.density:
-        model.fit_heads(classes, train_split.images, train_split.classes, val_split.images, val_split.classes)
+        heads = model.fit_heads(classes, train_split.images, train_split.classes, val_split.images, val_split.classes)
+        train_config["density_groups_per_class"] = heads.density.groups  # recover.model_from_onnx needs them
     train_config["heads_fit_s"] = round(time.time() - t0, 1)
     _, val_scores = predict(model, val_split.images, progress=not args.quiet)
     cal = calibrate(val_scores, val_split.classes, args.fpr)

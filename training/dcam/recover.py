@@ -67,7 +67,8 @@ def model_from_onnx(path, teacher_weights=None) -> DistillModel:
     head buffers from the initializers of the same name (used for parity tests)."""
     model, meta = student_model_from_onnx(path, teacher_weights)
     if model.cfg.density:
-        heads = model.attach_heads(json.loads(meta["dcam.classes"]))
+        groups = json.loads(meta["dcam.train_config"]).get("density_groups_per_class")  # absent up to v0.2.0: 1 each
+        heads = model.attach_heads(json.loads(meta["dcam.classes"]), groups)
         init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
         for name, buf in heads.named_buffers():
             if not name.startswith("deep."):

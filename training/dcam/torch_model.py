@@ -52,18 +52,20 @@ class DistillModel(nn.Module):
         self.anomaly_map = self._anomaly_map()
         self.heads = None
 
-    def attach_heads(self, classes: list[str]) -> ImageHeads:
+    def attach_heads(self, classes: list[str], groups: list[int] | None = None) -> ImageHeads:
+        """Unfitted heads of cfg; `groups`: the density Gaussians per class of a fitted model being loaded."""
         cfg = self.cfg
         deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density == "deep" else None
         dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
-        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep).eval()
+        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep,
+                                groups).eval()
         return self.heads
 
     def fit_heads(self, classes: list[str], train_images, train_classes, val_images, val_classes, log=print) -> ImageHeads:
         """Attach the heads of cfg and fit them (heads.ImageHeads.fit) with this model's teacher and map."""
         heads = self.attach_heads(classes)
         heads.fit(self.teacher, self.normalize, self.student_map, self.anomaly_map.score,
-                  train_images, train_classes, val_images, val_classes, log=log)
+                  train_images, train_classes, val_images, val_classes, log=log, max_groups=self.cfg.density_groups)
         return heads
 
     @torch.no_grad()
