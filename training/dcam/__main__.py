@@ -4,22 +4,23 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
-from .anomaly_map import SCORE_RULES, AnomalyMap
+from .anomaly_map import SCORE_RULES
 from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import VARIANTS, variant_config
 from .data import REPO_ROOT, discover_classes, load_test, load_train_val, load_val_defects, resolve_data_root
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
                        validation_estimate, write_reports)
 from .export import export_onnx, run_onnx
-from .model import VARIANTS, DistillModel, load_checkpoint, save_checkpoint, variant_config
-from .recover import load_student_from_onnx
+from .recover import student_model_from_onnx
+from .torch_model import DistillModel
 from .train import cache_teacher, train
 
 
@@ -56,7 +57,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
-SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5)
+SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5, density_groups=1)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +71,9 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                    help="per-class per-pixel map normalisation from held-out normals: off, for the image score "
                         "only (output map raw), or for the output map too")
     p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
+    p.add_argument("--density-groups", type=int, default=d["density_groups"],
+                   help="up to K Gaussians per class in the density head (k-means groups of >= 100 training images; "
+                        "not chosen on the synthetic validation, see MODEL_CARD)")
     p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
                    "(<dir>/<class>/<defect>/<img>; never the test split); default: synthetic defects")
 
@@ -77,7 +81,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
                 tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
-                w_map=args.w_map)
+                w_map=args.w_map, density_groups=args.density_groups)
 
 
 def _classes(args) -> tuple[Path, list[str]]:
@@ -129,8 +133,8 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     if model.cfg.density:
-        model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
-                                        train_split.images, train_split.classes, val_split.images, val_split.classes)
+        heads = model.fit_heads(classes, train_split.images, train_split.classes, val_split.images, val_split.classes)
+        train_config["density_groups_per_class"] = heads.density.groups  # recover.model_from_onnx needs them
     train_config["heads_fit_s"] = round(time.time() - t0, 1)
     _, val_scores = predict(model, val_split.images, progress=not args.quiet)
     cal = calibrate(val_scores, val_split.classes, args.fpr)
@@ -159,23 +163,15 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
 def cmd_fit_heads(args) -> Path:
     """Fit the heads on an existing student (a checkpoint, or the student inside an exported ONNX)."""
     if args.from_onnx:
-        from .export import read_metadata
-        meta = read_metadata(args.from_onnx)
-        tc = json.loads(meta["dcam.train_config"])
-        fields = set(variant_config("stfpm").to_dict())
-        base = {k: (tuple(v) if k == "scale_weights" else v) for k, v in tc.items() if k in fields}
-        model = DistillModel(replace(variant_config(tc.get("variant", "stfpm")), **base), args.teacher_weights)
-        load_student_from_onnx(model, args.from_onnx)
+        model, meta = student_model_from_onnx(args.from_onnx, args.teacher_weights)
         classes, extra = json.loads(meta["dcam.classes"]), {"student_from": str(args.from_onnx)}
-        tc = {**tc, "student_from": str(args.from_onnx)}
+        tc = {**json.loads(meta["dcam.train_config"]), "student_from": str(args.from_onnx)}
     else:
         model, ckpt = load_checkpoint(args.checkpoint, args.teacher_weights)
         classes, tc = ckpt["classes"], dict(ckpt["train_config"])
         extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "heads", "classes", "calibration",
                                                                "train_config", "validation_estimate")}
-    model.heads = None
-    model.cfg = replace(model.cfg, **_head_overrides(args))
-    model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, model.cfg.score_rule)
+    model.reconfigure(**_head_overrides(args))
     tc.update(model.cfg.to_dict())
     tc["calibration_fpr"] = args.fpr
     root = resolve_data_root(args.data_root)
@@ -238,8 +234,7 @@ def cmd_calibrate(args) -> Path:
     if args.score_rule and model.heads is not None:
         raise SystemExit("the heads' map-score statistics depend on the score rule: use fit-heads --score-rule instead")
     if args.score_rule:
-        model.cfg = replace(model.cfg, score_rule=args.score_rule)
-        model.anomaly_map = AnomalyMap(model.cfg.input_size, model.anomaly_map.combine, model.cfg.blur_sigma, args.score_rule)
+        model.reconfigure(score_rule=args.score_rule)  # a model without heads (refused above otherwise)
         tc["score_rule"] = args.score_rule
     root = resolve_data_root(args.data_root or ckpt.get("data_root"))
     _, val_split = load_train_val(root, ckpt["classes"], model.cfg.input_size, tc["val_fraction"], tc["seed"], not args.quiet)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 import torchvision
 
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .efficientnet_lite import EfficientNetLite0, Renormalize, Stem
 
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_lite0")
@@ -60,30 +61,42 @@ class MultiScale(nn.Module):
         return feats
 
 
+_NETWORKS = {
+    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(weights=None),
+    "resnet18": lambda: torchvision.models.resnet18(weights=None),
+    "efficientnet_lite0": EfficientNetLite0,
+}
+
+
+def _network(name: str, pretrained_path: str | Path | None) -> nn.Module:
+    if name not in _NETWORKS:
+        raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+    net = _NETWORKS[name]()
+    if pretrained_path:
+        net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
+    return net
+
+
+def _frozen(net: MultiScale) -> MultiScale:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 def build_backbone(name: str, pretrained_path: str | Path | None = None) -> MultiScale:
     """Feature extractor; loads `pretrained_path` (state dict) when given, else random init."""
+    net = _network(name, pretrained_path)
     if name == "mobilenet_v2":
-        net = torchvision.models.mobilenet_v2(weights=None)
-        if pretrained_path:
-            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
         f = net.features  # strides: [:4] -> 4 (24ch), [4:7] -> 8 (32ch), [7:14] -> 16 (96ch)
         return MultiScale([f[:4], f[4:7], f[7:14]], [24, 32, 96])
     if name == "resnet18":
-        net = torchvision.models.resnet18(weights=None)
-        if pretrained_path:
-            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         return MultiScale([stem, net.layer2, net.layer3], [64, 128, 256])
-    if name == "efficientnet_lite0":
-        from .model import IMAGENET_MEAN, IMAGENET_STD  # lazy: model imports this module
-        net = EfficientNetLite0()
-        if pretrained_path:
-            net.load_state_dict(torch.load(pretrained_path, map_location="cpu", weights_only=True))
-        b = net._blocks  # strides: stem+[0:3] -> 4 (24ch), [3:5] -> 8 (40ch), [5:11] -> 16 (112ch); head unused
-        # The inputs arrive ImageNet-normalised (model.Normalize); the Lite weights expect mean/std 0.5.
-        first = nn.Sequential(Renormalize(IMAGENET_MEAN, IMAGENET_STD), Stem(net._conv_stem, net._bn0), *b[0:3])
-        return MultiScale([first, nn.Sequential(*b[3:5]), nn.Sequential(*b[5:11])], [24, 40, 112])
-    raise ValueError(f"unknown backbone {name!r}; choose from {BACKBONES}")
+    b = net._blocks  # EfficientNet-Lite0 strides: stem+[0:3] -> 4 (24ch), [3:5] -> 8 (40ch), [5:11] -> 16 (112ch); head unused
+    # The inputs arrive ImageNet-normalised (torch_model.Normalize); the Lite weights expect mean/std 0.5.
+    first = nn.Sequential(Renormalize(IMAGENET_MEAN, IMAGENET_STD), Stem(net._conv_stem, net._bn0), *b[0:3])
+    return MultiScale([first, nn.Sequential(*b[3:5]), nn.Sequential(*b[5:11])], [24, 40, 112])
 
 
 def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
@@ -92,11 +105,7 @@ def build_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
         if name not in PACKAGED_WEIGHTS:
             raise ValueError(f"backbone {name} needs --teacher-weights PATH (a torchvision state dict)")
         weights = find_packaged_weights(name)
-    teacher = build_backbone(name, weights)
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
+    return _frozen(build_backbone(name, weights))
 
 
 def build_deep_teacher(name: str, weights: str | Path | None = None) -> MultiScale:
@@ -104,11 +113,5 @@ def build_deep_teacher(name: str, weights: str | Path | None = None) -> MultiSca
     for the density head only (MobileNetV2 features[14:17] -> 160 ch, [17] -> 320, [18] -> 1280)."""
     if name != "mobilenet_v2":
         raise ValueError(f"density='deep' is implemented for mobilenet_v2 only, not {name}")
-    net = torchvision.models.mobilenet_v2(weights=None)
-    net.load_state_dict(torch.load(weights or find_packaged_weights(name), map_location="cpu", weights_only=True))
-    f = net.features
-    deep = MultiScale([f[14:17], f[17], f[18]], [160, 320, 1280])
-    deep.eval()
-    for p in deep.parameters():
-        p.requires_grad_(False)
-    return deep
+    f = _network(name, weights or find_packaged_weights(name)).features
+    return _frozen(MultiScale([f[14:17], f[17], f[18]], [160, 320, 1280]))

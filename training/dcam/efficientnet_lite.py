@@ -127,7 +127,7 @@ class EfficientNetLite0(nn.Module):
 
 class Renormalize(nn.Module):
     """Maps an input normalised with (mean_in, std_in) to (mean_out, std_out): the training package
-    normalises every image with ImageNet statistics (model.Normalize), while EfficientNet-Lite expects
+    normalises every image with ImageNet statistics (torch_model.Normalize), while EfficientNet-Lite expects
     mean 0.5 / std 0.5. Being the first op of the backbone, it is part of the exported ONNX graph."""
 
     def __init__(self, mean_in, std_in, mean_out=EFFICIENTNET_LITE_MEAN, std_out=EFFICIENTNET_LITE_STD):

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
 
-from .model import DistillModel
+from .torch_model import DistillModel
 
 FORMAT_VERSION = "1"
 OPSET = 17
@@ -18,28 +17,18 @@ REQUIRED_METADATA = ("dcam.format", "dcam.input_size", "dcam.classes", "dcam.cal
                      "dcam.version", "dcam.backbone", "dcam.train_config", "dcam.metrics")
 
 
-class InferenceGraph(nn.Module):
-    """Exactly what the operator runs: DistillModel.forward (normalisation, teacher + student, map with
-    blur, and the fitted heads if any). The DCAM attention is training-only and is never traced."""
-
-    def __init__(self, model: DistillModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor):
-        return self.model(image)
-
-
 def export_onnx(model: DistillModel, path: str | Path, classes: list[str], calibration: dict, metrics: dict,
                 train_config: dict, model_name: str = "dcam", version: str = "0.1.0") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = InferenceGraph(model).eval()
+    # The graph is the model's eval forward (normalisation, teacher + student, blurred map, the heads if
+    # fitted); the training-only loss, and the DCAM attention inside it, is never traced.
+    model.eval()
     s = model.cfg.input_size
     dummy = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but still exact and simple
-        torch.onnx.export(graph, (dummy,), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=["anomaly_map", "score"],
                           dynamic_axes={"image": {0: "N"}, "anomaly_map": {0: "N"}, "score": {0: "N"}},
                           do_constant_folding=True)

@@ -38,12 +38,12 @@ def view(x: torch.Tensor, v: tuple[bool, bool, bool]) -> torch.Tensor:
 
 class ImageHeads(nn.Module):
     def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: str = "",
-                 w_map: float = 1.0, deep: nn.Module | None = None):
+                 w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None):
         super().__init__()
         assert views in (1, 2, 4, 8) and pixel_norm in ("", "score", "map")
         self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, pixel_norm
         self.deep = deep  # frozen teacher stages past stride 16 (density only); not saved in checkpoints
-        self.density = DensityHead(classes, dims)
+        self.density = DensityHead(classes, dims, groups)  # groups: Gaussians per class, as fitted (density.py)
         self.pixel_norm = PixelNorm(len(classes), size) if pixel_norm else None
         self.register_buffer("map_mu", torch.zeros(len(classes)))
         self.register_buffer("map_sd", torch.ones(len(classes)))
@@ -74,7 +74,7 @@ class ImageHeads(nn.Module):
 
     @torch.no_grad()
     def fit(self, teacher, normalize, student_map, map_score_fn, train_images: np.ndarray, train_classes: list[str],
-            val_images: np.ndarray, val_classes: list[str], batch_size: int = 16, log=print) -> None:
+            val_images: np.ndarray, val_classes: list[str], batch_size: int = 16, log=print, max_groups: int = 1) -> None:
         """Gaussians on the training images; every normalisation on the held-out good images."""
         def pooled_all(images):
             out = None
@@ -84,7 +84,7 @@ class ImageHeads(nn.Module):
                 out = [[q] for q in p] if out is None else [o + [q] for o, q in zip(out, p)]
             return [np.concatenate(o) for o in out]
         log(f"[heads] density: {len(train_images)} train images, {self.views} view(s)")
-        self.density.fit(pooled_all(train_images), train_classes)
+        self.density.fit(pooled_all(train_images), train_classes, max_groups)
         self.density.fit_normalisation(pooled_all(val_images), val_classes)
         maps = np.concatenate([student_map(val_images[i:i + batch_size]).numpy()
                                for i in range(0, len(val_images), batch_size)])

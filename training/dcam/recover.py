@@ -7,13 +7,17 @@ Conv2d modules; each folded bias goes into the following BatchNorm, set to an id
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
 
-from .model import DistillModel
+from .config import config_from_train_config
+from .export import read_metadata
+from .torch_model import DistillModel
 
 
 def _conv_bn_pairs(net: nn.Module) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
@@ -48,23 +52,27 @@ def load_student_from_onnx(model: DistillModel, path) -> None:
     model.eval()  # eval-mode BN, or the next forward pass would overwrite these statistics
 
 
+def student_model_from_onnx(path, teacher_weights=None) -> tuple[DistillModel, dict]:
+    """The model of an exported file without its heads: config from dcam.train_config, student from the
+    folded convs. Returns it with the file's metadata."""
+    meta = read_metadata(path)
+    model = DistillModel(config_from_train_config(json.loads(meta["dcam.train_config"])), teacher_weights)
+    load_student_from_onnx(model, path)
+    return model, meta
+
+
 @torch.no_grad()
 def model_from_onnx(path, teacher_weights=None) -> DistillModel:
-    """The PyTorch model an exported file was made from: config from dcam.train_config, student from
-    the folded convs, fitted head buffers from the initializers of the same name (used for parity tests)."""
-    import json
-    from dataclasses import replace
-    from .model import variant_config
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    tc = json.loads(meta["dcam.train_config"])
-    fields = set(variant_config("stfpm").to_dict())
-    base = {k: (tuple(v) if k == "scale_weights" else v) for k, v in tc.items() if k in fields}
-    model = DistillModel(replace(variant_config(tc.get("variant", "stfpm")), **base), teacher_weights)
-    load_student_from_onnx(model, path)
+    """The PyTorch model an exported file was made from: `student_model_from_onnx`, plus the fitted
+    head buffers from the initializers of the same name (used for parity tests)."""
+    model, meta = student_model_from_onnx(path, teacher_weights)
     if model.cfg.density:
-        heads = model.attach_heads(json.loads(meta["dcam.classes"]))
+        groups = json.loads(meta["dcam.train_config"]).get("density_groups_per_class")  # absent up to v0.2.0: 1 each
+        heads = model.attach_heads(json.loads(meta["dcam.classes"]), groups)
         init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
         for name, buf in heads.named_buffers():
             if not name.startswith("deep."):
-                buf.copy_(torch.from_numpy(np.array(init[f"model.heads.{name}"])))
+                # files up to v0.2.0 exported a wrapper module, which prefixed every name with "model."
+                key = f"heads.{name}" if f"heads.{name}" in init else f"model.heads.{name}"
+                buf.copy_(torch.from_numpy(np.array(init[key])))
     return model.eval()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import DistillModel
+from .checkpoint import trained_state, upgrade_state
+from .torch_model import DistillModel
 
 
 @torch.no_grad()
@@ -51,15 +52,14 @@ def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray,
     rng = np.random.default_rng(seed)
     t_train = t_train if t_train is not None else cache_teacher(model, train_images, progress=progress)
     t_val = t_val if t_val is not None else cache_teacher(model, val_images, progress=progress)
-    params = list(model.student.parameters()) + (list(model.attention.parameters()) if model.attention is not None else [])
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=lr)
     steps_per_epoch = math.ceil(len(train_images) / batch_size)
     total_steps = min(epochs * steps_per_epoch, max_steps or 10 ** 12)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total_steps) / total_steps)))
     history, best, step, t0, start = [], None, 0, time.time(), 0
     if resume and state_path is not None and Path(state_path).exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"], strict=False)
+        model.load_state_dict(upgrade_state(st["model"]), strict=False)
         opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
         rng.bit_generator.state = st["np_rng"]; torch.set_rng_state(st["torch_rng"])
         history, best, step, start = st["history"], st["best"], st["step"], st["epoch"]
@@ -89,19 +89,16 @@ def train(model: DistillModel, train_images: np.ndarray, val_images: np.ndarray,
         history.append({"epoch": epoch + 1, "step": step, "train_loss": run_loss / n_done, "val_discrepancy": val,
                         "elapsed_s": round(time.time() - t0, 1)})
         if best is None or val < best[0]:
-            best = (val, epoch + 1, copy.deepcopy(_student_state(model)))
+            best = (val, epoch + 1, copy.deepcopy(trained_state(model)))
         if state_path is not None:
-            torch.save({"model": _student_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
+            torch.save({"model": trained_state(model), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "history": history,
                         "best": best, "step": step, "epoch": epoch + 1}, state_path)
         log(f"epoch {epoch + 1}: train_loss={run_loss / n_done:.4f} val_discrepancy={val:.4f} ({time.time() - t0:.0f}s)")
         if step >= total_steps:
             break
-    model.load_state_dict(best[2], strict=False)
+    model.load_state_dict(upgrade_state(best[2]), strict=False)
     model.eval()
     return {"history": history, "best_epoch": best[1], "best_val_discrepancy": best[0],
             "steps": step, "train_time_s": round(time.time() - t0, 1)}
 
-
-def _student_state(model: DistillModel) -> dict:
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}

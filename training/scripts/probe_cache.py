@@ -4,7 +4,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from dcam.data import load_train_val, load_test, resolve_data_root, synthetic_defects, synthetic_anomalies
 from dcam.backbones import find_packaged_weights
-from dcam.model import Normalize
+from dcam.torch_model import Normalize
 from dcam.export import run_onnx
 import onnxruntime as ort
 

@@ -10,7 +10,9 @@ from dcam.data import load_train_val
 from dcam.efficientnet_lite import EfficientNetLite0, Renormalize
 from dcam.evaluate import predict
 from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
-from dcam.model import IMAGENET_MEAN, IMAGENET_STD, DistillModel, Normalize, variant_config
+from dcam.config import variant_config
+from dcam.constants import IMAGENET_MEAN, IMAGENET_STD
+from dcam.torch_model import DistillModel, Normalize
 from dcam.train import train
 
 NAME = "efficientnet_lite0"

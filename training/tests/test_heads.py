@@ -10,10 +10,13 @@ import torch
 from dcam.__main__ import main
 from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
-from dcam.density import DensityHead
+import dcam.density
+from dcam.density import DensityHead, fit_gaussian, kmeans_groups
 from dcam.evaluate import evaluate_split, markdown_table, predict, validation_estimate
 from dcam.export import check_contract, export_onnx, run_onnx
-from dcam.model import DistillModel, load_checkpoint, save_checkpoint, variant_config
+from dcam.checkpoint import load_checkpoint, save_checkpoint
+from dcam.config import variant_config
+from dcam.torch_model import DistillModel
 from dcam.pixel_norm import PixelNorm
 from dcam.recover import model_from_onnx
 from dcam.train import train
@@ -58,6 +61,32 @@ def test_density_head_matches_numpy():
     assert abs(z[:30, 0].mean()) < 1e-4 and abs(z[:30, 0].std() - 1) < 1e-3
 
 
+def test_density_mixture_is_the_min_over_groups(monkeypatch):
+    """density_groups: class b has two modes; with 2 Gaussians its distance is the smaller of the two."""
+    monkeypatch.setattr(dcam.density, "MIN_PER_GROUP", 20)
+    rng = np.random.default_rng(1)
+    x = [rng.normal(size=(90, 4)), rng.normal(size=(90, 3))]
+    x[0][30:60] += 6.0
+    x[0][60:] -= 6.0
+    classes = ["a"] * 30 + ["b"] * 60
+    head = DensityHead(["a", "b"], [4, 3])
+    head.fit(x, classes, max_groups=2)
+    assert head.groups == [1, 2] and head.state_dict()["mean0"].shape == (3, 4)
+    head.fit_normalisation(x, classes)
+    d = head.distances([torch.from_numpy(v).float() for v in x]).numpy()
+    own = [v[30:] for v in x]
+    labels = kmeans_groups(own, 2)
+    ref = np.full(90, np.inf)
+    for g in range(2):
+        gs = [fit_gaussian(v[labels == g]) for v in own]
+        ref = np.minimum(ref, sum(np.einsum("nd,de,ne->n", v - mu, prec, v - mu) / v.shape[1] for v, (mu, prec) in zip(x, gs)))
+    assert np.allclose(d[:, 1], ref, rtol=1e-4, atol=1e-4)
+    # one Gaussian per class (the default) is what every model up to v0.2.0 had
+    single = DensityHead(["a", "b"], [4, 3])
+    single.fit(x, classes)
+    assert single.groups == [1, 1] and single.state_dict()["mean0"].shape == (2, 4)
+
+
 @pytest.fixture(scope="module")
 def headed(mvtec_root, tmp_path_factory):
     classes = ["tile", "widget"]
@@ -66,8 +95,7 @@ def headed(mvtec_root, tmp_path_factory):
     model = DistillModel(variant_config("stfpm", input_size=S, score_rule="top1pct_mean", density="map",
                                         tta_views=2, pixel_norm="score", w_map=0.5))
     train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=2, progress=False, log=lambda *_: None)
-    model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
-                                    tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
+    model.fit_heads(classes, tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
     _, val_scores = predict(model, va.images, progress=False)
     path = tmp_path_factory.mktemp("heads") / "h.onnx"
     export_onnx(model, path, classes, calibrate(val_scores, va.classes), {}, model.cfg.to_dict() | {"variant": "stfpm"})
@@ -85,6 +113,32 @@ def test_density_head_export_parity(headed, mvtec_root):
     # the PyTorch model rebuilt from the ONNX file (what the committed-model test uses) agrees too
     _, s_re = predict(model_from_onnx(path), test.images, progress=False)
     assert np.abs(s_re - s_pt).max() <= 1e-4
+
+
+def test_density_groups_export_and_reload(headed, tmp_path):
+    """A model whose first class has 2 density Gaussians: ONNX parity, rebuilt from ONNX, checkpoint."""
+    import copy
+    model, _, classes, _, va = headed
+    model = copy.deepcopy(model)
+    dens = model.heads.density
+    old = {k: v.clone() for k, v in dens.state_dict().items()}
+    dens._allocate([2, 1])
+    for i in range(len(dens.dims)):
+        getattr(dens, f"mean{i}").copy_(torch.cat([old[f"mean{i}"][:1], old[f"mean{i}"][:1] + 0.5, old[f"mean{i}"][1:]]))
+        getattr(dens, f"prec{i}").copy_(torch.cat([old[f"prec{i}"][:1], old[f"prec{i}"][:1], old[f"prec{i}"][1:]]))
+    m_pt, s_pt = predict(model, va.images, progress=False)
+    path = export_onnx(model, tmp_path / "g.onnx", classes, calibrate(s_pt, va.classes), {},
+                       model.cfg.to_dict() | {"variant": "stfpm", "density_groups_per_class": [2, 1]})
+    assert check_contract(path) == []
+    m_ort, s_ort = run_onnx(path, va.images, batch_size=3)
+    assert np.abs(s_ort - s_pt).max() <= 1e-4 and np.abs(m_ort - m_pt).max() <= 1e-3
+    rebuilt = model_from_onnx(path)
+    assert rebuilt.heads.density.groups == [2, 1]
+    assert np.abs(predict(rebuilt, va.images, progress=False)[1] - s_pt).max() <= 1e-4
+    save_checkpoint(model, tmp_path / "g.pt", {"classes": classes})
+    again, _ = load_checkpoint(tmp_path / "g.pt")
+    assert again.heads.density.groups == [2, 1]
+    assert np.allclose(predict(again, va.images, progress=False)[1], s_pt, atol=1e-5)
 
 
 def test_heads_checkpoint_roundtrip(headed, tmp_path):
@@ -126,8 +180,7 @@ def test_class_without_masks(mvtec_root, tmp_path):
     tr, va = load_train_val(root, classes, S, val_fraction=0.25, seed=0, progress=False)
     model = DistillModel(variant_config("stfpm", input_size=S, density="map"))
     train(model, tr.images, va.images, epochs=1, batch_size=4, max_steps=1, progress=False, log=lambda *_: None)
-    model.attach_heads(classes).fit(model.teacher, model.normalize, model.student_map, model.anomaly_map.score,
-                                    tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
+    model.fit_heads(classes, tr.images, tr.classes, va.images, va.classes, log=lambda *_: None)
     test = load_test(root, classes, S, progress=False)
     assert test.no_mask_classes == {"tile"}
     with warnings.catch_warnings():

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from dcam.attention import CBAM
-from dcam.losses import channel_cosine_loss, position_cosine_loss, spatial_kl_loss, stfpm_loss
+from dcam.config import VARIANTS, variant_config
+from dcam.losses import (DCAMFixedLoss, DCAMLoss, STFPMLoss, build_loss, channel_cosine_loss, position_cosine_loss,
+                         spatial_kl_loss, stfpm_loss)
 
 
 @pytest.fixture
@@ -58,3 +60,33 @@ def test_cbam_shapes_and_ranges():
     assert mc.shape == (3, 24, 1, 1) and ms.shape == (3, 1, 16, 16)
     assert ((mc > 0) & (mc < 1)).all() and ((ms > 0) & (ms < 1)).all()
     assert cbam(x).shape == x.shape
+
+
+def test_build_loss_picks_one_module_per_method():
+    kinds = {name: type(build_loss(cfg, [5, 5, 5])) for name, cfg in VARIANTS.items()}
+    assert kinds == {"stfpm": STFPMLoss, "dcam": DCAMLoss, "dcam_noatt": DCAMLoss, "dcam_cos": DCAMLoss,
+                     "dcam_kl": DCAMLoss, "dcam_fixed": DCAMFixedLoss, "dcam_fixed_prod": DCAMFixedLoss}
+    assert build_loss(VARIANTS["dcam_noatt"], [5]).attention is None and not list(build_loss(VARIANTS["stfpm"], [5]).parameters())
+
+
+def test_loss_modules_sum_their_terms_over_scales(feats):
+    t, s = feats
+    ts, ss, w = [t, 2 * t], [s, s], (1.0, 0.5, 1.0)
+    total, parts = STFPMLoss(w)(ts, ss)
+    assert float(total) == pytest.approx(float(stfpm_loss(t, s) + 0.5 * stfpm_loss(2 * t, s)), rel=1e-6)
+    assert parts["stfpm"] == pytest.approx(float(total), rel=1e-6) and parts["cos"] == 0.0
+    cfg = variant_config("dcam_fixed", attention=False, w_kl=0.5, temperature=2.0, scale_weights=w)
+    total, parts = build_loss(cfg, [5, 5])(ts, ss)
+    expect = sum(wi * (position_cosine_loss(a, b) + channel_cosine_loss(a, b) + 0.5 * spatial_kl_loss(a, b, 2.0))
+                 for a, b, wi in zip(ts, ss, w))
+    assert float(total) == pytest.approx(float(expect), rel=1e-6)
+    assert sum(parts.values()) == pytest.approx(float(total), rel=1e-6) and parts["stfpm"] == 0.0
+
+
+def test_dcam_fixed_attends_the_teacher_too(feats):
+    t, s = feats
+    torch.manual_seed(0)
+    loss = build_loss(variant_config("dcam_fixed", w_pos=0.0, w_kl=0.0), [5])
+    with torch.no_grad():
+        mc, ms = loss.attention[0].masks(s)
+        assert float(loss([t], [s])[0]) == pytest.approx(float(channel_cosine_loss(t * mc * ms, s * mc * ms)), rel=1e-6)

@@ -10,7 +10,8 @@ from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
 from dcam.evaluate import evaluate_split, predict
 from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
-from dcam.model import VARIANTS, DistillModel, variant_config
+from dcam.config import VARIANTS, variant_config
+from dcam.torch_model import DistillModel
 from dcam.train import train
 
 S = 64

@@ -1,0 +1,39 @@
+"""Checkpoints: the config, the trained (non-teacher) weights, the head classes and run metadata."""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .torch_model import DistillModel
+
+
+def _is_teacher(key: str) -> bool:
+    # The frozen ImageNet stages come from the weight packages again at load time.
+    return key.startswith("teacher.") or key.startswith("heads.deep.")
+
+
+def trained_state(model: DistillModel) -> dict:
+    """Every weight and buffer that is not the frozen teacher's."""
+    return {k: v for k, v in model.state_dict().items() if not _is_teacher(k)}
+
+
+def upgrade_state(state: dict) -> dict:
+    """Checkpoints from before the loss modules kept the CBAM blocks at `attention.*`."""
+    return {("loss." + k if k.startswith("attention.") else k): v for k, v in state.items()}
+
+
+def save_checkpoint(model: DistillModel, path, extra: dict | None = None) -> None:
+    heads = {"classes": model.heads.classes, "groups": model.heads.density.groups} if model.heads is not None else None
+    torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **(extra or {})}, path)
+
+
+def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, dict]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])),
+                         teacher_weights or ckpt.get("teacher_weights"))
+    if ckpt.get("heads"):
+        model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"))
+    missing, unexpected = model.load_state_dict(upgrade_state(ckpt["state_dict"]), strict=False)
+    assert not unexpected and all(_is_teacher(k) for k in missing), (missing, unexpected)
+    model.eval()
+    return model, ckpt

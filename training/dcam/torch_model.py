@@ -1,0 +1,99 @@
+"""The teacher-student model: in-graph normalisation, frozen teacher, student, training loss, anomaly
+map and (after training) the fitted heads. Its eval `forward` is exactly what `export.py` exports."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .anomaly_map import AnomalyMap
+from .backbones import build_backbone, build_deep_teacher, build_teacher
+from .config import ModelConfig
+from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .heads import ImageHeads
+from .losses import build_loss
+
+
+class Normalize(nn.Module):
+    """uint8 NHWC RGB -> float NCHW, ImageNet-normalised (inside the exported graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+
+class DistillModel(nn.Module):
+    """`loss` is the training objective chosen for cfg.method (losses.build_loss; its CBAM blocks, if any,
+    are trained with the student and never exported); `forward` is the inference graph."""
+
+    def __init__(self, cfg: ModelConfig, teacher_weights: str | None = None, teacher: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.normalize = Normalize()
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.backbone, teacher_weights)
+        self.student = build_backbone(cfg.backbone)  # same architecture, random init
+        self.loss = build_loss(cfg, self.student.channels)
+        self.anomaly_map = self._anomaly_map()
+        self.heads: ImageHeads | None = None  # attach_heads() after training
+        self._teacher_weights = teacher_weights
+
+    def _anomaly_map(self) -> AnomalyMap:
+        cfg = self.cfg
+        return AnomalyMap(cfg.input_size, cfg.map_combine, cfg.blur_sigma, cfg.score_rule)
+
+    def reconfigure(self, **changes) -> None:
+        """New map/head settings for a trained student (fit-heads, calibrate): drops fitted heads."""
+        self.cfg = replace(self.cfg, **changes)
+        self.anomaly_map = self._anomaly_map()
+        self.heads = None
+
+    def attach_heads(self, classes: list[str], groups: list[int] | None = None) -> ImageHeads:
+        """Unfitted heads of cfg; `groups`: the density Gaussians per class of a fitted model being loaded."""
+        cfg = self.cfg
+        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density == "deep" else None
+        dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
+        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep,
+                                groups).eval()
+        return self.heads
+
+    def fit_heads(self, classes: list[str], train_images, train_classes, val_images, val_classes, log=print) -> ImageHeads:
+        """Attach the heads of cfg and fit them (heads.ImageHeads.fit) with this model's teacher and map."""
+        heads = self.attach_heads(classes)
+        heads.fit(self.teacher, self.normalize, self.student_map, self.anomaly_map.score,
+                  train_images, train_classes, val_images, val_classes, log=log, max_groups=self.cfg.density_groups)
+        return heads
+
+    @torch.no_grad()
+    def student_map(self, images_u8) -> torch.Tensor:
+        """The raw (un-normalised) anomaly map, for fitting the heads."""
+        x = self.normalize(torch.as_tensor(images_u8))
+        return self.anomaly_map.map(self.teacher(x), self.student(x))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher is frozen, BN statistics included
+        if self.heads is not None:
+            self.heads.eval()  # fitted, never trained
+        return self
+
+    @torch.no_grad()
+    def teacher_features(self, images_u8: torch.Tensor) -> list[torch.Tensor]:
+        return self.teacher(self.normalize(images_u8))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.student.parameters()) + list(self.loss.parameters())
+
+    def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exported inference graph (attention dropped): uint8 NHWC -> (anomaly_map [N,S,S], score [N]);
+        with heads, the map on the score's scale and the fused density + normalised-map score."""
+        x = self.normalize(images_u8)
+        t = self.teacher(x)
+        if self.heads is None:
+            return self.anomaly_map(t, self.student(x))
+        amap = self.anomaly_map.map(t, self.student(x))
+        return self.heads.fuse(amap, self.anomaly_map.score, self.heads.pooled(self.teacher, x, t))
