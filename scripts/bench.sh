@@ -6,11 +6,14 @@
 # Extra arguments go to `dcam-stream bench` (e.g. --images 192 --batches 1,8,32).
 #   PY_BATCH=32        the Python consumer's batch size (compared with the operator's row at it)
 #   SKIP_PYTHON=1      skip the Python consumer
+#   NO_SETUP=1         use the existing .ort and .venv as they are (no fetch-ort.sh / setup-python.sh)
 #   DCAM_BIN=path      use this dcam-stream binary instead of building target/release/dcam-stream
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-ort.sh
-scripts/setup-python.sh
+if [ "${NO_SETUP:-0}" != 1 ]; then
+  scripts/fetch-ort.sh
+  scripts/setup-python.sh
+fi
 if [ -z "${DCAM_BIN:-}" ]; then
   cargo build --locked --release --bin dcam-stream
   DCAM_BIN=target/release/dcam-stream
