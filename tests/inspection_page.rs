@@ -1,4 +1,5 @@
-//! The inspection page in a real browser (headless Chromium) against a real `dcam-stream run`
+//! The inspection page in a real browser (headless Chromium, driven over the DevTools protocol)
+//! against a real `dcam-stream run`
 //! on a real broker: the grid shows the latest scored images with thumbnails, the live panel
 //! and the threshold histograms render, and input text (here a class crafted as HTML) reaches
 //! the page as text, never as markup.
@@ -20,28 +21,96 @@ fn chromium() -> PathBuf {
     bin
 }
 
-/// The page's DOM after its scripts ran, as headless Chromium serialises it.
-fn rendered_dom(url: &str, profile: &std::path::Path) -> String {
-    let out = std::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=15000",
-            "--run-all-compositor-stages-before-draw",
-            &format!("--user-data-dir={}", profile.display()),
-            "--dump-dom",
-            url,
-        ])
-        .output()
-        .expect("running chromium");
-    assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Headless Chromium on a page, driven over the DevTools protocol (a WebSocket): the test runs
+/// JavaScript in the page as a user's browser would and reads the answers.
+struct Browser {
+    child: std::process::Child,
+    socket: tungstenite::WebSocket<std::net::TcpStream>,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = std::process::Command::new(chromium())
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                &format!("--remote-debugging-port={port}"),
+                &format!("--user-data-dir={}", profile.path().display()),
+                url,
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting chromium");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let ws_url = loop {
+            let pages: Option<serde_json::Value> = http_get(port, "/json/list").and_then(|(_, body)| serde_json::from_str(&body).ok());
+            let found = pages.as_ref().and_then(|p| p.as_array()).and_then(|p| p.iter().find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url))));
+            if let Some(ws) = found.and_then(|t| t["webSocketDebuggerUrl"].as_str()) {
+                break ws.to_string();
+            }
+            assert!(std::time::Instant::now() < deadline, "chromium's DevTools endpoint did not list the page");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let (socket, _) = tungstenite::client(ws_url.as_str(), stream).expect("DevTools WebSocket");
+        Browser { child, socket, next_id: 0, _profile: profile }
+    }
+
+    /// Evaluates `expression` in the page (awaiting a promise) and returns its JSON value.
+    fn eval(&mut self, expression: &str) -> serde_json::Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let call = serde_json::json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expression, "returnByValue": true, "awaitPromise": true}});
+        self.socket.send(tungstenite::Message::text(call.to_string())).unwrap();
+        loop {
+            let msg = self.socket.read().expect("DevTools answer");
+            let Ok(text) = msg.to_text() else { continue };
+            let answer: serde_json::Value = serde_json::from_str(text).unwrap();
+            if answer["id"] == id {
+                assert!(answer["result"]["exceptionDetails"].is_null(), "{expression} threw: {answer}");
+                return answer["result"]["result"]["value"].clone();
+            }
+        }
+    }
+
+    /// Waits until `condition` (a JS expression) is true.
+    fn wait_for(&mut self, condition: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.eval(condition) != serde_json::Value::Bool(true) {
+            assert!(std::time::Instant::now() < deadline, "the page never showed {condition}:\n{}", self.eval("document.documentElement.outerHTML"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A GET whose body is binary: (status line and headers, body).
+fn http_get_bytes(port: u16, path: &str) -> (String, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
+    (String::from_utf8_lossy(&raw[..split]).into_owned(), raw[split + 4..].to_vec())
 }
 
 /// The first server-sent event of `/api/live`.
@@ -82,24 +151,49 @@ fn the_inspection_page_shows_scored_images_and_never_renders_input_as_html() {
     let recent: serde_json::Value = serde_json::from_str(&http_get(port, "/api/recent?limit=50").unwrap().1).unwrap();
     let items = recent.as_array().unwrap();
     assert_eq!(items.len(), ids.len(), "{recent}");
-    assert_eq!(items[0]["record"]["image_id"], "xss-1", "newest first");
+    let order: Vec<u64> = items.iter().map(|i| i["id"].as_u64().unwrap()).collect();
+    assert!(order.windows(2).all(|w| w[0] > w[1]), "newest (last scored) first: {order:?}");
+    let mut listed: Vec<&str> = items.iter().map(|i| i["record"]["image_id"].as_str().unwrap()).collect();
+    listed.sort();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(listed, expected);
     assert!(items.iter().all(|i| i["has_thumbnail"] == true), "the page is open: every image has a thumbnail");
-    let (code, _) = http_get(port, &format!("/api/recent/{}/thumbnail", items[0]["id"])).unwrap();
-    assert_eq!(code, 200);
+    let (head, jpeg) = http_get_bytes(port, &format!("/api/recent/{}/thumbnail", items[0]["id"]));
+    assert!(head.starts_with("HTTP/1.1 200") && head.to_ascii_lowercase().contains("content-type: image/jpeg"), "{head}");
+    let overlay = image::load_from_memory(&jpeg).expect("the overlay is a JPEG");
+    assert_eq!((overlay.width(), overlay.height()), (256, 256), "kept at the model's input size (inspect.thumbnail_px = 256)");
+    let (head, _) = http_get_bytes(port, "/ui");
+    assert!(head.to_ascii_lowercase().contains("content-security-policy: default-src 'self'"), "{head}");
     let only_bottles: serde_json::Value = serde_json::from_str(&http_get(port, "/api/recent?class=bottle").unwrap().1).unwrap();
     assert!(only_bottles.as_array().unwrap().iter().all(|i| i["record"]["class"] == "bottle"), "{only_bottles}");
     let live = first_live_event(port);
     assert!(live.contains("event: stats") && live.contains("images_per_second") && live.contains("consumer_lag"), "{live}");
 
     // The page itself, in a browser.
-    let profile = tempfile::tempdir().unwrap();
-    let dom = rendered_dom(&format!("http://127.0.0.1:{port}/ui"), profile.path());
+    let mut browser = Browser::open(&format!("http://127.0.0.1:{port}/ui"));
+    browser.wait_for(&format!("document.querySelectorAll('#grid .card').length === {}", ids.len()));
+    let dom = browser.eval("document.documentElement.outerHTML").as_str().unwrap().to_string();
     for id in &ids {
         assert!(dom.contains(id.as_str()), "{id} not on the page:\n{dom}");
     }
-    assert!(dom.contains("/api/recent/") && dom.contains("/thumbnail"), "thumbnails are shown:\n{dom}");
-    assert!(dom.contains("<canvas") && dom.contains("threshold from model"), "the threshold histograms render:\n{dom}");
+    assert!(dom.contains("/api/recent/") && dom.contains("/thumbnail"), "overlays are shown:\n{dom}");
+    browser.wait_for("document.querySelectorAll('#histograms canvas').length >= 2");
+    assert!(browser.eval("document.getElementById('histograms').textContent").as_str().unwrap().contains("threshold from model"));
+    // The crafted class is text on the page, never an element, and its script never ran.
     assert!(dom.contains("&lt;img src=x onerror="), "the crafted class is shown as text:\n{dom}");
-    assert!(!dom.contains(r#"<img src="x""#) && !dom.contains("pwned</title>"), "the crafted class became markup:\n{dom}");
+    assert_eq!(browser.eval("document.querySelectorAll('img[src=\"x\"]').length"), 0, "the crafted class became markup");
+    assert_eq!(browser.eval("document.title"), "dcam-stream inspection");
+    // Clicking an image shows its score record.
+    let clicked = browser.eval("(() => { const c = [...document.querySelectorAll('#grid .card')].find(c => c.textContent.includes('xss-1')); c.click(); return document.querySelector('#detail pre').textContent; })()");
+    let record: serde_json::Value = serde_json::from_str(clicked.as_str().unwrap()).expect("the detail panel shows the record as JSON");
+    assert_eq!((record["image_id"].as_str(), record["class"].as_str()), (Some("xss-1"), Some(XSS_CLASS)));
+    // The live panel updates from the event stream; filtering by class narrows the grid.
+    browser.wait_for("document.getElementById('lag').textContent !== '–'");
+    browser.wait_for("document.getElementById('class-filter').options.length >= 3");
+    let filtered = browser.eval("(async () => { const f = document.getElementById('class-filter'); f.value = 'bottle'; f.dispatchEvent(new Event('change')); await new Promise(r => setTimeout(r, 1500)); return [...document.querySelectorAll('#grid .card .muted:first-of-type')].map(e => e.textContent); })()");
+    let shown = filtered.as_array().unwrap();
+    assert!(!shown.is_empty() && shown.iter().all(|t| t.as_str().unwrap().starts_with("bottle")), "{filtered}");
+    drop(browser);
     assert!(op.terminate(Duration::from_secs(60)).success());
 }
