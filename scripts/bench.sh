@@ -6,6 +6,8 @@
 # Extra arguments go to `dcam-stream bench` (e.g. --images 192 --batches 1,8,32).
 #   PY_BATCH=32        the Python consumer's batch size (compared with the operator's row at it)
 #   SKIP_PYTHON=1      skip the Python consumer
+#   LARGE_JPEGS=16     bottle images re-encoded as 2048x2048 JPEG (q90) into a temp dir: decode + resize
+#                      per image, reduced-scale IDCT vs full decode vs Pillow (plain and draft()); 0 = off
 #   NO_SETUP=1         use the existing .ort and .venv as they are (no fetch-ort.sh / setup-python.sh)
 #   DCAM_BIN=path      use this dcam-stream binary instead of building target/release/dcam-stream
 set -euo pipefail
@@ -26,8 +28,38 @@ broker=$!
 trap 'kill -KILL -- -$broker 2>/dev/null; wait $broker 2>/dev/null; rm -rf "$data"' EXIT
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 export_topic="bench-python-images-$RANDOM"
+large_args=()
+if [ "${LARGE_JPEGS:-16}" -gt 0 ]; then
+  mkdir -p "$data/large"
+  .venv/bin/python - "$data/large" "${LARGE_JPEGS:-16}" "${DCAM_DATASETS:-../shared/datasets}" <<'PY'
+import glob, os, sys
+from PIL import Image
+out, n, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+src = sorted(glob.glob(os.path.join(root, "bottle", "test", "*", "*.png")))[:n]
+for i, p in enumerate(src):
+    Image.open(p).convert("RGB").resize((2048, 2048), Image.BICUBIC).save(os.path.join(out, f"{i:03d}.jpg"), quality=90)
+print(f"{len(src)} camera-size JPEGs (2048x2048) in {out}")
+PY
+  large_args=(--large-jpegs "$data/large")
+fi
 ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" "$DCAM_BIN" bench --brokers "127.0.0.1:$port" \
-  --export-topic "$export_topic" "$@" | tee "$data/bench.txt"
+  --export-topic "$export_topic" "${large_args[@]}" "$@" | tee "$data/bench.txt"
+if [ ${#large_args[@]} -gt 0 ]; then
+  echo
+  echo "Large JPEGs, decode + resize per image on one thread, the same files:"
+  .venv/bin/python scripts/bench_python_consumer.py --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" \
+    --time-decode "$data"/large/*.jpg > "$data/pillow.json"
+  .venv/bin/python - "$data/bench.txt" "$data/pillow.json" <<'PY'
+import json, re, sys
+bench, pil = open(sys.argv[1]).read(), json.load(open(sys.argv[2]))
+scaled = float(re.search(r"reduced-scale IDCT \| ([0-9.]+)", bench).group(1))
+full = float(re.search(r"large JPEGs \(\d+\): decode \+ resize, full decode \| ([0-9.]+)", bench).group(1))
+print("| decoder | ms/image |\n|---|---:|")
+print(f"| dcam-stream, reduced-scale IDCT | {scaled:.2f} |\n| dcam-stream, full decode | {full:.2f} |")
+print(f"| Pillow, open + convert + resize | {pil['pillow_ms']:.2f} |\n| Pillow with draft() | {pil['pillow_draft_ms']:.2f} |")
+print(f"operator/pillow decode speed = {pil['pillow_ms'] / scaled:.2f} (vs plain Pillow), {pil['pillow_draft_ms'] / scaled:.2f} (vs Pillow draft)")
+PY
+fi
 [ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
 
 # The Python consumer on the same events (the bench published them to $export_topic too).

@@ -44,6 +44,10 @@ pub(super) struct Args {
     /// to read afterwards; scripts/bench.sh runs scripts/bench_python_consumer.py on it).
     #[arg(long)]
     export_topic: Option<String>,
+    /// A folder of large JPEGs (e.g. camera-size 2048²): decode + resize per image is timed with
+    /// reduced-scale IDCT (the default) and with full decode, on one thread.
+    #[arg(long)]
+    large_jpegs: Option<std::path::PathBuf>,
 }
 
 pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
@@ -67,6 +71,8 @@ pub struct Costs {
     pub infer_ms: Vec<(usize, f64)>,
     /// Heatmap render + PNG encode, the sink's call.
     pub heatmap_ms: f64,
+    /// Large JPEGs: (files, ms per image DCT-scaled, ms per image full decode), both + resize.
+    pub large_jpeg: Option<(usize, f64, f64)>,
 }
 
 impl Costs {
@@ -165,7 +171,7 @@ fn mean_ms<T, R>(items: &[T], mut f: impl FnMut(&T) -> Result<R>) -> Result<(f64
 
 /// (c): per-image core-time of each stage, on the calling thread, with the operator's own code.
 /// Returns the costs and the decoded model inputs (reused by (a)).
-fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost_images: usize) -> Result<(Costs, Vec<Vec<u8>>)> {
+fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost_images: usize, large: &[Vec<u8>]) -> Result<(Costs, Vec<Vec<u8>>)> {
     let source = crate::event::SourceRef { topic: "bench".into(), partition: 0, offset: 0, timestamp: None };
     let (parse_ms, events) =
         mean_ms(payloads, |p| crate::event::parse_event(Some(&p.value), Some(&p.id), p.class.as_deref(), &source).map_err(|e| anyhow::anyhow!("parse: {e}")))?;
@@ -175,6 +181,14 @@ fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost
     let engine = Engine::load(std::path::Path::new(&settings.model.path), &one)?;
     let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
     let (decode_ms, inputs) = mean_ms(&events, |e| decoder.decode(&e.image).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
+    let large_jpeg = if large.is_empty() {
+        None
+    } else {
+        let full = decoder.clone().with_jpeg_scaling(false);
+        let (scaled_ms, _) = mean_ms(large, |b| decoder.decode_bytes(b).map(|m| m.rgb.len()).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
+        let (full_ms, _) = mean_ms(large, |b| full.decode_bytes(b).map(|m| m.rgb.len()).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
+        Some((large.len(), scaled_ms, full_ms))
+    };
 
     let mut sizes = vec![1];
     sizes.extend(batches.iter().copied().filter(|&b| b != 1));
@@ -207,7 +221,7 @@ fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost
         Ok(crate::inference::heatmap::render_png(&maps[i], size, &calibration, overlay.then_some(inputs[i].as_slice())).len())
     })?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Ok((Costs { cores, images: payloads.len(), parse_ms, decode_ms, infer_ms, heatmap_ms }, inputs))
+    Ok((Costs { cores, images: payloads.len(), parse_ms, decode_ms, infer_ms, heatmap_ms, large_jpeg }, inputs))
 }
 
 /// A line of /proc/self/status in MB (`VmHWM`, `VmRSS`); NaN where there is none.
@@ -240,8 +254,22 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, &'s
             Ok(Payload { value: record.payload.unwrap_or_default(), id: f.image_id.clone(), class: f.class.clone() })
         })
         .collect::<Result<_>>()?;
+    let large: Vec<Vec<u8>> = match &opts.large_jpegs {
+        Some(dir) => {
+            let mut paths: Vec<_> = std::fs::read_dir(dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("jpg") || x.eq_ignore_ascii_case("jpeg")))
+                .collect();
+            paths.sort();
+            if paths.is_empty() {
+                bail!("no .jpg files in {}", dir.display());
+            }
+            paths.iter().map(std::fs::read).collect::<std::io::Result<_>>()?
+        }
+        None => Vec::new(),
+    };
     let (s2, batches, cost_images) = (settings.clone(), opts.batches.clone(), opts.cost_images);
-    let (costs, inputs) = tokio::task::spawn_blocking(move || core_costs(&s2, &payloads, &batches, cost_images)).await??;
+    let (costs, inputs) = tokio::task::spawn_blocking(move || core_costs(&s2, &payloads, &batches, cost_images, &large)).await??;
     eprintln!("stage costs: done");
 
     let mut engine_settings = settings.engine.clone();
@@ -350,6 +378,10 @@ fn print_costs(c: &Costs) {
         println!("| inference, 1 intra-op thread, batch {b} | {ms:.2} |");
     }
     println!("| heatmap render + PNG encode | {:.2} |", c.heatmap_ms);
+    if let Some((n, scaled, full)) = c.large_jpeg {
+        println!("| large JPEGs ({n}): decode + resize, reduced-scale IDCT | {scaled:.2} |");
+        println!("| large JPEGs ({n}): decode + resize, full decode | {full:.2} |");
+    }
     let (b1, hm) = (c.per_image_ms(1, false), c.per_image_ms(1, true));
     println!(
         "limit at batch 1 = {} cores / {b1:.2} ms = {:.1} img/s (with a heatmap for every image: {:.1} img/s)\n",

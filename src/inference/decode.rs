@@ -32,6 +32,8 @@ pub struct Decoder {
     size: u32,
     budget: Arc<MemoryBudget>,
     s3: Option<S3Fetcher>,
+    /// JPEGs at least twice S on both sides decode at a reduced DCT scale (1/2, 1/4, 1/8) first.
+    jpeg_scaling: bool,
 }
 
 impl Decoder {
@@ -45,12 +47,18 @@ impl Decoder {
             0 => default_decode_budget(),
             n => n,
         };
-        Self { limits, file_root, size, budget: Arc::new(MemoryBudget::new(budget)), s3: None }
+        Self { limits, file_root, size, budget: Arc::new(MemoryBudget::new(budget)), s3: None, jpeg_scaling: true }
     }
 
     /// Serves `s3://bucket/key` image URIs with these connection settings, on `runtime`.
     pub fn with_s3(mut self, settings: &S3Settings, runtime: tokio::runtime::Handle) -> Self {
         self.s3 = Some(S3Fetcher { settings: settings.clone(), runtime, stores: Default::default() });
+        self
+    }
+
+    /// Turns reduced-scale JPEG decoding off (full decode, then resize), e.g. to measure it.
+    pub fn with_jpeg_scaling(mut self, on: bool) -> Self {
+        self.jpeg_scaling = on;
         self
     }
 
@@ -164,6 +172,16 @@ impl Decoder {
         if pixels == 0 {
             return Err(Rejection::new(ErrorKind::Decode, "image has zero pixels"));
         }
+        if format == ImageFormat::Jpeg && self.jpeg_scaling {
+            if let Some(k) = jpeg_scale_divisor(w, h, self.size) {
+                match self.decode_jpeg_scaled(bytes, (w, h), k) {
+                    Some(Ok(input)) => return Ok(input),
+                    Some(Err(e)) if e.kind != ErrorKind::Decode => return Err(e),
+                    // Not for this path, or jpeg-decoder refused it: the full decoder decides.
+                    _ => {}
+                }
+            }
+        }
         let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
         let mut limits = image::Limits::default();
         limits.max_image_width = Some(w);
@@ -187,6 +205,63 @@ impl Decoder {
         let resized = resize_rgb(rgb.as_raw(), w, h, self.size).map_err(|e| Rejection::new(ErrorKind::Decode, e))?;
         Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
     }
+}
+
+impl Decoder {
+    /// A JPEG much larger than S: the IDCT runs at 1/`k` scale (as libjpeg-turbo and Pillow's
+    /// `draft()` do), so a 2048² camera frame becomes 256² before the resize touches it.
+    /// None: not for this path (CMYK, 16-bit, or a header jpeg-decoder cannot read); the caller
+    /// decodes at full scale as for any other image.
+    fn decode_jpeg_scaled(&self, bytes: &[u8], (w, h): (u32, u32), k: u32) -> Option<Result<ModelInput, Rejection>> {
+        use jpeg_decoder::PixelFormat as P;
+        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+        decoder.read_info().ok()?;
+        let format = decoder.info()?.pixel_format;
+        if !matches!(format, P::RGB24 | P::L8) {
+            return None;
+        }
+        Some(self.decode_jpeg_scaled_with(decoder, format, (w, h), k))
+    }
+
+    fn decode_jpeg_scaled_with(
+        &self,
+        mut decoder: jpeg_decoder::Decoder<Cursor<&[u8]>>,
+        format: jpeg_decoder::PixelFormat,
+        (w, h): (u32, u32),
+        k: u32,
+    ) -> Result<ModelInput, Rejection> {
+        use jpeg_decoder::PixelFormat as P;
+        let fail = |e: jpeg_decoder::Error| Rejection::new(ErrorKind::Decode, format!("cannot decode Jpeg: {e}"));
+        let (sw, sh) = decoder.scale(w.div_ceil(k) as u16, h.div_ceil(k) as u16).map_err(fail)?;
+        let (sw, sh) = (sw as u32, sh as u32);
+        let scaled = sw as u64 * sh as u64;
+        let need = scaled * (format.pixel_bytes() as u64 + 3);
+        let Some(_reservation) = self.budget.reserve(need) else {
+            return Err(Rejection::new(
+                ErrorKind::TooLarge,
+                format!("decoding this {w}x{h} JPEG at 1/{k} scale needs {need} bytes, over decode.max_decode_bytes = {}", self.budget.limit()),
+            ));
+        };
+        let pixels = decoder.decode().map_err(fail)?;
+        if pixels.len() as u64 != scaled * format.pixel_bytes() as u64 {
+            return Err(Rejection::new(ErrorKind::Decode, format!("JPEG decoded to {} bytes for {sw}x{sh} {format:?}", pixels.len())));
+        }
+        let rgb: Vec<u8> = match format {
+            P::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
+            _ => pixels,
+        };
+        let resized = resize_rgb(&rgb, sw, sh, self.size).map_err(|e| Rejection::new(ErrorKind::Decode, e))?;
+        Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
+    }
+}
+
+/// The largest IDCT reduction (8, 4 or 2) that still leaves both sides at least `size`; None
+/// when a JPEG is not at least twice `size` on both sides (it decodes at full scale, unchanged).
+pub fn jpeg_scale_divisor(w: u32, h: u32, size: u32) -> Option<u32> {
+    if w > u16::MAX as u32 || h > u16::MAX as u32 {
+        return None;
+    }
+    [8, 4, 2].into_iter().find(|&k| w.div_ceil(k) >= size && h.div_ceil(k) >= size)
 }
 
 /// Reads `s3://bucket/key` objects with the S3 connection settings, one client per bucket.
@@ -369,6 +444,51 @@ mod tests {
         std::thread::spawn(move || tx.send(d.fetch(&format!("file://{}", fifo.display()))).unwrap());
         let err = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("fetch returned").unwrap_err();
         assert!(err.message.contains("not a regular file"), "{err}");
+    }
+
+    /// A smooth, textured camera-size frame, as JPEG.
+    fn large_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            let ring = ((fx - 0.5).hypot(fy - 0.5) * 40.0).sin() * 40.0;
+            image::Rgb([(fx * 200.0 + ring + 20.0) as u8, (fy * 180.0 + 30.0) as u8, ((fx + fy) * 90.0 - ring + 50.0) as u8])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).encode_image(&img).unwrap();
+        out
+    }
+
+    #[test]
+    fn scale_divisor_keeps_both_sides_at_least_the_model_size() {
+        assert_eq!(jpeg_scale_divisor(2048, 2048, 256), Some(8));
+        assert_eq!(jpeg_scale_divisor(2048, 1536, 256), Some(4)); // 1536/8 = 192 < 256
+        assert_eq!(jpeg_scale_divisor(900, 900, 256), Some(2));
+        assert_eq!(jpeg_scale_divisor(510, 900, 256), None);
+        assert_eq!(jpeg_scale_divisor(316, 264, 256), None, "the magnetic-tile JPEGs decode as before");
+    }
+
+    #[test]
+    fn large_jpeg_scaled_decode_matches_full_decode_and_resize() {
+        let l = DecodeSettings { max_payload_bytes: 16 << 20, max_pixels: 40_000_000, ..limits() };
+        for (w, h) in [(2048, 2048), (2048, 1536), (1000, 700)] {
+            let bytes = large_jpeg(w, h);
+            let scaled = Decoder::new(l.clone(), 256).decode_bytes(&bytes).unwrap();
+            let full = Decoder::new(l.clone(), 256).with_jpeg_scaling(false).decode_bytes(&bytes).unwrap();
+            assert_eq!((scaled.original_width, scaled.original_height), (w, h));
+            assert_eq!(scaled.rgb.len(), full.rgb.len());
+            let diffs: Vec<i32> = scaled.rgb.iter().zip(&full.rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).collect();
+            let mean = diffs.iter().sum::<i32>() as f64 / diffs.len() as f64;
+            let p99 = {
+                let mut d = diffs.clone();
+                d.sort();
+                d[d.len() * 99 / 100]
+            };
+            assert!(mean < 2.0 && p99 <= 8, "{w}x{h}: mean |diff| {mean:.2}, p99 {p99}");
+        }
+        // Grayscale JPEGs take the scaled path too and still come out as three equal channels.
+        let gray = encode(image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(1200, 1200, |x, _| image::Luma([(x / 5) as u8]))), ImageFormat::Jpeg);
+        let out = Decoder::new(l, 256).decode_bytes(&gray).unwrap();
+        assert!(out.rgb.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
     }
 
     #[test]
