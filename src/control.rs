@@ -227,6 +227,18 @@ fn read_loop(consumer: &BaseConsumer, state: &ControlState, stop: &AtomicBool, m
 /// Creates `topic` with `cleanup.policy=compact` unless it exists.
 async fn ensure_compacted_topic(settings: &Settings, topic: &str) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    // An existing topic needs no admin call (some brokers, like librdkafka's in-process one used by
+    // the demo, do not answer CreateTopics). A consumer's metadata request never auto-creates.
+    let probe: BaseConsumer = kafka::base_config(&settings.kafka).create().context("creating a metadata client")?;
+    let name = topic.to_string();
+    let exists = tokio::task::spawn_blocking(move || {
+        probe.fetch_metadata(Some(&name), Duration::from_secs(10)).ok().and_then(|md| md.topics().first().map(|t| t.error().is_none() && !t.partitions().is_empty()))
+    })
+    .await?
+    .unwrap_or(false);
+    if exists {
+        return Ok(());
+    }
     let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::base_config(&settings.kafka).create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     // The broker's default replication first (KIP-464); brokers without it get a single replica.

@@ -322,6 +322,8 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, &'s
             ("pipeline.max_in_flight", base.pipeline.max_in_flight.max(batch * 8).into()),
             ("heatmap.policy", "none".into()),
             ("telemetry.http_addr", "127.0.0.1:0".into()),
+            // The bench measures scoring; runtime control has nothing to do here.
+            ("topics.control", "".into()),
         ])?;
         let max_in_flight = s.pipeline.max_in_flight;
         reset_peak_rss();
