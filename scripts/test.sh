@@ -25,7 +25,7 @@ export DCAM_BIN="$PWD/target/debug/dcam-stream"
 
 echo "== Rust tests (unit + integration against a noida-db broker process)"
 # Broker-backed tests serialise themselves; two threads keep the light ones moving.
-cargo test --locked -- --test-threads=2 --skip three_sigkills
+cargo test --locked --no-fail-fast -- --test-threads=2 --skip three_sigkills
 # The SIGKILL scenarios print their lost/duplicate counts: show them.
 cargo test --locked --test exactly_once three_sigkills -- --test-threads=1 --nocapture
 

@@ -54,7 +54,7 @@ impl Browser {
             .expect("starting chromium");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let ws_url = loop {
-            let pages: Option<serde_json::Value> = http_get(port, "/json/list").and_then(|(_, body)| serde_json::from_str(&body).ok());
+            let pages = devtools_targets(port);
             let found = pages.as_ref().and_then(|p| p.as_array()).and_then(|p| p.iter().find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url))));
             if let Some(ws) = found.and_then(|t| t["webSocketDebuggerUrl"].as_str()) {
                 break ws.to_string();
@@ -99,6 +99,29 @@ impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Chromium's list of DevTools targets. Its HTTP server keeps the connection open after the
+/// answer, so the body is read by its Content-Length, not to the end of the stream.
+fn devtools_targets(port: u16) -> Option<serde_json::Value> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /json/list HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = s.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let length: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok())?;
+        if raw.len() >= end + 4 + length {
+            return serde_json::from_slice(&raw[end + 4..end + 4 + length]).ok();
+        }
     }
 }
 
