@@ -214,7 +214,7 @@ fn the_inspection_page_shows_scored_images_and_never_renders_input_as_html() {
     // The live panel updates from the event stream; filtering by class narrows the grid.
     browser.wait_for("document.getElementById('lag').textContent !== '–'");
     browser.wait_for("document.getElementById('class-filter').options.length >= 3");
-    let filtered = browser.eval("(async () => { const f = document.getElementById('class-filter'); f.value = 'bottle'; f.dispatchEvent(new Event('change')); await new Promise(r => setTimeout(r, 1500)); return [...document.querySelectorAll('#grid .card .muted:first-of-type')].map(e => e.textContent); })()");
+    let filtered = browser.eval("(async () => { const f = document.getElementById('class-filter'); f.value = 'bottle'; f.dispatchEvent(new Event('change')); await new Promise(r => setTimeout(r, 1500)); return [...document.querySelectorAll('#grid .card')].map(c => c.querySelector('.muted').textContent); })()");
     let shown = filtered.as_array().unwrap();
     assert!(!shown.is_empty() && shown.iter().all(|t| t.as_str().unwrap().starts_with("bottle")), "{filtered}");
     drop(browser);
