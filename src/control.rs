@@ -232,7 +232,10 @@ async fn ensure_compacted_topic(settings: &Settings, topic: &str) -> Result<()> 
     let probe: BaseConsumer = kafka::base_config(&settings.kafka).create().context("creating a metadata client")?;
     let name = topic.to_string();
     let exists = tokio::task::spawn_blocking(move || {
-        probe.fetch_metadata(Some(&name), Duration::from_secs(10)).ok().and_then(|md| md.topics().first().map(|t| t.error().is_none() && !t.partitions().is_empty()))
+        probe
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .ok()
+            .and_then(|md| md.topics().first().map(|t| t.error().is_none() && !t.partitions().is_empty()))
     })
     .await?
     .unwrap_or(false);

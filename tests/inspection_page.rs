@@ -34,7 +34,7 @@ impl Browser {
     fn open(url: &str) -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let port = free_port();
-        let child = std::process::Command::new(chromium())
+        let mut child = std::process::Command::new(chromium())
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -55,11 +55,18 @@ impl Browser {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let ws_url = loop {
             let pages = devtools_targets(port);
-            let found = pages.as_ref().and_then(|p| p.as_array()).and_then(|p| p.iter().find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url))));
+            let found = pages
+                .as_ref()
+                .and_then(|p| p.as_array())
+                .and_then(|p| p.iter().find(|t| t["type"] == "page" && t["url"].as_str().is_some_and(|u| u.starts_with(url))));
             if let Some(ws) = found.and_then(|t| t["webSocketDebuggerUrl"].as_str()) {
                 break ws.to_string();
             }
-            assert!(std::time::Instant::now() < deadline, "chromium's DevTools endpoint did not list the page");
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill(); // not left behind by a failing test
+                let _ = child.wait();
+                panic!("chromium's DevTools endpoint did not list the page");
+            }
             std::thread::sleep(Duration::from_millis(200));
         };
         let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -72,7 +79,8 @@ impl Browser {
     fn eval(&mut self, expression: &str) -> serde_json::Value {
         self.next_id += 1;
         let id = self.next_id;
-        let call = serde_json::json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expression, "returnByValue": true, "awaitPromise": true}});
+        let call =
+            serde_json::json!({"id": id, "method": "Runtime.evaluate", "params": {"expression": expression, "returnByValue": true, "awaitPromise": true}});
         self.socket.send(tungstenite::Message::text(call.to_string())).unwrap();
         loop {
             let msg = self.socket.read().expect("DevTools answer");
