@@ -125,13 +125,8 @@ impl Control {
             .set("fetch.wait.max.ms", "100")
             .create()
             .context("creating the control-topic reader")?;
-        let (c, t) = (consumer, topic.to_string());
-        let ends = tokio::task::spawn_blocking({
-            let t = t.clone();
-            move || assign_from_beginning(&c, &t).map(|ends| (c, ends))
-        })
-        .await??;
-        let (consumer, ends) = ends;
+        let name = topic.to_string();
+        let (consumer, ends) = tokio::task::spawn_blocking(move || assign_from_beginning(&consumer, &name).map(|ends| (consumer, ends))).await??;
         let (caught_up_tx, caught_up_rx) = std::sync::mpsc::channel();
         let reader = {
             let (state, stop) = (state.clone(), stop.clone());

@@ -134,8 +134,8 @@ fn threshold_table(s: &ApiState) -> serde_json::Value {
     let table: serde_json::Map<String, serde_json::Value> = classes
         .into_iter()
         .map(|class| {
-            let j = active.scorer.judge_with(Some(&class), 0.0, s.thresholds.get(&active.model.version, &class));
-            (class, serde_json::json!({"threshold": j.threshold, "source": j.threshold_source, "model_version": active.model.version}))
+            let (c, source) = active.scorer.calibration_in_force(Some(&class), s.thresholds.get(&active.model.version, &class));
+            (class, serde_json::json!({"threshold": c.threshold, "source": source, "model_version": active.model.version}))
         })
         .collect();
     table.into()
@@ -173,7 +173,7 @@ async fn set_threshold(State(s): State<ApiState>, headers: HeaderMap, Path(class
     if class != crate::inference::model::DEFAULT_CLASS && !active.engine.info.classes.contains(&class) {
         return error(StatusCode::NOT_FOUND, format!("the active model has no class {class:?} (classes: {:?})", active.engine.info.classes));
     }
-    let previous = Some(active.scorer.judge_with(Some(&class), 0.0, s.thresholds.get(&active.model.version, &class)).threshold);
+    let previous = Some(active.scorer.calibration_in_force(Some(&class), s.thresholds.get(&active.model.version, &class)).0.threshold);
     let change = Change::Threshold { class, model_version: active.model.version.clone(), threshold: request.threshold, previous, by: who, at: Change::now() };
     match control.publish(&change).await {
         Ok(()) => {

@@ -125,9 +125,19 @@ impl Scorer {
 
     /// Like `judge`, with a runtime threshold for the class winning over the configured one.
     pub fn judge_with(&self, class: Option<&str>, raw: f32, runtime: Option<f32>) -> Judgement {
-        let Some(threshold) = runtime else { return self.judge(class, raw) };
-        let c = Calibration { threshold, ..self.calibration_for(class) };
-        Judgement { score: normalise(raw, &c), threshold, threshold_source: ThresholdSource::Runtime, is_anomaly: raw >= threshold, calibration: c }
+        let (c, threshold_source) = self.calibration_in_force(class, runtime);
+        Judgement { score: normalise(raw, &c), threshold: c.threshold, threshold_source, is_anomaly: raw >= c.threshold, calibration: c }
+    }
+
+    /// The calibration `class` is judged by, with its threshold from where it comes: runtime >
+    /// configuration > the model.
+    pub fn calibration_in_force(&self, class: Option<&str>, runtime: Option<f32>) -> (Calibration, ThresholdSource) {
+        let c = self.calibration_for(class);
+        match runtime {
+            Some(threshold) => (Calibration { threshold, ..c }, ThresholdSource::Runtime),
+            None if self.configured.contains(self.class_key(class)) => (c, ThresholdSource::Config),
+            None => (c, ThresholdSource::Model),
+        }
     }
 
     /// The calibration entry `class` is judged by: its own, or `_default` for an unknown class.
@@ -140,10 +150,7 @@ impl Scorer {
     }
 
     pub fn judge(&self, class: Option<&str>, raw: f32) -> Judgement {
-        let c = self.calibration_for(class);
-        let key = self.class_key(class);
-        let threshold_source = if self.configured.contains(key) { ThresholdSource::Config } else { ThresholdSource::Model };
-        Judgement { score: normalise(raw, &c), threshold: c.threshold, threshold_source, is_anomaly: raw >= c.threshold, calibration: c }
+        self.judge_with(class, raw, None)
     }
 }
 
