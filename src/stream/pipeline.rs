@@ -84,14 +84,32 @@ impl OutcomeSink for Sender<Outcome> {
 
 struct Decoded {
     job: Job,
+    /// The model stamped on the job at submission.
+    model: Arc<ActiveModel>,
     event: ImageEvent,
     input: ModelInput,
 }
 
 /// Handle to running stages. Dropping every clone of the submitter shuts them down in order.
 pub struct Pipeline {
-    submit: Option<Sender<Job>>,
+    submit: Option<Submitter>,
     threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// The way in. Each job is stamped with the active model as it enters, in the order the source
+/// reads it: a hot swap then takes effect at one offset per partition (older offsets keep the
+/// old model, newer ones get the new), however the decode pool and engine workers reorder work.
+#[derive(Clone)]
+pub struct Submitter {
+    jobs: Sender<(Job, Arc<ActiveModel>)>,
+    models: Arc<ModelSlot>,
+}
+
+impl Submitter {
+    /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
+    pub fn send(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send((job, self.models.current())).map_err(|e| e.0 .0)
+    }
 }
 
 impl Pipeline {
@@ -104,7 +122,7 @@ impl Pipeline {
     pub fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
         let sessions = models.current().engine.session_count();
         let workers = if decoder.settings().workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decoder.settings().workers };
-        let (submit, jobs) = bounded::<Job>(batch.queue_capacity);
+        let (submit, jobs) = bounded::<(Job, Arc<ActiveModel>)>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
         let (to_engine, batches) = bounded::<Vec<Decoded>>(sessions);
         let decoder = Arc::new(decoder);
@@ -116,20 +134,21 @@ impl Pipeline {
         drop(to_batch);
         let settings = batch.clone();
         let m = metrics.clone();
-        threads.push(spawn("batcher".into(), move || batch_loop(decoded, to_engine, &settings, &m)));
+        threads
+            .push(spawn("batcher".into(), move || batch_loop(decoded, to_engine, &settings, &m, |a: &Decoded, b: &Decoded| Arc::ptr_eq(&a.model, &b.model))));
         for slot in 0..sessions {
-            let (batches, models, sink, metrics) = (batches.clone(), models.clone(), sink.clone(), metrics.clone());
-            threads.push(spawn(format!("engine-{slot}"), move || engine_loop(slot, batches, &models, &*sink, &metrics)));
+            let (batches, sink, metrics) = (batches.clone(), sink.clone(), metrics.clone());
+            threads.push(spawn(format!("engine-{slot}"), move || engine_loop(slot, batches, &*sink, &metrics)));
         }
-        Self { submit: Some(submit), threads }
+        Self { submit: Some(Submitter { jobs: submit, models }), threads }
     }
 
     /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
     pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.submit.as_ref().expect("open").send(job).map_err(|e| e.0)
+        self.submit.as_ref().expect("open").send(job)
     }
 
-    pub fn submitter(&self) -> Sender<Job> {
+    pub fn submitter(&self) -> Submitter {
         self.submit.as_ref().expect("open").clone()
     }
 
@@ -177,12 +196,12 @@ pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<
     })
 }
 
-fn decode_loop(jobs: Receiver<Job>, to_batch: Sender<Decoded>, decoder: &Decoder, sink: &dyn OutcomeSink, metrics: &Metrics) {
-    for job in jobs {
+fn decode_loop(jobs: Receiver<(Job, Arc<ActiveModel>)>, to_batch: Sender<Decoded>, decoder: &Decoder, sink: &dyn OutcomeSink, metrics: &Metrics) {
+    for (job, model) in jobs {
         match guard("decoder", || prepare(&job, decoder)) {
             Ok((event, input)) => {
                 metrics.queue_depth.inc();
-                if to_batch.send(Decoded { job, event, input }).is_err() {
+                if to_batch.send(Decoded { job, model, event, input }).is_err() {
                     return;
                 }
             }
@@ -191,17 +210,30 @@ fn decode_loop(jobs: Receiver<Job>, to_batch: Sender<Decoded>, decoder: &Decoder
     }
 }
 
-/// Triton-style dynamic batching: a batch closes when full or `max_delay_ms` after its first item.
-fn batch_loop(decoded: Receiver<Decoded>, to_engine: Sender<Vec<Decoded>>, settings: &BatchSettings, metrics: &Metrics) {
+/// Triton-style dynamic batching: a batch closes when full, `max_delay_ms` after its first item,
+/// or when an item stamped with another model arrives (one model per batch; that item opens the
+/// next batch).
+fn batch_loop<T>(decoded: Receiver<T>, to_engine: Sender<Vec<T>>, settings: &BatchSettings, metrics: &Metrics, same_model: impl Fn(&T, &T) -> bool) {
     let max_delay = settings.max_delay;
+    let mut carried: Option<T> = None;
     loop {
-        let Ok(first) = decoded.recv() else { return };
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match decoded.recv() {
+                Ok(item) => item,
+                Err(_) => return,
+            },
+        };
         let deadline = Instant::now() + max_delay;
         let mut batch = vec![first];
         let mut closed = false;
         while batch.len() < settings.max_batch {
             match decoded.recv_deadline(deadline) {
-                Ok(item) => batch.push(item),
+                Ok(item) if same_model(&item, &batch[0]) => batch.push(item),
+                Ok(item) => {
+                    carried = Some(item);
+                    break;
+                }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
                     closed = true;
@@ -219,11 +251,11 @@ fn batch_loop(decoded: Receiver<Decoded>, to_engine: Sender<Vec<Decoded>>, setti
     }
 }
 
-fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, models: &ModelSlot, sink: &dyn OutcomeSink, metrics: &Metrics) {
+fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, sink: &dyn OutcomeSink, metrics: &Metrics) {
     let mut buffer = Vec::new();
     for batch in batches {
-        // One model per batch: a swap takes effect between batches.
-        let model = models.current();
+        // The batcher keeps one model per batch.
+        let model = batch[0].model.clone();
         let (engine, s) = (&model.engine, model.engine.input_size() as usize);
         let mut run = |items: &[Decoded]| -> Result<(BatchOutput, f64), String> {
             buffer.clear();
@@ -336,6 +368,23 @@ mod tests {
         let mut scored = 0;
         run_isolating_failures(vec![1, 2, 3], &mut run, &mut |_, n, _| scored += n, &mut |_, e| panic!("{e}"));
         assert_eq!(scored, 3);
+    }
+
+    /// Items tagged (offset, model); a swap arrives mid-stream while the batcher is filling.
+    #[test]
+    fn a_batch_never_mixes_models_and_the_item_that_closes_it_opens_the_next() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (to_engine, batches) = crossbeam_channel::unbounded();
+        for item in [(0, 'a'), (1, 'a'), (2, 'a'), (3, 'b'), (4, 'b'), (5, 'a'), (6, 'b'), (7, 'b'), (8, 'b'), (9, 'b')] {
+            tx.send(item).unwrap();
+        }
+        drop(tx);
+        let settings = BatchSettings { max_batch: 3, max_delay: std::time::Duration::from_secs(5), queue_capacity: 16 };
+        batch_loop(rx, to_engine, &settings, &Metrics::new(), |x: &(i32, char), y: &(i32, char)| x.1 == y.1);
+        let got: Vec<Vec<(i32, char)>> = batches.iter().collect();
+        let offsets: Vec<Vec<i32>> = got.iter().map(|b| b.iter().map(|i| i.0).collect()).collect();
+        assert_eq!(offsets, vec![vec![0, 1, 2], vec![3, 4], vec![5], vec![6, 7, 8], vec![9]], "nothing lost, nothing reordered");
+        assert!(got.iter().all(|b| b.iter().all(|i| i.1 == b[0].1)), "one model per batch: {got:?}");
     }
 
     #[test]

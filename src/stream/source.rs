@@ -7,14 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
-use crossbeam_channel::Sender;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::delivery::transaction::TxnError;
 use crate::delivery::{Delivery, OffsetTracker, PartitionKey};
-use crate::stream::pipeline::Job;
+use crate::stream::pipeline::{Job, Submitter};
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 
 pub struct SourceContext {
@@ -109,7 +108,7 @@ pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job
 /// fatal error.
 pub fn run(
     consumer: &BaseConsumer<SourceContext>,
-    submit: &Sender<Job>,
+    submit: &Submitter,
     opts: &SourceOptions,
     shutdown: &AtomicBool,
     metrics: &Metrics,
