@@ -25,7 +25,8 @@ data=$(mktemp -d)
 # noida-db ignores SIGTERM and runs a child: its own session/process group, killed as a whole.
 setsid .venv/bin/noida-db start --only kafka --kafka-port "$port" --data-dir "$data/db" > "$data/broker.log" 2>&1 &
 broker=$!
-trap 'kill -KILL -- -$broker 2>/dev/null; wait $broker 2>/dev/null; rm -rf "$data"' EXIT
+# (wait reports the kill as 137; under set -e that would become the script's exit status)
+trap 'kill -KILL -- -$broker 2>/dev/null; wait $broker 2>/dev/null || true; rm -rf "$data"' EXIT
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 export_topic="bench-python-images-$RANDOM"
 large_args=()
