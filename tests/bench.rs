@@ -1,5 +1,5 @@
 //! `dcam-stream bench` on a handful of images with the in-process cluster: the stage-cost table,
-//! the main table with its limit columns and the final `e2e/limit = X.XX` line are printed and
+//! the main table with its limit columns, the paced-latency table and the final `e2e/limit = X.XX` line are printed and
 //! parse. Timings are never asserted (the machine is shared).
 
 mod common;
@@ -45,6 +45,24 @@ fn bench_prints_stage_costs_limit_and_a_final_ratio_line() {
         for c in r {
             let v: f64 = c.parse().unwrap_or_else(|e| panic!("{c:?} in {r:?}: {e}"));
             assert!(v.is_finite() && v >= 0.0, "{r:?}");
+        }
+    }
+
+    // (d) latency under load, paced at a fraction of the limit and of (b)'s best, with its bound:
+    // one numeric row each, at a batch size run above.
+    let paced = lines.iter().position(|l| l.starts_with("| paced at | batch | rate img/s |")).unwrap_or_else(|| panic!("no paced table in\n{stdout}"));
+    let names = cells(lines[paced]);
+    for col in ["scored img/s", "p50 ms", "p99 ms", "p50 in the topic ms", "p50 in the operator ms", "bound ms", "p99 / bound"] {
+        assert!(names.iter().any(|n| n == col), "no column {col:?} in {names:?}");
+    }
+    let rows: Vec<Vec<String>> = lines[paced + 2..].iter().take_while(|l| l.starts_with('|')).map(|l| cells(l)).collect();
+    assert_eq!(rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["limit", "(b) e2e"], "{stdout}");
+    for row in &rows {
+        assert_eq!(row.len(), names.len(), "{row:?}");
+        assert!(["1", "3"].contains(&row[1].as_str()), "{row:?}");
+        for c in &row[1..] {
+            let v: f64 = c.parse().unwrap_or_else(|e| panic!("{c:?} in {row:?}: {e}"));
+            assert!(v.is_finite() && v >= 0.0, "{row:?}");
         }
     }
 
