@@ -1,4 +1,4 @@
-"""CLI: python -m dcam {train,evaluate,export,all,ablation} -- see training/README.md."""
+"""CLI: python -m dcam {train,evaluate,export,all,ablation,calibrate,fit-heads,fp16} -- see training/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -15,10 +15,11 @@ from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import VARIANTS, variant_config
-from .data import REPO_ROOT, discover_classes, load_test, load_train_val, load_val_defects, resolve_data_root
+from .data import (REPO_ROOT, discover_classes, list_images, load_image, load_test, load_train_val, load_val_defects,
+                   resolve_data_root)
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
                        validation_estimate, write_reports)
-from .export import export_onnx, run_onnx
+from .export import export_onnx, read_metadata, run_onnx
 from .recover import student_model_from_onnx
 from .torch_model import DistillModel
 from .train import cache_teacher, train
@@ -222,7 +223,40 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     m_pt, s_pt = predict(model, imgs, progress=False)
     print(f"[export] {out} ({out.stat().st_size / 1e6:.1f} MB); ORT vs torch: max|dscore|={np.abs(s_ort - s_pt).max():.2e} "
           f"max|dmap|={np.abs(m_ort - m_pt).max():.2e}")
+    if args.fp16:
+        _write_fp16(out, resolve_data_root(args.data_root or ckpt.get("data_root")), args.parity_images)
     return out
+
+
+def _write_fp16(model: Path, root: Path, per_class: int) -> Path:
+    from .fp16 import write_fp16
+    # Parity compares two precisions of one model, not quality, so any real images serve: an even
+    # sample of each class's test folders (defects included), random pixels when there are none.
+    s = int(read_metadata(model)["dcam.input_size"])
+    paths = []
+    classes = sorted(d for d in root.iterdir() if (d / "test").is_dir()) if root.is_dir() else []
+    for cls in classes:
+        files = [p for sub in sorted((cls / "test").iterdir()) if sub.is_dir() for p in list_images(sub)]
+        paths += files[::max(1, len(files) // per_class)][:per_class]
+    images = (np.stack([load_image(p, s) for p in paths]) if paths
+              else np.random.default_rng(0).integers(0, 256, (8, s, s, 3), dtype=np.uint8))
+    labels = np.asarray([int(p.parent.name != "good") for p in paths]) if paths else None
+    out = model.with_suffix(".fp16.onnx")
+    report = write_fp16(model, out, images, labels)
+    print(f"[fp16] {out} ({out.stat().st_size / 1e6:.1f} MB); float16 vs float32 on {report['images']} images: "
+          f"max|dscore|={report['max_abs_dscore']:.3g} (max relative {report['max_rel_dscore']:.2%}), "
+          f"p95 near the threshold {report['p95_abs_dscore_near_threshold']}, max|dmap|={report['max_abs_dmap']:.3g}, "
+          f"verdicts agree on {report['verdicts_agree_at_default_threshold']:.1%}"
+          + (f", image AUROC {report['image_auroc_fp32']:.1f} (float32) vs {report['image_auroc_fp16']:.1f} (float16)"
+             if "image_auroc_fp16" in report else ""))
+    if report["nan"]:
+        raise SystemExit(f"[fp16] {report['nan']} NaN outputs: the float16 model is not usable")
+    return out
+
+
+def cmd_fp16(args) -> Path:
+    """The half-precision companion of an exported model (for GPUs), with its parity reported."""
+    return _write_fp16(Path(args.model), resolve_data_root(args.data_root), args.parity_images)
 
 
 def cmd_calibrate(args) -> Path:
@@ -311,6 +345,10 @@ def main(argv=None) -> None:
     p_abl = sub.add_parser("ablation", help="train and compare several variants on the same budget")
     p_cal = sub.add_parser("calibrate", help="recompute calibration (optionally another score rule) from held-out good images")
     p_fit = sub.add_parser("fit-heads", help="fit density/normalisation heads on a trained student, calibrate, estimate")
+    p_f16 = sub.add_parser("fp16", help="write <model>.fp16.onnx: the backbones in float16 for GPUs, parity reported")
+    p_f16.add_argument("model", nargs="?", default=str(REPO_ROOT / "models" / "dcam.onnx"))
+    p_f16.add_argument("--data-root", default=None, help="images for the parity check (default: ../shared/datasets)")
+    p_f16.add_argument("--threads", type=int, default=1)
     for p in (p_train, p_eval, p_exp, p_all, p_abl, p_cal, p_fit):
         _data_args(p)
     for p in (p_train, p_all, p_abl):
@@ -334,11 +372,14 @@ def main(argv=None) -> None:
         p.add_argument("--output", default=str(REPO_ROOT / "models" / "dcam.onnx"))
         p.add_argument("--model-name", default=None, help="default: <variant>-mobilenetv2 / <variant>-<backbone>")
         p.add_argument("--model-version", default=__version__)
+        p.add_argument("--fp16", action="store_true", help="also write <output>.fp16.onnx (backbones in float16, for GPUs)")
+    for p in (p_exp, p_all, p_f16):
+        p.add_argument("--parity-images", type=int, default=32, help="fp16 parity: images per class")
     p_abl.add_argument("--variants", nargs="+", default=["stfpm", "dcam", "dcam_fixed", "dcam_noatt", "dcam_cos", "dcam_kl"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "all": cmd_all, "ablation": cmd_ablation,
-     "calibrate": cmd_calibrate, "fit-heads": cmd_fit_heads}[args.cmd](args)
+     "calibrate": cmd_calibrate, "fit-heads": cmd_fit_heads, "fp16": cmd_fp16}[args.cmd](args)
 
 
 if __name__ == "__main__":
