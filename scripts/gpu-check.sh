@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Proves the GPU path on a bare Linux machine with an NVIDIA GPU, CUDA 13 / cuDNN 9 libraries, this
-# repository and no internet: runs `dcam-stream bench` with engine.provider = cuda, then tensorrt
-# (fp16, engine cache), at batch 1/8/32/64, and prints one table with the execution provider that
-# actually served each run. Builds nothing heavy: a prebuilt binary is used when there is one.
+# repository and no internet: runs `dcam-stream bench` with engine.provider = cuda, then cuda on the
+# float16 model (`python -m dcam fp16`), then tensorrt (fp16, engine cache), at batch 1/8/32/64, and
+# prints one table with the execution provider that actually served each run. Builds nothing heavy:
+# a prebuilt binary is used when there is one.
 # Exits within --budget seconds (default 480 = 8 minutes; each bench run gets a timeout).
 #
-#   scripts/gpu-check.sh [--provider cuda,tensorrt|cpu] [--images N] [--batches 1,8,32,64]
+#   scripts/gpu-check.sh [--provider cuda,cuda-fp16,tensorrt|cpu|cpu-fp16] [--images N] [--batches 1,8,32,64]
 #                        [--budget SECONDS] [--ort-dir DIR] [--dataset DIR]
 #   scripts/gpu-check.sh --split FILE [PART_MB]   cut FILE into FILE.part.NNN (< 60 MB) + FILE.sha256
 #   scripts/gpu-check.sh --join FILE              reassemble FILE from FILE.part.* and check FILE.sha256
@@ -15,6 +16,8 @@
 # every LIB.part.* found there is joined into LIB and checked against LIB.sha256 before use.
 # Binary: $DCAM_BIN, else target/release/dcam-stream, else dist/dcam-stream, else `cargo build --release`.
 # `--provider cpu` runs the same steps on CPU (CI runs it: tests/deploy/test_gpu_check.py).
+# A provider named P-fp16 runs P on the float16 companion of the model ($DCAM__MODEL__PATH, else
+# models/dcam.onnx): MODEL.fp16.onnx, written first by `python -m dcam fp16` (.venv) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -53,7 +56,7 @@ case "${1:-}" in
   --join) shift; join_file "$1"; exit 0 ;;
 esac
 
-providers=cuda,tensorrt
+providers=cuda,cuda-fp16,tensorrt
 images=${GPU_CHECK_IMAGES:-256}
 batches=1,8,32,64
 budget=480
@@ -109,12 +112,20 @@ if command -v nvidia-smi > /dev/null; then
 else
   echo "gpu-check: no nvidia-smi on PATH"
 fi
+model=${DCAM__MODEL__PATH:-models/dcam.onnx}
+fp16_model=${model%.onnx}.fp16.onnx
 for p in ${providers//,/ }; do
-  case $p in
+  if [ "${p%-fp16}" != "$p" ] && [ ! -e "$fp16_model" ]; then
+    [ -x .venv/bin/python ] || die "no $fp16_model and no .venv to make it (scripts/setup-python.sh; python -m dcam fp16)"
+    echo "gpu-check: writing $fp16_model (python -m dcam fp16; not counted in the budget)"
+    .venv/bin/python -W ignore -m dcam fp16 "$model" --data-root "$dataset" --parity-images "${GPU_CHECK_PARITY_IMAGES:-32}"
+    start=$SECONDS
+  fi
+  case ${p%-fp16} in
     cpu) ;;
     cuda) [ -e "$ort_dir/libonnxruntime_providers_cuda.so" ] || echo "gpu-check: warning: no $ort_dir/libonnxruntime_providers_cuda.so" >&2 ;;
     tensorrt) [ -e "$ort_dir/libonnxruntime_providers_tensorrt.so" ] || echo "gpu-check: warning: no $ort_dir/libonnxruntime_providers_tensorrt.so" >&2 ;;
-    *) die "unknown provider $p (cpu, cuda, tensorrt)" ;;
+    *) die "unknown provider $p (cpu, cuda, tensorrt, each optionally with -fp16)" ;;
   esac
 done
 
@@ -135,8 +146,10 @@ for i in "${!list[@]}"; do
     status=1
     continue
   fi
-  env_p=(DCAM__ENGINE__PROVIDER="$p")
-  if [ "$p" != cpu ]; then env_p+=(DCAM__ENGINE__REQUIRE_GPU=true); fi
+  base=${p%-fp16}
+  env_p=(DCAM__ENGINE__PROVIDER="$base")
+  if [ "$base" != "$p" ]; then env_p+=(DCAM__MODEL__PATH="$fp16_model"); fi
+  if [ "$base" != cpu ]; then env_p+=(DCAM__ENGINE__REQUIRE_GPU=true); fi
   if [ "$p" = tensorrt ]; then
     mkdir -p .trt-cache
     env_p+=(DCAM__ENGINE__TRT_FP16=true DCAM__ENGINE__TRT_ENGINE_CACHE="$PWD/.trt-cache")
@@ -169,8 +182,8 @@ for i in "${!list[@]}"; do
       printf "| %s | %s | %s | %s | %s | %s | %s | %.2f | %s |\n", p, used, c[2], c[3], c[4], c[6], c[12], c[3] * cpu_ms / 1000, c[11]
     }
     t && /^$/ {t=0}' "$log" >> "$summary"
-  if [ "$p" != cpu ] && [ "$used" != "$p" ]; then
-    echo "gpu-check: asked for $p, ran on $used" >&2
+  if [ "$base" != cpu ] && [ "$used" != "$base" ]; then
+    echo "gpu-check: asked for $base, ran on $used" >&2
     status=1
   fi
 done

@@ -1,4 +1,4 @@
-"""scripts/gpu-check.sh on CPU (`--provider cpu`), so the GPU script cannot rot: a tiny bench with
+"""scripts/gpu-check.sh on CPU (`--provider cpu,cpu-fp16`), so the GPU script cannot rot: a tiny bench with
 the already built debug binary ($DCAM_BIN, else target/debug/dcam-stream) on the in-process
 cluster, and the split / reassemble of a provider library with its checksum. No timings asserted."""
 
@@ -22,20 +22,24 @@ def dcam_bin() -> Path:
     return b
 
 
-def test_gpu_check_runs_on_cpu_and_prints_the_provider_used():
-    env = dict(os.environ, DCAM_BIN=str(dcam_bin()), DCAM__MODEL__PATH=str(REPO / "models" / "dcam.onnx"))
+def test_gpu_check_runs_on_cpu_and_prints_the_provider_used(tmp_path):
+    # A copy of the model, so the float16 companion the script writes beside it lands in tmp.
+    model = tmp_path / "dcam.onnx"
+    model.write_bytes((REPO / "models" / "dcam.onnx").read_bytes())
+    env = dict(os.environ, DCAM_BIN=str(dcam_bin()), DCAM__MODEL__PATH=str(model), GPU_CHECK_PARITY_IMAGES="4")
     if not (REPO / ".ort" / "libonnxruntime.so").exists():
         pytest.skip("no .ort/libonnxruntime.so (scripts/fetch-ort.sh)")
     datasets = os.environ.get("DCAM_DATASETS", str(REPO.parent / "shared" / "datasets"))
     out = subprocess.run(
-        [str(SCRIPT), "--provider", "cpu", "--images", "4", "--batches", "1,2", "--budget", "150", "--ort-dir", ".ort", "--dataset", datasets],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=170,
+        [str(SCRIPT), "--provider", "cpu,cpu-fp16", "--images", "4", "--batches", "1,2", "--budget", "240", "--ort-dir", ".ort", "--dataset", datasets],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
     header = next(i for i, l in enumerate(lines) if l.startswith("| provider | used | batch |"))
     rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines[header + 2 :] if l.startswith("|")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("cpu", "cpu", "1"), ("cpu", "cpu", "2")], out.stdout
+    assert [(r[0], r[1], r[2]) for r in rows] == [("cpu", "cpu", "1"), ("cpu", "cpu", "2"), ("cpu-fp16", "cpu", "1"), ("cpu-fp16", "cpu", "2")], out.stdout
+    assert (tmp_path / "dcam.fp16.onnx").exists() and "[fp16]" in out.stdout, out.stdout
     for r in rows:
         for cell in r[3:]:
             float(cell)
