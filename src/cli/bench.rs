@@ -116,6 +116,13 @@ pub struct Row {
     pub max_in_flight: usize,
 }
 
+impl Row {
+    /// (b)/limit: the share of the machine's limit the operator reached (heatmaps off, as in (b)).
+    fn over_limit(&self, costs: &Costs) -> f64 {
+        self.e2e_ips / costs.limit_ips(self.batch, false)
+    }
+}
+
 /// (d): latency with the operator keeping up, not draining a backlog.
 #[derive(Debug, Clone)]
 pub struct Paced {
@@ -329,13 +336,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
         // clock measures the operator alone: consume → decode → batch → infer → publish → commit.
         let run_id = rand::random::<u32>();
         let (input, scores) = (format!("bench-images-{batch}-{run_id}"), format!("bench-scores-{batch}-{run_id}"));
-        match &cluster {
-            Some(c) => {
-                c.create_topic(&input, 1, 1)?;
-                c.create_topic(&scores, 1, 1)?;
-            }
-            None => create_topics(&base, &[&input, &scores]).await?,
-        }
+        create_run_topics(cluster.as_ref(), &base, &input, &scores).await?;
         produce::publish(&producer, &input, &files, opts.format).await?;
         let s = operator_settings(&base, &input, &scores, batch, run_id)?;
         let max_in_flight = s.pipeline.max_in_flight;
@@ -366,24 +367,17 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
         eprintln!("batch {batch}: done");
     }
 
-    let best = rows.iter().max_by(|a, b| (a.e2e_ips / costs.limit_ips(a.batch, false)).total_cmp(&(b.e2e_ips / costs.limit_ips(b.batch, false))));
+    let best = rows.iter().max_by(|a, b| a.over_limit(&costs).total_cmp(&b.over_limit(&costs)));
     // Paced at a fraction of the limit (what the machine could do) and of what (b) reached (what it
     // did, with the broker and the bench sharing the cores).
     let mut paced = Vec::new();
     if let Some(row) = best.filter(|_| opts.paced_fraction > 0.0) {
         for (basis, capacity) in [("limit", costs.limit_ips(row.batch, false)), ("(b) e2e", row.e2e_ips)] {
             let (input, scores) = (format!("bench-paced-images-{}", rand::random::<u32>()), format!("bench-paced-scores-{}", rand::random::<u32>()));
-            match &cluster {
-                Some(c) => {
-                    c.create_topic(&input, 1, 1)?;
-                    c.create_topic(&scores, 1, 1)?;
-                }
-                None => create_topics(&base, &[&input, &scores]).await?,
-            }
+            create_run_topics(cluster.as_ref(), &base, &input, &scores).await?;
             let s = operator_settings(&base, &input, &scores, row.batch, rand::random())?;
-            let run = paced_latency(s, engine.clone(), &producer, &files, opts.format, opts.paced_fraction * capacity, row.raw_p50_ms).await?;
+            paced.push(paced_latency(s, engine.clone(), &producer, &files, opts.format, (basis, opts.paced_fraction * capacity), row.raw_p50_ms).await?);
             eprintln!("paced at {} of {basis}: done", opts.paced_fraction);
-            paced.push(Paced { batch: row.batch, basis, ..run });
         }
     }
     Ok((rows, costs, paced, engine.provider))
@@ -408,18 +402,21 @@ fn operator_settings(base: &Settings, input: &str, scores: &str, batch: usize, r
 }
 
 /// (d): starts the operator, waits until a warm-up event is scored (group joined, sessions warm),
-/// then publishes `files` one at a time at `rate` img/s without waiting for acknowledgements,
-/// and times each image from its record timestamp to its score.
+/// then publishes `files` one at a time at `rate` img/s (`basis` names what it is a fraction of)
+/// without waiting for acknowledgements, and times each image from its record timestamp to its score.
 async fn paced_latency(
     settings: Settings,
     engine: Arc<Engine>,
     producer: &FutureProducer,
     files: &[dataset::ImageFile],
     format: WireFormat,
-    rate: f64,
+    (basis, rate): (&'static str, f64),
     batch_inference_ms: f64,
 ) -> Result<Paced> {
-    let (input, scores) = (settings.kafka.input_topics[0].clone(), settings.topics.scores.clone());
+    let (input, scores, batch) = (settings.kafka.input_topics[0].clone(), settings.topics.scores.clone(), settings.batch.max_batch);
+    // Read and encode every event before the clock starts, so pacing is not held up by file I/O.
+    let events =
+        files.iter().enumerate().map(|(i, f)| Ok(produce::event_record(&input, f, std::fs::read(&f.path)?, format.is_json(i)))).collect::<Result<Vec<_>>>()?;
     let reader_client = kafka::base_config(&settings.kafka);
     let op = RunningOperator::start(settings, Some(engine)).await?;
     let mut reader = crate::cli::score_reader::ScoreReader::start(reader_client, &scores, files.len() + 1)?;
@@ -428,10 +425,9 @@ async fn paced_latency(
 
     let started = Instant::now();
     let mut acks = Vec::with_capacity(files.len());
-    for (i, f) in files.iter().enumerate() {
+    for (i, event) in events.iter().enumerate() {
         tokio::time::sleep_until((started + Duration::from_secs_f64(i as f64 / rate)).into()).await;
-        let record = produce::event_record(&input, f, std::fs::read(&f.path)?, format.is_json(i));
-        acks.push(producer.send_result(record.to_future_record()).map_err(|(e, _)| anyhow::anyhow!("publishing to {input}: {e}"))?);
+        acks.push(producer.send_result(event.to_future_record()).map_err(|(e, _)| anyhow::anyhow!("publishing to {input}: {e}"))?);
     }
     for ack in acks {
         ack.await.map_err(|_| anyhow::anyhow!("publishing to {input}: cancelled"))?.map_err(|(e, _)| anyhow::anyhow!("publishing to {input}: {e}"))?;
@@ -452,8 +448,8 @@ async fn paced_latency(
         records.iter().filter_map(|r| chrono::DateTime::parse_from_rfc3339(&r.scored_at).ok()).map(|t| t.timestamp_millis()).max().unwrap_or(0) as f64;
     let window_s = ((last_scored - first_sent) / 1000.0).max(1e-3);
     Ok(Paced {
-        batch: 0,
-        basis: "",
+        batch,
+        basis,
         rate_ips: rate,
         scored_ips: records.len() as f64 / window_s,
         images: records.len(),
@@ -463,6 +459,23 @@ async fn paced_latency(
         operator_p50_ms: percentile(&sorted(|r| r.latency_ms.total), 0.5),
         batch_inference_ms,
     })
+}
+
+/// A run's input and score topics, on the in-process cluster or the broker.
+async fn create_run_topics(
+    cluster: Option<&MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    base: &Settings,
+    input: &str,
+    scores: &str,
+) -> Result<()> {
+    match cluster {
+        Some(c) => {
+            c.create_topic(input, 1, 1)?;
+            c.create_topic(scores, 1, 1)?;
+        }
+        None => create_topics(base, &[input, scores]).await?,
+    }
+    Ok(())
 }
 
 /// Creates topics up front, so readers never wait for a metadata refresh to find them.
@@ -532,7 +545,7 @@ fn print_paced(runs: &[Paced], max_delay_ms: f64) {
 
 /// The best batch policy's e2e / limit (heatmaps are off in the end-to-end runs).
 pub fn best_ratio(rows: &[Row], costs: &Costs) -> f64 {
-    rows.iter().map(|r| r.e2e_ips / costs.limit_ips(r.batch, false)).fold(f64::NAN, f64::max)
+    rows.iter().map(|r| r.over_limit(costs)).fold(f64::NAN, f64::max)
 }
 
 fn print_table(rows: &[Row], costs: &Costs, provider: &str, images: usize) {

@@ -143,11 +143,6 @@ impl Pipeline {
         Self { submit: Some(Submitter { jobs: submit, models }), threads }
     }
 
-    /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.submit.as_ref().expect("open").send(job)
-    }
-
     pub fn submitter(&self) -> Submitter {
         self.submit.as_ref().expect("open").clone()
     }
