@@ -15,8 +15,8 @@ from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import VARIANTS, variant_config
-from .data import (REPO_ROOT, discover_classes, list_images, load_image, load_test, load_train_val, load_val_defects,
-                   resolve_data_root)
+from .data import (REPO_ROOT, carve_test_defects, discover_classes, list_images, load_carved_defects, load_image,
+                   load_test, load_train_val, load_val_defects, resolve_data_root)
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
                        validation_estimate, write_reports)
 from .export import export_onnx, read_metadata, run_onnx
@@ -58,7 +58,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
-SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=2, pixel_norm="score", w_map=0.5, density_groups=1)
+SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=1, pixel_norm="score", w_map=0.25,
+                     density_groups=12, density_tie_dim=1024, val_from_test=0.1)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -73,16 +74,21 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                         "only (output map raw), or for the output map too")
     p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
     p.add_argument("--density-groups", type=int, default=d["density_groups"],
-                   help="up to K Gaussians per class in the density head (k-means groups of >= 100 training images; "
-                        "not chosen on the synthetic validation, see MODEL_CARD)")
+                   help="up to K Gaussians per class in the density head (k-means groups of >= 50 training images)")
+    p.add_argument("--density-tie-dim", type=int, default=d["density_tie_dim"],
+                   help="feature stages at least this wide share one covariance across a class's groups (0: none)")
     p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
-                   "(<dir>/<class>/<defect>/<img>; never the test split); default: synthetic defects")
+                   "(<dir>/<class>/<defect>/<img>; never the test split); replaces --val-from-test")
+    p.add_argument("--val-from-test", type=float, default=d["val_from_test"], metavar="FRACTION",
+                   help="set aside this share of each test defect type (at least one image) as real labelled "
+                        "validation defects; test metrics leave them out (0: none; classes without real defects "
+                        "get synthetic ones)")
 
 
 def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
                 tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
-                w_map=args.w_map, density_groups=args.density_groups)
+                w_map=args.w_map, density_groups=args.density_groups, density_tie_dim=args.density_tie_dim)
 
 
 def _classes(args) -> tuple[Path, list[str]]:
@@ -139,9 +145,8 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     train_config["heads_fit_s"] = round(time.time() - t0, 1)
     _, val_scores = predict(model, val_split.images, progress=not args.quiet)
     cal = calibrate(val_scores, val_split.classes, args.fpr)
-    defects = load_val_defects(resolve_data_root(args.val_defects), classes, model.cfg.input_size, not args.quiet) \
-        if args.val_defects else None
-    est = validation_estimate(model, val_split, defects, progress=not args.quiet)
+    defects, source = _validation_defects(args, root, classes, model.cfg.input_size, train_config)
+    est = validation_estimate(model, val_split, defects, progress=not args.quiet, source=source)
     # The old CutPaste proxy too, labelled as such: neither kind tracked test for both models in
     # MODEL_CARD.md, so a run shows both rather than one number picked after seeing test.
     cut = synthetic_val_metrics(model, val_split, not args.quiet)
@@ -155,10 +160,23 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     print(markdown_table(est, f"validation estimate of test AUROC -- {est['kind']}"))
     for c, m in est["per_class"].items():
         kinds = {str(k): v for k, v in m.get("per_defect_image_auroc", {}).items()}
-        print(f"[train] validation estimate {c}: image AUROC {m['image_auroc']:.1f} ({est['kind']}); per kind {kinds}; "
+        print(f"[train] validation estimate {c}: image AUROC {m['image_auroc']:.1f} ({m['estimate_kind']}); per kind {kinds}; "
               f"CutPaste estimate {est['cutpaste']['per_class'][c]['image_auroc']:.1f}")
     print(f"[train] checkpoint {path}")
     return path
+
+
+def _validation_defects(args, root: Path, classes: list[str], size: int, train_config: dict):
+    """The real defects of the validation estimate, and where they come from: --val-defects, else the
+    --val-from-test share of the test split (recorded in train_config, so `evaluate` leaves them out)."""
+    train_config["val_from_test"] = 0.0 if args.val_defects else args.val_from_test
+    if args.val_defects:
+        return load_val_defects(resolve_data_root(args.val_defects), classes, size, not args.quiet), "--val-defects"
+    carved = carve_test_defects(root, classes, args.val_from_test, train_config.get("seed", 0))
+    if not carved:
+        return None, ""
+    return (load_carved_defects(root, classes, size, carved, not args.quiet),
+            f"{args.val_from_test:.0%} of each test defect type, set aside: not in the test metrics")
 
 
 def cmd_fit_heads(args) -> Path:
@@ -193,10 +211,14 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     _, val_split = load_train_val(root, classes, s, ckpt["train_config"]["val_fraction"], ckpt["train_config"]["seed"],
                                   not args.quiet)
     val_metrics = synthetic_val_metrics(model, val_split, not args.quiet)
-    test = load_test(root, classes, s, not args.quiet)
+    tc = ckpt["train_config"]
+    carved = carve_test_defects(root, classes, tc.get("val_from_test", 0.0), tc["seed"])  # validation, not test
+    test = load_test(root, classes, s, not args.quiet, exclude=carved)
     t0 = time.time()
     metrics, maps, scores = evaluate_split(model, test, not args.quiet)
     metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
+    metrics["test_images"] = len(test)
+    metrics["validation_defects_from_test"] = [str(Path(p).relative_to(root)) for p in carved]
     metrics["val_synthetic"] = val_metrics  # CutPaste fakes (the old proxy; kept for comparison)
     if ckpt.get("validation_estimate"):
         metrics["validation_estimate"] = ckpt["validation_estimate"]
@@ -295,7 +317,8 @@ def cmd_ablation(args) -> None:
     out = Path(args.out or REPO_ROOT / "training" / "runs" / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     train_split, val_split = load_train_val(root, classes, s, args.val_fraction, args.seed, not args.quiet, args.max_per_class)
-    test = load_test(root, classes, s, not args.quiet)
+    # the same test images as `evaluate` reports on: without the ones set aside as validation defects
+    test = load_test(root, classes, s, not args.quiet, exclude=carve_test_defects(root, classes, args.val_from_test, args.seed))
     teacher = build_teacher(args.backbone or "mobilenet_v2", args.teacher_weights)
     probe = DistillModel(variant_config("dcam", input_size=s, backbone=args.backbone), teacher=teacher)
     t_train = cache_teacher(probe, train_split.images, progress=not args.quiet)

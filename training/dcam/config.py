@@ -26,7 +26,8 @@ class ModelConfig:
     pixel_norm: str = ""               # per-pixel map normalisation from held-out normals: "" off, "score" for the
                                        # image score only (output map stays raw), "map" for the output map too
     w_map: float = 1.0                 # fused score = z_density + w_map * z_map
-    density_groups: int = 1            # up to this many Gaussians per class (k-means groups, >= 100 images each)
+    density_groups: int = 1            # up to this many Gaussians per class (k-means groups, >= 50 images each)
+    density_tie_dim: int = 0           # stages at least this wide share one covariance across a class's groups (0: none)
 
     @property
     def map_combine(self) -> str:

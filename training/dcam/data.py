@@ -107,35 +107,71 @@ def has_masks(root: Path, cls: str) -> bool:
     return gt.is_dir() and any(list_images(d) for d in gt.iterdir() if d.is_dir())
 
 
-def load_test(root: Path, classes: list[str], size: int, progress: bool = True) -> Split:
-    paths, cls_l, labels, defects, mask_paths = [], [], [], [], []
+def _test_entries(root: Path, classes: list[str]) -> list[tuple[Path, str, str]]:
+    """(image, class, defect type or "good") of every test image, in a fixed order."""
+    out = []
     for cls in classes:
         test_dir = root / cls / "test"
-        for d in sorted(x.name for x in test_dir.iterdir() if x.is_dir()):
-            for p in list_images(test_dir / d):
-                paths.append(p); cls_l.append(cls); defects.append(d)
-                labels.append(0 if d == "good" else 1)
-                mask_paths.append(None if d == "good" else root / cls / "ground_truth" / d / f"{p.stem}_mask.png")
-    images = _load(paths, size, progress, "load test")
-    masks = np.stack([load_mask(m, size) for m in mask_paths]) if paths else np.zeros((0, size, size), bool)
-    return Split(images, cls_l, [str(p) for p in paths], np.asarray(labels, np.int64), masks, defects,
-                 {c for c in classes if not has_masks(root, c)})
+        for d in sorted(x.name for x in test_dir.iterdir() if x.is_dir()) if test_dir.is_dir() else []:
+            out += [(p, cls, d) for p in list_images(test_dir / d)]
+    return out
+
+
+def _labelled_split(entries: list[tuple[Path, str, str]], mask_root: Path, classes: list[str], size: int,
+                    progress: bool, desc: str) -> Split:
+    """Images with their class, defect type and mask (<mask_root>/<class>/ground_truth/<defect>/<stem>_mask.png)."""
+    paths = [p for p, _, _ in entries]
+    defects = [d for _, _, d in entries]
+    images = _load(paths, size, progress, desc)
+    masks = [load_mask(None if d == "good" else mask_root / c / "ground_truth" / d / f"{p.stem}_mask.png", size)
+             for p, c, d in entries]
+    return Split(images, [c for _, c, _ in entries], [str(p) for p in paths],
+                 np.asarray([0 if d == "good" else 1 for d in defects], np.int64),
+                 np.stack(masks) if masks else np.zeros((0, size, size), bool), defects,
+                 {c for c in classes if not has_masks(mask_root, c)})
+
+
+def carve_test_defects(root: Path, classes: list[str], fraction: float, seed: int = 0) -> list[Path]:
+    """Real labelled validation defects taken out of the test split: a deterministic `fraction` of each
+    defect type's test images (at least one per type when fraction > 0). Test metrics leave them out
+    (`load_test(exclude=...)`), so no image is both a validation and a test image."""
+    if fraction <= 0:
+        return []
+    by_type: dict[tuple[str, str], list[Path]] = {}
+    for p, cls, d in _test_entries(root, classes):
+        if d != "good":
+            by_type.setdefault((cls, d), []).append(p)
+    carved = []
+    for key in sorted(by_type):
+        files = sorted(by_type[key])
+        random.Random(seed).shuffle(files)
+        carved += files[:max(1, round(fraction * len(files)))]
+    return sorted(carved)
+
+
+def load_test(root: Path, classes: list[str], size: int, progress: bool = True, exclude=()) -> Split:
+    """The test split; `exclude`: images set aside as validation defects (carve_test_defects)."""
+    skip = {str(p) for p in exclude}
+    entries = [e for e in _test_entries(root, classes) if str(e[0]) not in skip]
+    return _labelled_split(entries, root, classes, size, progress, "load test")
+
+
+def load_carved_defects(root: Path, classes: list[str], size: int, carved: list[Path], progress: bool = True) -> Split:
+    """The carved-out test defects as a validation split (with their masks)."""
+    keep = {str(p) for p in carved}
+    entries = [e for e in _test_entries(root, classes) if str(e[0]) in keep]
+    return _labelled_split(entries, root, classes, size, progress, "load val defects")
 
 
 def load_val_defects(root: Path, classes: list[str], size: int, progress: bool = True) -> Split:
     """User-supplied labelled defect images for validation (never the test split):
     <root>/<class>/<defect>/<image>, optional masks at <root>/<class>/ground_truth/<defect>/<stem>_mask.png."""
-    paths, cls_l, defects, mask_paths = [], [], [], []
+    entries = []
     for cls in classes:
         d = root / cls
         for defect in sorted(x.name for x in d.iterdir() if x.is_dir() and x.name != "ground_truth") if d.is_dir() else []:
-            for p in list_images(d / defect):
-                paths.append(p); cls_l.append(cls); defects.append(defect)
-                mask_paths.append(root / cls / "ground_truth" / defect / f"{p.stem}_mask.png")
-    images = _load(paths, size, progress, "load val defects")
-    masks = np.stack([load_mask(m, size) for m in mask_paths]) if paths else np.zeros((0, size, size), bool)
-    return Split(images, cls_l, [str(p) for p in paths], np.ones(len(paths), np.int64), masks, defects,
-                 {c for c in classes if not has_masks(root, c)})
+            entries += [(p, cls, defect) for p in list_images(d / defect)]
+    return _labelled_split(entries, root, classes, size, progress, "load val defects")
 
 
 def synthetic_anomalies(images: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

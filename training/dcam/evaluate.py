@@ -100,13 +100,17 @@ def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = 
                                        maps[sel], with_pro)
         if no_masks:
             per_class[cls]["pixel_metrics"] = "no masks"
-        if split.defects:  # image AUROC of each defect type against the class's good images
+        if split.defects:  # image (and pixel) AUROC of each defect type against the class's good images
             defects = np.asarray(split.defects)
             good = sel & (defects == "good")
+            kinds = [d for d in sorted(set(defects[sel])) if d != "good"]
             per_class[cls]["per_defect_image_auroc"] = {
                 str(d): round(100 * _auroc(np.r_[np.zeros(good.sum()), np.ones((sel & (defects == d)).sum())],
-                                      np.r_[scores[good], scores[sel & (defects == d)]]), 2)
-                for d in sorted(set(defects[sel])) if d != "good"}
+                                      np.r_[scores[good], scores[sel & (defects == d)]]), 2) for d in kinds}
+            if not no_masks:  # one defect type's masked pixels among its own and the good images' pixels
+                per_class[cls]["per_defect_pixel_auroc"] = {
+                    str(d): round(100 * _auroc(split.masks[good | (sel & (defects == d))].ravel(),
+                                               maps[good | (sel & (defects == d))].ravel()), 2) for d in kinds}
     return {"per_class": {k: _round(v) for k, v in per_class.items()}, "mean": _round(_mean(per_class))}, maps, scores
 
 
@@ -127,29 +131,41 @@ def synthetic_val_metrics(model, val: Split, progress: bool = True, t_cache: lis
     return metrics
 
 
-def estimate_split(val: Split, defects: Split | None = None, per_image: int = 2, seed: int = 7) -> tuple[Split, str]:
-    """Held-out good images plus defects: the user's labelled ones (--val-defects) when given, else
-    harder synthetic ones (thin cracks, small holes, low-contrast unevenness, foreign texture)."""
-    if defects is not None and len(defects):
-        kind = f"real labelled validation defects ({len(defects)} images, --val-defects)"
-        imgs, masks, cls, kinds = defects.images, defects.masks, defects.classes, defects.defects
-        no_mask = defects.no_mask_classes
-    else:
-        kind = f"synthetic defects on held-out good images ({'/'.join(SYNTH_KINDS)}, {per_image} per image)"
-        imgs, masks, cls, kinds = synthetic_defects(val.images, val.classes, per_image, seed)
-        no_mask = set()
-    both = Split(np.concatenate([val.images, imgs]), list(val.classes) + list(cls), list(val.paths) + [""] * len(imgs),
+def estimate_split(val: Split, defects: Split | None = None, per_image: int = 2, seed: int = 7,
+                   source: str = "--val-defects") -> tuple[Split, dict[str, str]]:
+    """Held-out good images plus defects: real labelled ones where the class has some (`defects`: the
+    user's --val-defects, or images carved out of the test split), else harder synthetic ones (thin
+    cracks, small holes, low-contrast unevenness, foreign texture). Returns the split and, per class,
+    which kind of estimate it gives."""
+    real = set(defects.classes) if defects is not None else set()
+    synth_idx = [i for i, c in enumerate(val.classes) if c not in real]
+    s_imgs, s_masks, s_cls, s_kinds = synthetic_defects(val.images[synth_idx], [val.classes[i] for i in synth_idx],
+                                                        per_image, seed)
+    parts = [(s_imgs, s_masks, s_cls, s_kinds)]
+    if real:
+        parts.append((defects.images, defects.masks, defects.classes, defects.defects))
+    imgs = np.concatenate([p[0] for p in parts])
+    masks = np.concatenate([p[1] for p in parts])
+    cls = [c for p in parts for c in p[2]]
+    kinds_of = {c: (f"real labelled validation defects ({defects.classes.count(c)} images, {source})" if c in real else
+                    f"synthetic defects on held-out good images ({'/'.join(SYNTH_KINDS)}, {per_image} per image)")
+                for c in sorted(set(val.classes))}
+    both = Split(np.concatenate([val.images, imgs]), list(val.classes) + cls, list(val.paths) + [""] * len(imgs),
                  np.r_[np.zeros(len(val)), np.ones(len(imgs))].astype(np.int64),
                  np.concatenate([np.zeros((len(val),) + val.images.shape[1:3], bool), masks]),
-                 ["good"] * len(val) + list(kinds), no_mask)
-    return both, kind
+                 ["good"] * len(val) + [k for p in parts for k in p[3]],
+                 defects.no_mask_classes if defects is not None else set())
+    return both, kinds_of
 
 
-def validation_estimate(model, val: Split, defects: Split | None = None, progress: bool = True) -> dict:
-    """What a training run prints as its estimate of test image AUROC (never uses the test split)."""
-    both, kind = estimate_split(val, defects)
-    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=False)
-    metrics["kind"] = kind
+def validation_estimate(model, val: Split, defects: Split | None = None, progress: bool = True,
+                        source: str = "--val-defects") -> dict:
+    """What a training run prints as its estimate of test image AUROC (never uses a test image)."""
+    both, kinds = estimate_split(val, defects, source=source)
+    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=True)
+    for c, kind in kinds.items():
+        metrics["per_class"][c]["estimate_kind"] = kind
+    metrics["kind"] = "; ".join(f"{c}: {k}" for c, k in kinds.items())
     return metrics
 
 

@@ -38,12 +38,12 @@ def view(x: torch.Tensor, v: tuple[bool, bool, bool]) -> torch.Tensor:
 
 class ImageHeads(nn.Module):
     def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: str = "",
-                 w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None):
+                 w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None, tie_dim: int = 0):
         super().__init__()
         assert views in (1, 2, 4, 8) and pixel_norm in ("", "score", "map")
         self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, pixel_norm
         self.deep = deep  # frozen teacher stages past stride 16 (density only); not saved in checkpoints
-        self.density = DensityHead(classes, dims, groups)  # groups: Gaussians per class, as fitted (density.py)
+        self.density = DensityHead(classes, dims, groups, tie_dim)  # groups: Gaussians per class, as fitted (density.py)
         self.pixel_norm = PixelNorm(len(classes), size) if pixel_norm else None
         self.register_buffer("map_mu", torch.zeros(len(classes)))
         self.register_buffer("map_sd", torch.ones(len(classes)))

@@ -58,7 +58,7 @@ class DistillModel(nn.Module):
         deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density == "deep" else None
         dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
         self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep,
-                                groups).eval()
+                                groups, cfg.density_tie_dim).eval()
         return self.heads
 
     def fit_heads(self, classes: list[str], train_images, train_classes, val_images, val_classes, log=print) -> ImageHeads:

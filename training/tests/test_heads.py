@@ -87,6 +87,41 @@ def test_density_mixture_is_the_min_over_groups(monkeypatch):
     assert single.groups == [1, 1] and single.state_dict()["mean0"].shape == (2, 4)
 
 
+def test_a_tied_stage_shares_one_precision_across_a_class_groups(monkeypatch):
+    """density_tie_dim: the wide stage keeps one precision per class (fitted on the within-group
+    residuals), the narrow stage one per group; distances = numpy reference."""
+    from sklearn.covariance import LedoitWolf
+    monkeypatch.setattr(dcam.density, "MIN_PER_GROUP", 20)
+    rng = np.random.default_rng(2)
+    x = [rng.normal(size=(90, 3)), rng.normal(size=(90, 6))]
+    x[0][30:60] += 6.0
+    x[0][60:] -= 6.0
+    x[1][60:] += 2.0
+    classes = ["a"] * 30 + ["b"] * 60
+    head = DensityHead(["a", "b"], [3, 6], tie_dim=6)
+    head.fit(x, classes, max_groups=2)
+    sd = head.state_dict()
+    assert head.groups == [1, 2] and head.tied == [False, True]
+    assert sd["prec0"].shape == (3, 3, 3) and sd["prec1"].shape == (2, 6, 6) and sd["offset1"].shape == (3, 6)
+    d = head.distances([torch.from_numpy(v).float() for v in x]).numpy()
+    own = [v[30:] for v in x]
+    labels = kmeans_groups(own, 2)
+    resid = np.concatenate([own[1][labels == g] - own[1][labels == g].mean(0) for g in range(2)])
+    tied_prec = np.linalg.inv(LedoitWolf(assume_centered=True).fit(resid).covariance_)
+    ref = np.full(90, np.inf)
+    for g in range(2):
+        mu0, prec0 = fit_gaussian(own[0][labels == g])
+        mu1 = own[1][labels == g].mean(0)
+        dist = (np.einsum("nd,de,ne->n", x[0] - mu0, prec0, x[0] - mu0) / 3
+                + np.einsum("nd,de,ne->n", x[1] - mu1, tied_prec, x[1] - mu1) / 6)
+        ref = np.minimum(ref, dist)
+    assert np.allclose(d[:, 1], ref, rtol=1e-3, atol=1e-3)
+    # one group per class: tied or not, the same model (the layout of every model up to v0.2.0)
+    one, untied = DensityHead(["a", "b"], [3, 6], tie_dim=6), DensityHead(["a", "b"], [3, 6])
+    one.fit(x, classes); untied.fit(x, classes)
+    assert all(torch.allclose(one.state_dict()[k], untied.state_dict()[k], rtol=1e-4, atol=1e-5) for k in untied.state_dict())
+
+
 @pytest.fixture(scope="module")
 def headed(mvtec_root, tmp_path_factory):
     classes = ["tile", "widget"]
@@ -138,6 +173,32 @@ def test_density_groups_export_and_reload(headed, tmp_path):
     save_checkpoint(model, tmp_path / "g.pt", {"classes": classes})
     again, _ = load_checkpoint(tmp_path / "g.pt")
     assert again.heads.density.groups == [2, 1]
+    assert np.allclose(predict(again, va.images, progress=False)[1], s_pt, atol=1e-5)
+
+
+def test_tied_groups_export_and_reload(headed, tmp_path, monkeypatch):
+    """Two Gaussians per class with the widest stage tied: ONNX parity, rebuilt from ONNX, checkpoint."""
+    import copy
+    monkeypatch.setattr(dcam.density, "MIN_PER_GROUP", 3)
+    model, _, classes, tr, va = headed
+    model = copy.deepcopy(model)
+    model.reconfigure(density_groups=2, density_tie_dim=96)  # the 96-channel stride-16 stage
+    # the fixture holds out all but one training image per class: fit the Gaussians on all of them
+    model.fit_heads(classes, np.concatenate([tr.images, va.images]), tr.classes + va.classes, va.images, va.classes,
+                    log=lambda *_: None)
+    dens = model.heads.density
+    assert dens.groups == [2, 2] and dens.tied == [False, False, True] and dens.prec2.shape == (2, 96, 96)
+    m_pt, s_pt = predict(model, va.images, progress=False)
+    path = export_onnx(model, tmp_path / "t.onnx", classes, calibrate(s_pt, va.classes), {},
+                       model.cfg.to_dict() | {"variant": "stfpm", "density_groups_per_class": dens.groups})
+    assert check_contract(path) == []
+    m_ort, s_ort = run_onnx(path, va.images, batch_size=3)
+    assert np.abs(s_ort - s_pt).max() <= 1e-4 and np.abs(m_ort - m_pt).max() <= 1e-3
+    rebuilt = model_from_onnx(path)
+    assert rebuilt.heads.density.tied == [False, False, True]
+    assert np.abs(predict(rebuilt, va.images, progress=False)[1] - s_pt).max() <= 1e-4
+    save_checkpoint(model, tmp_path / "t.pt", {"classes": classes})
+    again, _ = load_checkpoint(tmp_path / "t.pt")
     assert np.allclose(predict(again, va.images, progress=False)[1], s_pt, atol=1e-5)
 
 
