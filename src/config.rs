@@ -55,10 +55,35 @@ pub struct KafkaSettings {
     #[serde(rename = "max_poll_interval_ms", with = "millis")]
     pub max_poll_interval: Duration,
     pub auto_offset_reset: OffsetReset,
+    /// How partitions move between members on a rebalance: `cooperative` (KIP-429, only the
+    /// partitions that change owner stop) or `eager` (every member lets go of everything).
+    pub rebalance_protocol: RebalanceProtocol,
+    /// Static group membership (KIP-345) with the instance id, in exactly-once mode or when
+    /// `delivery.instance_id` is set: a restarted pod takes its old place without a rebalance, but a
+    /// member that leaves for good (scale-in) keeps its partitions until the broker's session
+    /// timeout evicts it. Off: every stop leaves the group at once.
+    pub static_membership: bool,
     /// librdkafka properties. The config crate splits dotted keys into tables, so they are
     /// flattened back to `a.b.c` here.
     #[serde(default, deserialize_with = "flatten_dotted")]
     pub extra: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebalanceProtocol {
+    Cooperative,
+    Eager,
+}
+
+impl RebalanceProtocol {
+    /// librdkafka's `partition.assignment.strategy` for it.
+    pub fn assignment_strategy(self) -> &'static str {
+        match self {
+            Self::Cooperative => "cooperative-sticky",
+            Self::Eager => "range,roundrobin",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -172,6 +197,10 @@ pub struct PipelineSettings {
     /// After a stop request the process exits within this, whatever hangs.
     #[serde(rename = "shutdown_timeout_ms", with = "millis")]
     pub shutdown_timeout: Duration,
+    /// Consumer lag with no input finished for this long makes the process exit with an error,
+    /// so the orchestrator restarts it instead of it idling forever; 0 = never.
+    #[serde(rename = "restart_stalled_after_ms", with = "millis")]
+    pub restart_stalled_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -494,6 +523,14 @@ impl Settings {
             format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes),
         );
         check(ms(self.pipeline.stuck_after) >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", ms(self.pipeline.stuck_after)));
+        check(
+            ms(self.pipeline.restart_stalled_after) == 0 || ms(self.pipeline.restart_stalled_after) >= ms(self.pipeline.stuck_after),
+            format!(
+                "pipeline.restart_stalled_after_ms must be 0 (never) or >= pipeline.stuck_after_ms ({}), got {}",
+                ms(self.pipeline.stuck_after),
+                ms(self.pipeline.restart_stalled_after)
+            ),
+        );
         check(
             (1000..=3_600_000).contains(&ms(self.pipeline.shutdown_timeout)),
             format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", ms(self.pipeline.shutdown_timeout)),

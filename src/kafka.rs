@@ -54,6 +54,7 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
             },
         )
         .set("session.timeout.ms", k.session_timeout.as_millis().to_string())
+        .set("partition.assignment.strategy", k.rebalance_protocol.assignment_strategy())
         // Skip records of aborted upstream transactions.
         .set("isolation.level", "read_committed")
         // Bound librdkafka's prefetch: pausing is our back-pressure, not its buffers.

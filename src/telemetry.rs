@@ -97,6 +97,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     pub end_to_end_seconds: Histogram,
     pub consumer_lag: Family<PartitionLabels, Gauge>,
+    pub partitions_paused: Gauge,
+    pub seconds_since_progress: Gauge,
     pub provider: Family<ProviderLabels, Gauge>,
     pub transactions: Family<KindLabels, Counter>,
     pub heatmaps: Family<KindLabels, Counter>,
@@ -133,6 +135,8 @@ impl Metrics {
             inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             end_to_end_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             consumer_lag: Family::default(),
+            partitions_paused: Gauge::default(),
+            seconds_since_progress: Gauge::default(),
             provider: Family::default(),
             transactions: Family::default(),
             heatmaps: Family::default(),
@@ -163,7 +167,17 @@ impl Metrics {
             r.register("publish_retries", "Output records re-sent after a transient broker error, by topic and error", m.publish_retries.clone());
             r.register("inference_seconds", "Model run time per batch", m.inference_seconds.clone());
             r.register("end_to_end_seconds", "From consume to all outputs acknowledged", m.end_to_end_seconds.clone());
-            r.register("consumer_lag", "High watermark minus committed position", m.consumer_lag.clone());
+            r.register(
+                "consumer_lag",
+                "High watermark minus the committable position, for every assigned partition (the group's committed offset where nothing was read yet)",
+                m.consumer_lag.clone(),
+            );
+            r.register("partitions_paused", "Assigned partitions paused by back-pressure or recovery", m.partitions_paused.clone());
+            r.register(
+                "seconds_since_progress",
+                "Seconds with consumer lag and no input finished (0 while inputs finish or nothing lags); /readyz fails past pipeline.stuck_after_ms",
+                m.seconds_since_progress.clone(),
+            );
             r.register("execution_provider", "1 for the ONNX Runtime execution provider in use", m.provider.clone());
             r.register("transactions", "Kafka transactions by result (committed, aborted)", m.transactions.clone());
             r.register("heatmaps", "Heatmap writes by result (written, failed: the score went out without one)", m.heatmaps.clone());
@@ -259,6 +273,8 @@ pub struct Health {
     heartbeat_ms: std::sync::atomic::AtomicU64,
     /// Partitions whose oldest record has waited too long (`pipeline.stuck_after_ms`).
     stuck: Mutex<Vec<String>>,
+    /// Lag with no input finished for longer than `pipeline.stuck_after_ms`: why, if so.
+    stalled: Mutex<Option<String>>,
 }
 
 /// A source loop silent for longer than this is stuck: `/healthz` fails so the pod restarts.
@@ -276,9 +292,19 @@ impl Health {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// Ready: started and no partition stuck.
+    /// Ready: started, no partition stuck and not stalled.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.stuck.lock().expect("health").is_empty()
+        self.ready.load(Ordering::SeqCst) && self.stuck.lock().expect("health").is_empty() && self.stalled.lock().expect("health").is_none()
+    }
+
+    pub fn set_stalled(&self, why: Option<String>) {
+        let mut stalled = self.stalled.lock().expect("health");
+        match (&*stalled, &why) {
+            (None, Some(why)) => tracing::warn!(%why, "stalled: not ready until inputs finish again"),
+            (Some(_), None) => tracing::info!("progress again: ready"),
+            _ => {}
+        }
+        *stalled = why;
     }
 
     pub fn set_stuck(&self, partitions: Vec<String>) {
@@ -296,6 +322,7 @@ impl Health {
         if let serde_json::Value::Object(ref mut o) = body {
             o.insert("ready".into(), ready.into());
             o.insert("stuck_partitions".into(), self.stuck.lock().expect("health").clone().into());
+            o.insert("stalled".into(), self.stalled.lock().expect("health").clone().into());
         } else {
             body = serde_json::json!({ "ready": ready });
         }

@@ -1,5 +1,5 @@
-//! Delivery guarantees against a real broker process: SIGKILL mid-stream in both modes, a broker
-//! restart, and replays of a time window. Counts are read back with `read_committed`.
+//! Delivery guarantees against a real broker process: SIGKILL mid-stream in both modes, and
+//! replays of a time window (broker restarts and rebalances: tests/rebalance.rs). Counts are read back with `read_committed`.
 
 mod common;
 
@@ -10,21 +10,6 @@ use common::*;
 use rand::Rng;
 
 const READY: Duration = Duration::from_secs(120);
-
-/// Lost and duplicated ids among the score records.
-fn audit(records: &[Record], ids: &[String]) -> (usize, usize) {
-    let mut counts: HashMap<String, usize> = HashMap::new();
-    for r in records {
-        *counts.entry(String::from_utf8(r.key.clone().unwrap()).unwrap()).or_default() += 1;
-    }
-    let lost = ids.iter().filter(|id| !counts.contains_key(*id)).count();
-    let dups = counts.values().map(|c| c - 1).sum();
-    (lost, dups)
-}
-
-fn unique_keys(records: &[Record]) -> usize {
-    records.iter().map(|r| r.key.clone()).collect::<HashSet<_>>().len()
-}
 
 /// Produces `n` events, kills the operator with SIGKILL at three random points, restarts it each
 /// time, and returns (lost, duplicates) once every input has a score.
@@ -87,37 +72,6 @@ fn at_least_once_survives_three_sigkills_with_no_loss() {
     assert_eq!(lost, 0, "lost inputs");
     // Duplicates are allowed here; the count is reported above (and in the README).
     eprintln!("at_least_once duplicates after three SIGKILLs: {dups}");
-}
-
-// Until now the harness never really restarted the broker (it killed noida-db's launcher and
-// left the broker process serving). A real restart shows two faults: the idempotent producer dies
-// with an out-of-order sequence (fixed: DirectProducer replaces it), and after the group's
-// rebalance the operator stops scoring (open: scores stop at ~50 of 600). Run it with --ignored.
-#[test]
-#[ignore = "a real broker restart stalls the operator after the rebalance (open bug, see the comment above)"]
-fn broker_restart_mid_stream_recovers_without_loss() {
-    let _serial = serial();
-    let Scenario { mut broker, input, scores, dlq, group, tmp } = Scenario::start(2);
-    if broker.is_external() {
-        eprintln!("skipped: DCAM_TEST_BROKERS points at an external cluster we cannot restart");
-        return;
-    }
-    let (records, ids) = small_image_records(600, "restart");
-    publish(&broker.producer(), &input, &records);
-    let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path())
-        .set("DCAM__HEATMAP__POLICY", "none")
-        .set("DCAM__PIPELINE__MAX_IN_FLIGHT", "32")
-        .spawn("op");
-    op.wait_ready(READY);
-    let before = read_topic_until(&broker.brokers, &scores, Duration::from_secs(300), |got| got.len() >= 50);
-    assert!(before.len() >= 50);
-    broker.restart(Duration::from_secs(3));
-    let all = read_topic_until(&broker.brokers, &scores, Duration::from_secs(600), |got| unique_keys(got) >= ids.len());
-    let (lost, dups) = audit(&all, &ids);
-    eprintln!("broker restart: lost {lost}, duplicates {dups}");
-    assert_eq!(lost, 0, "lost inputs across the broker restart:\n{}", op.log_text());
-    assert!(op.child.try_wait().unwrap().is_none(), "operator kept running");
-    assert!(op.terminate(Duration::from_secs(60)).success());
 }
 
 #[test]

@@ -122,6 +122,7 @@ fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
         match source::handle_commit(&consumer, CommitMode::Sync).unwrap() {
             CommitOutcome::Committed => break,
             CommitOutcome::Rewound => assert!(tries < 3, "still aborting after {tries} tries"),
+            CommitOutcome::Recovering => panic!("an abortable error needs no new producer"),
         }
     }
 

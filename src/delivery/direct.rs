@@ -52,15 +52,23 @@ impl DirectProducer {
 }
 
 /// Publishes `record`; if the broker refuses it for good (too large, not authorised, no such
-/// topic), publishes a small dead letter in its place. Err only when that fails too: then the
-/// instance must stop (docs/DESIGN.md §4).
-pub(super) async fn publish_or_dead_letter(producer: &DirectProducer, record: &OutRecord, dead_letter_topic: &str, metrics: &Metrics) -> Result<(), String> {
-    let Err(refused) = publish_until_acked(producer, record, metrics).await else {
-        return Ok(());
+/// topic), publishes a small dead letter in its place. Ok(false) when `wanted` turned false
+/// before it was acknowledged (the input went to another member). Err only when the dead letter
+/// is refused too: then the instance must stop (docs/DESIGN.md §4).
+pub(super) async fn publish_or_dead_letter(
+    producer: &DirectProducer,
+    record: &OutRecord,
+    dead_letter_topic: &str,
+    metrics: &Metrics,
+    wanted: &(dyn Fn() -> bool + Sync),
+) -> Result<bool, String> {
+    let refused = match publish_while_wanted(producer, record, metrics, wanted).await {
+        Ok(acked) => return Ok(acked),
+        Err(refused) => refused,
     };
     let stand_in = record.stand_in(&refused, dead_letter_topic);
     metrics.emit(InternalEvent::OutputRefused { topic: &record.topic, bytes: record.size(), error: &refused.to_string() });
-    publish_until_acked(producer, &stand_in, metrics).await.map_err(|e| {
+    publish_while_wanted(producer, &stand_in, metrics, wanted).await.map_err(|e| {
         format!(
             "cannot publish a {} byte record to {} ({refused}), nor its {} byte dead letter to {} ({e}); check the topics' max.message.bytes and ACLs",
             record.size(),
@@ -72,14 +80,17 @@ pub(super) async fn publish_or_dead_letter(producer: &DirectProducer, record: &O
 }
 
 /// At-least-once publishing: an input is never marked finished before its outputs are acked.
-/// Transient errors are retried with capped backoff for as long as it takes; a permanent one
-/// comes back as Err.
-pub async fn publish_until_acked(producer: &DirectProducer, record: &OutRecord, metrics: &Metrics) -> Result<(), KafkaError> {
+/// Transient errors are retried with capped backoff for as long as `wanted` holds (Ok(false)
+/// once the input is no longer this member's to deliver); a permanent one comes back as Err.
+async fn publish_while_wanted(producer: &DirectProducer, record: &OutRecord, metrics: &Metrics, wanted: &(dyn Fn() -> bool + Sync)) -> Result<bool, KafkaError> {
     let mut delay = Duration::from_millis(200);
     loop {
+        if !wanted() {
+            return Ok(false);
+        }
         let (generation, current) = producer.get();
         match current.send(record.to_future_record(), Duration::from_secs(30)).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err((e, _)) if is_permanent(&e) => return Err(e),
             Err((e, _)) => {
                 if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Fatal) {

@@ -11,15 +11,15 @@ pub mod offsets;
 pub mod record;
 pub mod transaction;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-pub use direct::{publish_until_acked, DirectProducer};
+pub use direct::DirectProducer;
 pub use offsets::{Fatal, OffsetTracker, PartitionKey, Ticket};
 use record::OutRecord;
 use transaction::{Transactions, TxnError};
@@ -33,7 +33,8 @@ use crate::telemetry::{InternalEvent, Metrics};
 /// the dead member to be evicted. Only with a configured identity, or in exactly-once mode,
 /// where the transactional id makes it unique: two members sharing one would fence each other.
 pub fn static_member_id(settings: &Settings) -> Option<String> {
-    (settings.delivery.mode == DeliveryMode::ExactlyOnce || settings.delivery.instance_id.is_some()).then(|| settings.instance_id())
+    let wanted = settings.delivery.mode == DeliveryMode::ExactlyOnce || settings.delivery.instance_id.is_some();
+    (settings.kafka.static_membership && wanted).then(|| settings.instance_id())
 }
 
 pub struct Delivery {
@@ -43,11 +44,17 @@ pub struct Delivery {
     fatal: Arc<Fatal>,
     /// Where a refused output's stand-in goes.
     dead_letter_topic: String,
+    /// Exactly-once: the transactional producer failed for good and must be replaced before the
+    /// next transaction (`renew`).
+    renewal_due: AtomicBool,
+    /// Exactly-once: the consumer must go back to the committed offsets before it reads on (after
+    /// a renewal, or an abort whose rewind could not reach the broker).
+    rewind_due: AtomicBool,
 }
 
 enum Mode {
     AtLeastOnce(Arc<DirectProducer>),
-    ExactlyOnce(Arc<Transactions>, FutureProducer),
+    ExactlyOnce(Arc<Transactions>),
 }
 
 impl Delivery {
@@ -58,12 +65,12 @@ impl Delivery {
             DeliveryMode::AtLeastOnce => Self::at_least_once(settings, &settings.topics.dead_letter, tracker, metrics, fatal),
             DeliveryMode::ExactlyOnce => {
                 let id = kafka::transactional_id(settings);
-                let producer: FutureProducer = kafka::producer_config(settings, Some(&id)).create().context("creating the transactional producer")?;
+                let config = kafka::producer_config(settings, Some(&id));
                 let timeout = settings.delivery.transaction_timeout;
-                let tx = Transactions::new(producer.clone(), tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("{e}"))?;
+                let tx = Transactions::new(config, tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("creating the transactional producer: {e}"))?;
                 tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
                 let dead_letter_topic = settings.topics.dead_letter.clone();
-                Ok(Self { mode: Mode::ExactlyOnce(Arc::new(tx), producer), tracker, metrics, fatal, dead_letter_topic })
+                Ok(Self { mode: Mode::ExactlyOnce(Arc::new(tx)), tracker, metrics, fatal, dead_letter_topic, renewal_due: AtomicBool::new(false), rewind_due: AtomicBool::new(false) })
             }
         }
     }
@@ -71,7 +78,15 @@ impl Delivery {
     /// At-least-once publishing whatever the configured mode (replays never commit).
     pub fn at_least_once(settings: &Settings, dead_letter_topic: &str, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, fatal: Arc<Fatal>) -> Result<Self> {
         let producer = DirectProducer::new(kafka::producer_config(settings, None)).context("creating the producer")?;
-        Ok(Self { mode: Mode::AtLeastOnce(Arc::new(producer)), tracker, metrics, fatal, dead_letter_topic: dead_letter_topic.to_string() })
+        Ok(Self {
+            mode: Mode::AtLeastOnce(Arc::new(producer)),
+            tracker,
+            metrics,
+            fatal,
+            dead_letter_topic: dead_letter_topic.to_string(),
+            renewal_due: AtomicBool::new(false),
+            rewind_due: AtomicBool::new(false),
+        })
     }
 
     pub fn tracker(&self) -> &Arc<OffsetTracker> {
@@ -89,14 +104,22 @@ impl Delivery {
     pub async fn deliver(&self, ticket: &Ticket, records: Vec<OutRecord>) -> bool {
         match &self.mode {
             Mode::AtLeastOnce(producer) => {
+                // Retried until acknowledged, but only while the input still belongs to this
+                // member: after a revoke the next owner scores it, and retrying on through a
+                // broker outage would pile up work outside pipeline.max_in_flight.
+                let wanted = || self.tracker.is_current(ticket);
                 for r in &records {
-                    if let Err(e) = direct::publish_or_dead_letter(producer, r, &self.dead_letter_topic, &self.metrics).await {
-                        self.fatal.set(e);
-                        return false;
+                    match direct::publish_or_dead_letter(producer, r, &self.dead_letter_topic, &self.metrics, &wanted).await {
+                        Ok(true) => {}
+                        Ok(false) => return false,
+                        Err(e) => {
+                            self.fatal.set(e);
+                            return false;
+                        }
                     }
                 }
             }
-            Mode::ExactlyOnce(tx, _) => {
+            Mode::ExactlyOnce(tx) => {
                 // An output a transaction was refused for good goes as its stand-in this time.
                 let records = records
                     .into_iter()
@@ -119,10 +142,15 @@ impl Delivery {
     /// Commits what is finished for `only` (or every partition): plain offsets in at-least-once
     /// mode, a transaction with the buffered outputs in exactly-once mode.
     pub fn commit<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>, mode: CommitMode) -> Result<(), TxnError> {
-        if let Mode::ExactlyOnce(tx, _) = &self.mode {
-            return tx.commit_step(consumer, only).map(|_| ());
+        if let Mode::ExactlyOnce(tx) = &self.mode {
+            let result = tx.commit_step(consumer, only).map(|_| ());
+            if let Err(TxnError::Reset(_)) = &result {
+                self.renewal_due.store(true, Ordering::SeqCst);
+                self.require_rewind();
+            }
+            return result;
         }
-        let commits = self.tracker.take_commits(only);
+        let commits = self.tracker.commits_due(only);
         if commits.is_empty() {
             return Ok(());
         }
@@ -130,9 +158,14 @@ impl Delivery {
         for ((topic, partition), pos) in &commits {
             let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos));
         }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            // Not fatal in at-least-once: the next commit carries a later position anyway.
-            tracing::warn!(error = %e, "offset commit failed");
+        // Positions count as committed only once the broker says so: here for a synchronous
+        // commit, in the consumer's commit callback for an asynchronous one. Until then they stay
+        // due, so a commit lost to a coordinator restart is sent again.
+        match consumer.commit(&tpl, mode) {
+            Ok(()) if matches!(mode, CommitMode::Sync) => self.tracker.mark_committed(&commits),
+            Ok(()) => {}
+            // Not fatal in at-least-once: the positions stay due and go again next turn.
+            Err(e) => tracing::warn!(error = %e, "offset commit failed; retrying on the next turn"),
         }
         Ok(())
     }
@@ -141,7 +174,7 @@ impl Delivery {
     /// finished ones whose outputs wait in the transaction buffer behind an unfinished one.
     pub fn held(&self) -> (usize, usize) {
         let (mut count, mut bytes) = (self.tracker.in_flight(), self.tracker.in_flight_bytes());
-        if let Mode::ExactlyOnce(tx, _) = &self.mode {
+        if let Mode::ExactlyOnce(tx) = &self.mode {
             let (n, b) = tx.buffer.size();
             count += n;
             bytes += b;
@@ -163,16 +196,45 @@ impl Delivery {
     }
 
     fn drop_buffered(&self, key: &PartitionKey) {
-        if let Mode::ExactlyOnce(tx, _) = &self.mode {
+        if let Mode::ExactlyOnce(tx) = &self.mode {
             tx.buffer.clear(key);
         }
     }
 
+    /// Whether the source must recover (`renew`, then rewind and `rewound`) before it reads on.
+    pub fn recovery_due(&self) -> bool {
+        self.renewal_due.load(Ordering::SeqCst) || self.rewind_due.load(Ordering::SeqCst)
+    }
+
+    /// The consumer must go back to the committed offsets before it reads on.
+    pub fn require_rewind(&self) {
+        self.rewind_due.store(true, Ordering::SeqCst);
+    }
+
+    /// The consumer went back to the committed offsets.
+    pub fn rewound(&self) {
+        self.rewind_due.store(false, Ordering::SeqCst);
+    }
+
+    /// Replaces a transactional producer that failed for good (see `TxnError::Reset`). Err(Reset)
+    /// while the broker cannot be reached: try again later. Nothing to do in at-least-once mode,
+    /// whose producer replaces itself.
+    pub fn renew(&self) -> Result<(), TxnError> {
+        if let Mode::ExactlyOnce(tx) = &self.mode {
+            if self.renewal_due.load(Ordering::SeqCst) {
+                tx.renew()?;
+                self.renewal_due.store(false, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for everything handed to the producer to be sent.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
+        use rdkafka::producer::Producer;
         match &self.mode {
             Mode::AtLeastOnce(p) => p.flush(timeout),
-            Mode::ExactlyOnce(_, p) => p.flush(timeout),
+            Mode::ExactlyOnce(tx) => tx.producer().flush(timeout),
         }
         .map_err(|e| anyhow!("flushing the producer: {e}"))
     }

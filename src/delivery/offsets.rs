@@ -59,6 +59,8 @@ struct Inner {
     next_generation: u64,
     in_flight: usize,
     in_flight_bytes: usize,
+    /// Inputs finished since start: the stall check watches it move.
+    completed: u64,
 }
 
 impl Inner {
@@ -153,12 +155,18 @@ impl OffsetTracker {
         };
         inner.in_flight -= 1;
         inner.in_flight_bytes -= done.bytes;
+        inner.completed += 1;
         self.changed.notify_all();
         true
     }
 
     pub fn in_flight(&self) -> usize {
         self.inner.lock().expect("tracker").in_flight
+    }
+
+    /// Inputs finished since start (monotonic).
+    pub fn completed(&self) -> u64 {
+        self.inner.lock().expect("tracker").completed
     }
 
     /// Payload bytes of the unfinished records.
@@ -190,18 +198,18 @@ impl OffsetTracker {
         inner.partitions.get(&(ticket.topic.clone(), ticket.partition)).is_some_and(|s| s.generation == ticket.generation)
     }
 
-    /// Positions (next offset to read) that advanced since the last call: what to commit now.
-    pub fn take_commits(&self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
-        let mut inner = self.inner.lock().expect("tracker");
-        let mut out = Vec::new();
-        for (key, state) in inner.partitions.iter_mut().filter(|(k, _)| only.is_none_or(|o| o.contains(k))) {
-            if let Some(pos) = state.position() {
-                if state.committed.is_none_or(|c| pos > c) {
-                    state.committed = Some(pos);
-                    out.push((key.clone(), pos));
-                }
-            }
-        }
+    /// Positions (next offset to read) past what the broker confirmed as committed: what to
+    /// commit now. Nothing is marked here: a commit that fails (a coordinator restart, a
+    /// rebalance) leaves them due, so the next turn sends them again, even for a partition that
+    /// stays idle. `mark_committed` records what the broker accepted.
+    pub fn commits_due(&self, only: Option<&[PartitionKey]>) -> Vec<(PartitionKey, i64)> {
+        let inner = self.inner.lock().expect("tracker");
+        let mut out: Vec<_> = inner
+            .partitions
+            .iter()
+            .filter(|(k, _)| only.is_none_or(|o| o.contains(k)))
+            .filter_map(|(k, s)| s.position().filter(|pos| s.committed.is_none_or(|c| *pos > c)).map(|pos| (k.clone(), pos)))
+            .collect();
         out.sort();
         out
     }
@@ -223,7 +231,7 @@ impl OffsetTracker {
         out
     }
 
-    /// Marks positions as committed by the caller (after a successful commit).
+    /// Records positions the broker accepted as committed.
     pub fn mark_committed(&self, commits: &[(PartitionKey, i64)]) {
         let mut inner = self.inner.lock().expect("tracker");
         for (key, pos) in commits {
@@ -269,14 +277,34 @@ mod tests {
         let a = t.register("img", 0, 10, 10);
         let b = t.register("img", 0, 11, 10);
         let c = t.register("img", 0, 12, 10);
-        assert_eq!(t.take_commits(None), vec![(("img".into(), 0), 10)], "nothing finished: position stays at the first");
+        assert_eq!(t.commits_due(None), vec![(("img".into(), 0), 10)], "nothing finished: position stays at the first");
+        t.mark_committed(&t.commits_due(None));
         assert!(t.complete(&c));
         assert!(t.complete(&b));
-        assert_eq!(t.take_commits(None), vec![], "10 is unfinished, so 11 and 12 cannot be committed");
+        assert_eq!(t.commits_due(None), vec![], "10 is unfinished, so 11 and 12 cannot be committed");
         assert!(t.complete(&a));
-        assert_eq!(t.take_commits(None), vec![(("img".into(), 0), 13)]);
+        assert_eq!(t.commits_due(None), vec![(("img".into(), 0), 13)]);
+        t.mark_committed(&t.commits_due(None));
         assert_eq!(t.in_flight(), 0);
-        assert_eq!(t.take_commits(None), vec![], "no change, no commit");
+        assert_eq!(t.completed(), 3);
+        assert_eq!(t.commits_due(None), vec![], "no change, no commit");
+    }
+
+    #[test]
+    fn a_commit_the_broker_did_not_confirm_stays_due_for_an_idle_partition() {
+        let t = OffsetTracker::new();
+        let a = t.register("img", 0, 7, 10);
+        assert!(t.complete(&a));
+        let due = t.commits_due(None);
+        assert_eq!(due, vec![(("img".into(), 0), 8)]);
+        // The commit failed (coordinator restarting): nothing is marked, and the partition gets
+        // no more input. The next turn must still send it.
+        assert_eq!(t.commits_due(None), due, "an unconfirmed position is due again");
+        t.mark_committed(&due);
+        assert_eq!(t.commits_due(None), vec![]);
+        // A late confirmation of an older position never moves it back.
+        t.mark_committed(&[(("img".into(), 0), 5)]);
+        assert_eq!(t.commits_due(None), vec![]);
     }
 
     #[test]

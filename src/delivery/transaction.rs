@@ -4,13 +4,14 @@
 //! so a crash between steps never leaves an output without its offset or vice versa.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::delivery::offsets::{OffsetTracker, PartitionKey, Ticket};
 use crate::delivery::record::{is_permanent, OutRecord};
@@ -124,13 +125,21 @@ pub enum TxnError {
     /// Aborted: rewind the consumer to the committed offsets and carry on.
     #[error("transaction aborted: {0}")]
     Aborted(String),
-    /// Fenced or fatal: this instance must stop (the orchestrator restarts it).
+    /// The transactional producer failed for good without being fenced (e.g. its sequence
+    /// numbers desynchronised when the broker restarted and lost its producer state): replace it
+    /// (`Transactions::renew`, which bumps the epoch), rewind, and carry on, as Kafka Streams does.
+    #[error("transactional producer failed: {0}")]
+    Reset(String),
+    /// Fenced by another live instance with the same transactional id, or an output nothing can
+    /// carry: this instance must stop (the orchestrator restarts it).
     #[error("fatal transaction error: {0}")]
     Fatal(String),
 }
 
 pub struct Transactions {
-    pub producer: FutureProducer,
+    /// Replaced by `renew` after a fatal (not fenced) producer error.
+    producer: RwLock<FutureProducer>,
+    config: ClientConfig,
     pub buffer: Arc<TxnBuffer>,
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
@@ -138,10 +147,31 @@ pub struct Transactions {
 }
 
 impl Transactions {
-    /// Initialises the transactional producer; fences any older instance with the same id.
-    pub fn new(producer: FutureProducer, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
-        producer.init_transactions(timeout).map_err(|e| TxnError::Fatal(format!("init_transactions: {e}")))?;
-        Ok(Self { producer, buffer: Arc::new(TxnBuffer::new(tracker.clone())), tracker, metrics, timeout })
+    /// Creates and initialises the transactional producer from `config`; fences any older
+    /// instance with the same id.
+    pub fn new(config: ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
+        let producer = init_producer(&config, timeout).map_err(|e| TxnError::Fatal(e.to_string()))?;
+        Ok(Self { producer: RwLock::new(producer), config, buffer: Arc::new(TxnBuffer::new(tracker.clone())), tracker, metrics, timeout })
+    }
+
+    /// The producer in use now.
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.read().expect("producer").clone()
+    }
+
+    /// Replaces a producer that failed for good with a new one under the same transactional id:
+    /// `init_transactions` aborts whatever the old one left open and bumps the epoch, so the old
+    /// one can never commit. Err(Reset) while the broker is unreachable (call again later);
+    /// Err(Fatal) when another live instance has taken the id.
+    pub fn renew(&self) -> Result<(), TxnError> {
+        let producer = init_producer(&self.config, self.timeout).map_err(|e| match e {
+            e if is_fenced(&e, None) => TxnError::Fatal(format!("init_transactions: {e}")),
+            e => TxnError::Reset(format!("init_transactions: {e}")),
+        })?;
+        *self.producer.write().expect("producer") = producer;
+        self.metrics.transactions.get_or_create(&KindLabels { kind: "producer_renewed".into() }).inc();
+        tracing::warn!("a new transactional producer took over; uncommitted work is read again from the committed offsets");
+        Ok(())
     }
 
     /// Publishes all committable outputs and their offsets in one transaction.
@@ -149,7 +179,7 @@ impl Transactions {
     pub fn commit_step<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>) -> Result<usize, TxnError> {
         // Only partitions whose position advanced; a failed step is followed by a rewind,
         // which resets the tracker, so marking them here is safe.
-        let positions = self.tracker.take_commits(only);
+        let positions = self.tracker.commits_due(only);
         if positions.is_empty() {
             return Ok(0);
         }
@@ -158,6 +188,7 @@ impl Transactions {
         let count = records.len();
         match self.run_transaction(consumer, &records, &positions) {
             Ok(()) => {
+                self.tracker.mark_committed(&positions);
                 self.metrics.transactions.get_or_create(&KindLabels { kind: "committed".into() }).inc();
                 Ok(count)
             }
@@ -174,30 +205,36 @@ impl Transactions {
         records: &[OutRecord],
         positions: &[(PartitionKey, i64)],
     ) -> Result<(), TxnError> {
+        let producer = self.producer();
+        // Fenced: stop. Abortable and the abort works: rewind. Anything else left the producer
+        // unusable: replace it, then rewind.
         let classify = |stage: &str, e: KafkaError| -> TxnError {
+            if is_fenced(&e, Some(&producer)) {
+                return TxnError::Fatal(format!("{stage}: {e} (fenced: another instance uses this transactional id)"));
+            }
             let abortable = matches!(&e, KafkaError::Transaction(t) if t.txn_requires_abort()) || !is_fatal(&e);
-            if abortable {
-                if let Err(abort) = self.producer.abort_transaction(self.timeout) {
-                    return TxnError::Fatal(format!("{stage}: {e}; abort failed: {abort}"));
-                }
-                TxnError::Aborted(format!("{stage}: {e}"))
-            } else {
-                TxnError::Fatal(format!("{stage}: {e}"))
+            if !abortable {
+                return TxnError::Reset(format!("{stage}: {e}"));
+            }
+            match producer.abort_transaction(self.timeout) {
+                Ok(()) => TxnError::Aborted(format!("{stage}: {e}")),
+                Err(abort) if is_fenced(&abort, Some(&producer)) => TxnError::Fatal(format!("{stage}: {e}; abort: {abort} (fenced)")),
+                Err(abort) => TxnError::Reset(format!("{stage}: {e}; abort failed: {abort}")),
             }
         };
-        self.producer.begin_transaction().map_err(|e| TxnError::Fatal(format!("begin_transaction: {e}")))?;
+        producer.begin_transaction().map_err(|e| classify("begin_transaction", e))?;
         let mut deliveries = Vec::with_capacity(records.len());
         for r in records {
             let mut record = r.to_future_record();
             // Enqueue without awaiting; commit_transaction flushes and fails if any failed.
             loop {
-                match self.producer.send_result(record) {
+                match producer.send_result(record) {
                     Ok(delivery) => {
                         deliveries.push((r, delivery));
                         break;
                     }
                     Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
-                        self.producer.poll(Duration::from_millis(50));
+                        producer.poll(Duration::from_millis(50));
                         record = back;
                     }
                     Err((e, _)) => {
@@ -215,15 +252,14 @@ impl Transactions {
         }
         // Group metadata is re-read every time: it changes with each rebalance (KIP-447).
         let group = consumer.group_metadata().ok_or_else(|| TxnError::Fatal("consumer has no group metadata".into()))?;
-        let committed = self
-            .producer
+        let committed = producer
             .send_offsets_to_transaction(&tpl, &group, self.timeout)
             .map_err(|e| ("send_offsets_to_transaction", e))
-            .and_then(|()| self.producer.commit_transaction(self.timeout).map_err(|e| ("commit_transaction", e)));
+            .and_then(|()| producer.commit_transaction(self.timeout).map_err(|e| ("commit_transaction", e)));
         match committed {
             Ok(()) => Ok(()),
             Err((stage, e)) => {
-                self.note_refused(deliveries)?;
+                self.note_refused(&producer, deliveries)?;
                 Err(classify(stage, e))
             }
         }
@@ -232,7 +268,7 @@ impl Transactions {
     /// After a failed transaction: remembers outputs the broker refused for good (too large, not
     /// authorised, ...), so the retry sends their stand-ins instead of failing the same way
     /// forever. A refused stand-in leaves nothing to send: that stops the instance.
-    fn note_refused(&self, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
+    fn note_refused(&self, producer: &FutureProducer, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
         use futures::FutureExt;
         for (record, delivery) in deliveries {
             let Some(Ok(Err((e, _)))) = delivery.now_or_never() else {
@@ -242,7 +278,7 @@ impl Transactions {
                 continue;
             }
             if record.is_stand_in() {
-                self.producer.abort_transaction(self.timeout).ok();
+                producer.abort_transaction(self.timeout).ok();
                 return Err(TxnError::Fatal(format!(
                     "the broker refused even the {} byte dead letter to {}: {e}; check its max.message.bytes and ACLs",
                     record.size(),
@@ -254,6 +290,20 @@ impl Transactions {
         }
         Ok(())
     }
+}
+
+/// A transactional producer ready for its first transaction.
+fn init_producer(config: &ClientConfig, timeout: Duration) -> Result<FutureProducer, KafkaError> {
+    let producer: FutureProducer = config.create()?;
+    producer.init_transactions(timeout)?;
+    Ok(producer)
+}
+
+/// Whether `e` (or the producer's fatal error behind it) says another instance took over this
+/// transactional id: the one case where carrying on would break exactly-once.
+fn is_fenced(e: &KafkaError, producer: Option<&FutureProducer>) -> bool {
+    let fenced = |code: RDKafkaErrorCode| matches!(code, RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced);
+    e.rdkafka_error_code().is_some_and(fenced) || producer.and_then(|p| p.client().fatal_error()).is_some_and(|(code, _)| fenced(code))
 }
 
 fn is_fatal(e: &KafkaError) -> bool {

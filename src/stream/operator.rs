@@ -112,20 +112,19 @@ impl RunningOperator {
         let heatmap_store = pipeline.heatmap_store.clone();
         let pipeline = pipeline.pipeline;
 
-        // The lag reporter uses a client of its own, outside the group.
-        let lag_config = kafka::consumer_config(&settings, &format!("{}-lag", settings.kafka.group_id));
+        // The lag reporter uses a client of its own that reads the group's committed offsets
+        // without joining the group.
+        let lag_config = kafka::consumer_config(&settings, &settings.kafka.group_id);
         let mut consumer_config = kafka::consumer_config(&settings, &settings.kafka.group_id);
         if let Some(id) = crate::delivery::static_member_id(&settings) {
             consumer_config.set("group.instance.id", id);
         }
-        let consumer: BaseConsumer<SourceContext> = consumer_config
-            .create_with_context(
-                SourceContext::new(delivery.clone(), settings.kafka.max_poll_interval).with_shutdown_timeout(settings.pipeline.shutdown_timeout),
-            )
-            .context("creating the consumer")?;
+        let source_context = SourceContext::new(delivery.clone(), settings.kafka.max_poll_interval).with_shutdown_timeout(settings.pipeline.shutdown_timeout);
+        let assignment = source_context.assignment.clone();
+        let consumer: BaseConsumer<SourceContext> = consumer_config.create_with_context(source_context).context("creating the consumer")?;
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
-        let lag = source::spawn_lag_reporter(lag_config, tracker, metrics.clone(), shutdown.clone())?;
+        let lag = source::spawn_lag_reporter(lag_config, tracker, assignment, metrics.clone(), shutdown.clone())?;
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
             let opts = SourceOptions {
@@ -133,6 +132,7 @@ impl RunningOperator {
                 max_in_flight_bytes: settings.pipeline.max_in_flight_bytes,
                 commit_interval: settings.delivery.commit_interval,
                 stuck_after: settings.pipeline.stuck_after,
+                restart_stalled_after: settings.pipeline.restart_stalled_after,
             };
             std::thread::Builder::new().name("source".into()).spawn(move || {
                 let result = source::run(&consumer, &submit, &opts, &shutdown, &metrics, &health);

@@ -2,12 +2,14 @@
 //! polls records into the pipeline, pauses partitions when too much is in flight, commits
 //! finished offsets (or runs the transaction step), and drains before letting partitions go.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -21,11 +23,14 @@ pub struct SourceContext {
     /// How long a revoke or shutdown waits for in-flight work before letting go of it uncommitted;
     /// below max.poll.interval.ms so waiting never gets this member evicted.
     pub drain_timeout: Duration,
+    /// The partitions this member owns now, kept by the rebalance callbacks: the lag reporter
+    /// covers every one of them, including those nothing was read from yet.
+    pub assignment: Arc<Mutex<BTreeSet<PartitionKey>>>,
 }
 
 impl SourceContext {
     pub fn new(delivery: Arc<Delivery>, max_poll_interval: Duration) -> Self {
-        Self { delivery, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)) }
+        Self { delivery, drain_timeout: (max_poll_interval / 2).min(Duration::from_secs(30)), assignment: Arc::default() }
     }
 
     /// Keeps the drain on revoke and shutdown to half the shutdown budget, so the commit after it
@@ -60,21 +65,60 @@ impl ConsumerContext for SourceContext {
             Err(TxnError::Aborted(e)) => {
                 tracing::warn!(error = %e, "transaction aborted on revoke; the next owner re-scores")
             }
+            // Delivery marked the producer for renewal; the source loop recovers after this.
+            Err(TxnError::Reset(e)) => {
+                tracing::warn!(error = %e, "transactional producer failed on revoke; the next owner re-scores")
+            }
             Err(TxnError::Fatal(e)) => self.delivery.fatal().set(format!("fatal transaction error during rebalance: {e}")),
         }
+        let mut assignment = self.assignment.lock().expect("assignment");
         for key in &keys {
             self.delivery.release(key);
+            assignment.remove(key);
         }
         tracing::info!(?keys, "partitions revoked");
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let keys = partition_keys(tpl);
-            for key in &keys {
-                self.delivery.restart(key);
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let keys = partition_keys(tpl);
+                for key in &keys {
+                    self.delivery.restart(key);
+                }
+                // librdkafka keeps a partition's pause flag on the partition object it reuses for
+                // a new assignment, so a partition paused by back-pressure before the rebalance
+                // would come back paused, and with nothing in flight nothing would ever resume
+                // it. Start every new partition running; the source loop pauses it again within
+                // a turn if in-flight work is still full.
+                if !keys.is_empty() {
+                    if let Err(e) = consumer.resume(tpl) {
+                        tracing::warn!(error = %e, "resuming newly assigned partitions failed");
+                    }
+                }
+                self.assignment.lock().expect("assignment").extend(keys.iter().cloned());
+                tracing::info!(?keys, "partitions assigned");
             }
-            tracing::info!(?keys, "partitions assigned");
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    /// Asynchronous commits count only once the broker confirms them (`Delivery::commit`).
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                let confirmed: Vec<_> = offsets
+                    .elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                        _ => None,
+                    })
+                    .collect();
+                self.tracker().mark_committed(&confirmed);
+            }
+            Err(e) => tracing::warn!(error = %e, "offset commit failed; the positions stay due and go again"),
         }
     }
 }
@@ -87,8 +131,12 @@ pub struct SourceOptions {
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
     pub commit_interval: Duration,
-    /// A partition whose oldest record waits longer than this makes `/readyz` fail.
+    /// A partition whose oldest record waits longer than this makes `/readyz` fail; so does lag
+    /// with no input finished for this long.
     pub stuck_after: Duration,
+    /// Lag with no input finished for this long ends the source with an error, so the process
+    /// exits and the orchestrator restarts it; zero = never.
+    pub restart_stalled_after: Duration,
 }
 
 /// Turns a record into a job and registers its offset.
@@ -120,8 +168,13 @@ pub fn run(
     let mut last_commit = Instant::now();
     let mut last_pause_check = Instant::now();
     let mut last_stuck_check = Instant::now();
+    let mut progress = ProgressWatch::new(Instant::now());
     while !shutdown.load(Ordering::SeqCst) {
         health.beat();
+        if ctx.delivery.recovery_due() {
+            recover(consumer, shutdown, health)?;
+            paused = true; // recover paused everything; back-pressure resumes it
+        }
         let (held, held_bytes) = ctx.delivery.held();
         metrics.in_flight.set(held as i64);
         metrics.in_flight_bytes.set(held_bytes as i64);
@@ -129,15 +182,14 @@ pub fn run(
         let half = held <= opts.max_in_flight / 2 && held_bytes <= opts.max_in_flight_bytes / 2;
         // Back-pressure with hysteresis; re-pause periodically to cover newly assigned partitions.
         if full && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
-            if let Ok(a) = consumer.assignment() {
-                let _ = consumer.pause(&a);
-            }
+            pause_all(consumer);
             paused = true;
             last_pause_check = Instant::now();
         } else if paused && half {
             resume(consumer);
             paused = false;
         }
+        metrics.partitions_paused.set(if paused { ctx.assignment.lock().expect("assignment").len() as i64 } else { 0 });
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 let job = job_from_message(&m, tracker);
@@ -157,6 +209,16 @@ pub fn run(
         if last_stuck_check.elapsed() >= Duration::from_secs(1) {
             last_stuck_check = Instant::now();
             health.set_stuck(tracker.stuck(opts.stuck_after).into_iter().map(|((t, p), waited)| format!("{t}/{p} for {}s", waited.as_secs())).collect());
+            let lag = metrics.total_lag.load(Ordering::Relaxed);
+            let since = progress.observe(tracker.completed(), lag, Instant::now());
+            metrics.seconds_since_progress.set(since.as_secs() as i64);
+            health.set_stalled((since > opts.stuck_after).then(|| format!("lag {lag} and no input finished for {}s", since.as_secs())));
+            if !opts.restart_stalled_after.is_zero() && since > opts.restart_stalled_after {
+                return Err(anyhow!(
+                    "stalled: lag {lag} and no input finished for {}s (pipeline.restart_stalled_after_ms); exiting so the orchestrator restarts this instance",
+                    since.as_secs()
+                ));
+            }
         }
         if last_commit.elapsed() >= opts.commit_interval {
             last_commit = Instant::now();
@@ -172,25 +234,101 @@ pub fn run(
     Ok(())
 }
 
+/// How long the input has been lagging with nothing finishing: the clock runs only while there
+/// is lag and the count of finished inputs stands still, so an idle operator is never "stalled".
+#[derive(Debug)]
+struct ProgressWatch {
+    completed: u64,
+    since: Instant,
+}
+
+impl ProgressWatch {
+    fn new(now: Instant) -> Self {
+        Self { completed: 0, since: now }
+    }
+
+    /// Takes the finished-input count and the lag now; returns the time without progress.
+    fn observe(&mut self, completed: u64, lag: i64, now: Instant) -> Duration {
+        if completed != self.completed || lag <= 0 {
+            self.completed = completed;
+            self.since = now;
+        }
+        now.duration_since(self.since)
+    }
+}
+
 /// What a commit turn did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitOutcome {
     Committed,
     /// The transaction aborted and the consumer went back to the committed offsets.
     Rewound,
+    /// The transactional producer must be replaced, or the rewind could not reach the broker:
+    /// the source loop recovers (`recover`) before it reads on.
+    Recovering,
 }
 
-/// One commit turn; an aborted transaction leads to a rewind, a fatal one to an error.
+/// One commit turn; an aborted transaction leads to a rewind, a producer that failed for good to
+/// its renewal, and only a fenced or unsendable one to an error.
 pub fn handle_commit(consumer: &BaseConsumer<SourceContext>, mode: CommitMode) -> Result<CommitOutcome> {
-    match consumer.context().delivery.commit(consumer, None, mode) {
+    let delivery = &consumer.context().delivery;
+    match delivery.commit(consumer, None, mode) {
         Ok(()) => Ok(CommitOutcome::Committed),
         Err(TxnError::Aborted(e)) => {
             tracing::warn!(error = %e, "transaction aborted; rewinding to the last committed offsets");
-            rewind(consumer)?;
-            Ok(CommitOutcome::Rewound)
+            match rewind(consumer) {
+                Ok(()) => Ok(CommitOutcome::Rewound),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rewind failed; retrying until the broker answers");
+                    delivery.require_rewind();
+                    Ok(CommitOutcome::Recovering)
+                }
+            }
+        }
+        Err(TxnError::Reset(e)) => {
+            tracing::warn!(error = %e, "the transactional producer failed; replacing it, then rewinding");
+            Ok(CommitOutcome::Recovering)
         }
         Err(TxnError::Fatal(e)) => Err(anyhow!("{e}")),
     }
+}
+
+/// After the transactional producer failed for good (a broker restart lost its state) or a
+/// rewind could not reach the broker: every partition is paused and the loop keeps polling, so
+/// this member stays in its group; once the broker answers, a new producer takes over and the
+/// consumer goes back to the committed offsets. Err only when another instance fenced this one.
+fn recover(consumer: &BaseConsumer<SourceContext>, shutdown: &AtomicBool, health: &Health) -> Result<()> {
+    let delivery = &consumer.context().delivery;
+    pause_all(consumer);
+    let mut delay = Duration::from_millis(200);
+    let mut wait = |what: &str, error: &dyn std::fmt::Display| {
+        tracing::warn!(%error, "{what} failed; retrying in {delay:?}");
+        let until = Instant::now() + delay;
+        while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+            health.beat();
+            // Records polled here are dropped on purpose: the rewind below reads them again.
+            let _ = consumer.poll(Duration::from_millis(50));
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    };
+    while !shutdown.load(Ordering::SeqCst) {
+        match delivery.renew() {
+            Ok(()) => break,
+            Err(TxnError::Fatal(e)) => return Err(anyhow!("{e}")),
+            Err(e) => wait("replacing the transactional producer", &e),
+        }
+    }
+    while !shutdown.load(Ordering::SeqCst) {
+        match rewind(consumer) {
+            Ok(()) => {
+                delivery.rewound();
+                tracing::info!("recovered: reading again from the committed offsets");
+                return Ok(());
+            }
+            Err(e) => wait("rewinding to the committed offsets", &e),
+        }
+    }
+    Ok(())
 }
 
 /// After an aborted transaction: seek every assigned partition back to its committed offset
@@ -218,6 +356,13 @@ pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
     Ok(())
 }
 
+/// Pauses every assigned partition (back-pressure, recovery).
+fn pause_all(consumer: &BaseConsumer<SourceContext>) {
+    if let Ok(a) = consumer.assignment() {
+        let _ = consumer.pause(&a);
+    }
+}
+
 /// Resumes every assigned partition at the record after the last one taken in. Pausing drops
 /// librdkafka's prefetched records; seeking makes the restart point explicit.
 fn resume(consumer: &BaseConsumer<SourceContext>) {
@@ -235,24 +380,39 @@ fn resume(consumer: &BaseConsumer<SourceContext>) {
 }
 
 /// Reports consumer lag (high watermark − committable position) every few seconds from its own
-/// thread and client, so the broker round trips never stall the source loop.
+/// thread and client, so the broker round trips never stall the source loop. It covers every
+/// assigned partition: one nothing was read from yet (just assigned, or paused) counts from the
+/// group's committed offset, so a stalled partition shows its lag instead of hiding it.
+/// `config` must carry the operator's group id; this client never joins the group.
 pub fn spawn_lag_reporter(
     config: rdkafka::ClientConfig,
     tracker: Arc<OffsetTracker>,
+    assignment: Arc<Mutex<BTreeSet<PartitionKey>>>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>> {
     let client: BaseConsumer = config.create().map_err(|e| anyhow!("lag reporter client: {e}"))?;
     Ok(std::thread::Builder::new().name("lag".into()).spawn(move || {
+        let mut reported: BTreeSet<PartitionKey> = BTreeSet::new();
         while !stop.load(Ordering::SeqCst) {
+            let owned = assignment.lock().expect("assignment").clone();
+            let read: std::collections::HashMap<_, _> = tracker.positions(None).into_iter().collect();
+            let committed = committed_positions(&client, owned.iter().filter(|k| !read.contains_key(*k)));
             let mut total = 0;
-            for ((topic, partition), pos) in tracker.positions(None) {
-                if let Ok((_, high)) = client.fetch_watermarks(&topic, partition, Duration::from_secs(2)) {
-                    let lag = (high - pos).max(0);
-                    total += lag;
-                    metrics.consumer_lag.get_or_create(&PartitionLabels { topic, partition }).set(lag);
-                }
+            for key in &owned {
+                let Ok((low, high)) = client.fetch_watermarks(&key.0, key.1, Duration::from_secs(2)) else {
+                    continue;
+                };
+                let position = read.get(key).or(committed.get(key)).copied().unwrap_or(low);
+                let lag = (high - position).max(0);
+                total += lag;
+                metrics.consumer_lag.get_or_create(&PartitionLabels { topic: key.0.clone(), partition: key.1 }).set(lag);
             }
+            // Partitions that moved to another member are theirs to report.
+            for gone in reported.difference(&owned) {
+                metrics.consumer_lag.remove(&PartitionLabels { topic: gone.0.clone(), partition: gone.1 });
+            }
+            reported = owned;
             metrics.total_lag.store(total, Ordering::Relaxed);
             for _ in 0..50 {
                 if stop.load(Ordering::SeqCst) {
@@ -262,4 +422,49 @@ pub fn spawn_lag_reporter(
             }
         }
     })?)
+}
+
+/// The group's committed offsets of `keys` (those with one).
+fn committed_positions<'a>(client: &BaseConsumer, keys: impl Iterator<Item = &'a PartitionKey>) -> std::collections::HashMap<PartitionKey, i64> {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in keys {
+        tpl.add_partition(topic, *partition);
+    }
+    if tpl.count() == 0 {
+        return Default::default();
+    }
+    let Ok(committed) = client.committed_offsets(tpl, Duration::from_secs(2)) else {
+        return Default::default();
+    };
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stall_clock_runs_only_while_there_is_lag_and_nothing_finishes() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut watch = ProgressWatch::new(t0);
+        // Idle for an hour with nothing to read: never stalled.
+        assert_eq!(watch.observe(0, 0, at(3600)), Duration::ZERO);
+        // Input arrives and finishes: progress.
+        assert_eq!(watch.observe(5, 12, at(3601)), Duration::ZERO);
+        // Lag, and the finished count stands still (a partition left paused): the clock runs.
+        assert_eq!(watch.observe(5, 12, at(3611)), Duration::from_secs(10));
+        assert_eq!(watch.observe(5, 40, at(3700)), Duration::from_secs(99));
+        // One input finishes: the clock starts again.
+        assert_eq!(watch.observe(6, 40, at(3701)), Duration::ZERO);
+        // Caught up with nothing finishing (lag 0): not a stall either.
+        assert_eq!(watch.observe(6, 0, at(3800)), Duration::ZERO);
+    }
 }

@@ -155,6 +155,8 @@ pub fn unique(prefix: &str) -> String {
 pub struct Record {
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp (ms since the epoch), if it has one.
+    pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
@@ -206,6 +208,7 @@ pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: imp
             out.push(Record {
                 partition: m.partition(),
                 offset: m.offset(),
+                timestamp: m.timestamp().to_millis(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().map(<[u8]>::to_vec),
                 headers,
@@ -213,6 +216,22 @@ pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: imp
         }
     }
     out
+}
+
+/// Lost and duplicated ids among score records (keyed by image id).
+pub fn audit(records: &[Record], ids: &[String]) -> (usize, usize) {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for r in records {
+        *counts.entry(String::from_utf8(r.key.clone().unwrap()).unwrap()).or_default() += 1;
+    }
+    let lost = ids.iter().filter(|id| !counts.contains_key(*id)).count();
+    let dups = counts.values().map(|c| c - 1).sum();
+    (lost, dups)
+}
+
+/// Distinct record keys (image ids) among `records`.
+pub fn unique_keys(records: &[Record]) -> usize {
+    records.iter().map(|r| r.key.clone()).collect::<std::collections::HashSet<_>>().len()
 }
 
 /// Committed offsets of a group for a topic's partitions.
@@ -235,6 +254,7 @@ pub struct OperatorProcess {
     pub log: PathBuf,
 }
 
+#[derive(Clone)]
 pub struct OperatorConfig {
     pub env: Vec<(String, String)>,
     pub log_dir: PathBuf,
@@ -271,7 +291,9 @@ impl OperatorConfig {
         let http_port = free_port();
         let log = self.log_dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_dcam-stream"))
+        // DCAM_OPERATOR_BIN runs the scenarios against another build (e.g. the one before a fix).
+        let bin = std::env::var("DCAM_OPERATOR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dcam-stream").to_string());
+        let child = Command::new(bin)
             .arg("run")
             .envs(self.env.iter().cloned())
             .env("DCAM__TELEMETRY__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
