@@ -92,5 +92,20 @@ def calibrate_oof(scores: np.ndarray, classes: list[str], fpr: float = DEFAULT_F
     return cal, rep
 
 
+def left_out_alarms(scores: np.ndarray, classes: list[str], fpr: float = DEFAULT_FPR) -> np.ndarray:
+    """For validation: whether each image raises a false alarm at the threshold the oof rule sets from its
+    class's *other* out-of-fold scores. Counting alarms at the threshold these same scores set would be
+    in-sample for the threshold (at n < 1/fpr it is their maximum, which always counts itself)."""
+    scores, cls = np.asarray(scores, np.float64), np.asarray(classes)
+    out = np.zeros(len(scores), dtype=bool)
+    for c in set(classes):
+        idx = np.flatnonzero(cls == c)
+        for i in idx:
+            others = np.sort(scores[idx[idx != i]])
+            if len(others):
+                out[i] = scores[i] >= others[conformal_rank(len(others), fpr) - 1]
+    return out
+
+
 def normalise(raw: np.ndarray, cal: dict) -> np.ndarray:
     return np.clip((np.asarray(raw) - cal["threshold"]) / (cal["max"] - cal["min"]) + 0.5, 0.0, 1.0)
