@@ -286,13 +286,23 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
     print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
     for c, r in metrics["calibration"].items():
-        if "promised_fa" in r:
-            print(f"[evaluate] {c}: false alarms promised {100 * r['promised_fa']:.2f} % (95 %: "
-                  f"{100 * r['promised_fa_95'][0]:.2f}-{100 * r['promised_fa_95'][1]:.2f} %, {r['n']} out-of-fold images), "
+        if "promised_fa" in r and "measured_fa" in r:
+            print(f"[evaluate] {c}: false alarms promised {r['promised_fa']:.2f} % (95 %: "
+                  f"{r['promised_fa_95'][0]:.2f}-{r['promised_fa_95'][1]:.2f} %, {r['n']} out-of-fold images), "
                   f"measured {r['measured_fa']:.1f} % ({r['false_alarms']}/{r['n_good']} good test images; 95 %: "
                   f"{r['measured_fa_95'][0]:.1f}-{r['measured_fa_95'][1]:.1f} %)")
     print(f"[evaluate] synthetic-validation mean: {val_metrics['mean']}; reports in {out}")
     return metrics
+
+
+def _report_pct(r: dict) -> dict:
+    """A class's calibration report with the promised rates in % (like every rate in the metrics)."""
+    r = dict(r)
+    if "promised_fa" in r:
+        r["promised_fa"] = round(100 * r["promised_fa"], 2)
+        r["promised_fa_95"] = [round(100 * v, 2) for v in r["promised_fa_95"]]
+        r["target_fpr"] = round(100 * r["target_fpr"], 2)
+    return r
 
 
 def _promised_vs_measured(report: dict, metrics: dict) -> dict:
@@ -300,9 +310,11 @@ def _promised_vs_measured(report: dict, metrics: dict) -> dict:
     out = {}
     for c, m in metrics["per_class"].items():
         if "fa_at_threshold" in m:
-            out[c] = {**{k: v for k, v in report.get(c, {}).items()}, "threshold": m["threshold"],
+            out[c] = {**_report_pct(report.get(c, {})), "threshold": m["threshold"],
                       "measured_fa": m["fa_at_threshold"], "measured_fa_95": m["fa_at_threshold_95"],
                       "false_alarms": m["false_alarms"], "n_good": m["n_good"]}
+    if "_default" in report:
+        out["_default"] = _report_pct(report["_default"])
     if "_rule" in report:
         out["_rule"] = report["_rule"]
     return out
@@ -315,7 +327,7 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     summary = {k: metrics[k] for k in ("per_class", "mean", "calibration", "val_synthetic", "validation_estimate") if k in metrics}
     if "calibration" not in summary and ckpt.get("calibration_report"):
-        summary["calibration"] = ckpt["calibration_report"]
+        summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in ckpt["calibration_report"].items()}
     out = Path(args.output)
     name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
                                .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else ""))
