@@ -12,7 +12,7 @@ import torch
 from . import __version__
 from .anomaly_map import SCORE_RULES
 from .backbones import BACKBONES, build_teacher
-from .calibrate import DEFAULT_FPR, calibrate
+from .calibrate import DEFAULT_FPR, RULES, calibrate, calibrate_oof, left_out_alarms
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import VARIANTS, variant_config
 from .data import (REPO_ROOT, carve_test_defects, discover_classes, list_images, load_carved_defects, load_image,
@@ -20,6 +20,7 @@ from .data import (REPO_ROOT, carve_test_defects, discover_classes, list_images,
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
                        validation_estimate, write_reports)
 from .export import export_onnx, read_metadata, run_onnx
+from .oof import oof_scores
 from .recover import student_model_from_onnx
 from .torch_model import DistillModel
 from .train import cache_teacher, train
@@ -52,9 +53,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cos", action="store_true", help="ablation: drop the channel-wise cosine loss")
     p.add_argument("--no-kl", action="store_true", help="ablation: drop the spatial KL loss")
     p.add_argument("--max-per-class", type=int, default=None, help="cap train images per class (smoke runs)")
-    p.add_argument("--fpr", type=float, default=DEFAULT_FPR, help="calibration: target false-positive rate on held-out good")
+    _calibration_args(p)
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt (same weights as one run)")
     _head_args(p)
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fpr", type=float, default=DEFAULT_FPR,
+                   help="calibration: target false-alarm rate on defect-free images (default 0.01)")
+    p.add_argument("--calibration", default="oof", choices=RULES,
+                   help="oof (default): thresholds from out-of-fold scores of the held-out good images, split-conformal "
+                        "quantile for --fpr (calibrate.py); in-sample: the old rule (quantile of scores the heads' "
+                        "normalisations were fitted on, which promises fewer false alarms than it gives)")
+    p.add_argument("--oof-folds", type=int, default=0,
+                   help="folds per class for the out-of-fold scores (0 = leave-one-out, the default)")
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
@@ -139,24 +151,31 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save."""
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
+    feats = None
     if model.cfg.density:
-        heads = model.fit_heads(classes, train_split.images, train_split.classes, val_split.images, val_split.classes)
+        heads = model.attach_heads(classes)
+        print(f"[heads] density: {len(train_split)} train images, {heads.views} view(s)")
+        feats = _head_features(model, train_split, val_split)
+        heads.fit_features(model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2], val_split.classes,
+                           model.cfg.density_groups)
         train_config["density_groups_per_class"] = heads.density.groups  # recover.model_from_onnx needs them
     train_config["heads_fit_s"] = round(time.time() - t0, 1)
-    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
-    cal = calibrate(val_scores, val_split.classes, args.fpr)
+    cal, report, good_scores = _calibration(args, model, train_split, val_split, train_config, feats)
     defects, source = _validation_defects(args, root, classes, model.cfg.input_size, train_config)
-    est = validation_estimate(model, val_split, defects, progress=not args.quiet, source=source)
+    est = validation_estimate(model, val_split, defects, progress=not args.quiet, source=source, calibration=cal,
+                              good_scores=good_scores, good_alarms=None if good_scores is None else
+                              left_out_alarms(good_scores, val_split.classes, args.fpr))
     # The old CutPaste proxy too, labelled as such: neither kind tracked test for both models in
     # MODEL_CARD.md, so a run shows both rather than one number picked after seeing test.
     cut = synthetic_val_metrics(model, val_split, not args.quiet)
     est["cutpaste"] = {"kind": "CutPaste-style fakes of held-out good images (easier)", "per_class": cut["per_class"],
                        "mean": cut["mean"]}
     train_config["validation_estimate_kind"] = est["kind"]
-    save_checkpoint(model, path, {**extra, "classes": classes, "calibration": cal, "train_config": train_config,
-                                  "data_root": str(root), "validation_estimate": est})
+    save_checkpoint(model, path, {**extra, "classes": classes, "calibration": cal, "calibration_report": report,
+                                  "train_config": train_config, "data_root": str(root), "validation_estimate": est})
     (path.parent / "validation_estimate.json").write_text(json.dumps(est, indent=2))
     print(f"[train] calibration: {json.dumps(cal)}")
+    _print_calibration_report(report)
     print(markdown_table(est, f"validation estimate of test AUROC -- {est['kind']}"))
     for c, m in est["per_class"].items():
         kinds = {str(k): v for k, v in m.get("per_defect_image_auroc", {}).items()}
@@ -164,6 +183,47 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
               f"CutPaste estimate {est['cutpaste']['per_class'][c]['image_auroc']:.1f}")
     print(f"[train] checkpoint {path}")
     return path
+
+
+def _head_features(model, train_split, val_split):
+    """(train pooled features, held-out pooled features, held-out raw maps): what the heads are fitted on."""
+    h = model.heads
+    tp, _ = h.features(model.teacher, model.normalize, model.student_map, train_split.images, with_maps=False)
+    vp, vm = h.features(model.teacher, model.normalize, model.student_map, val_split.images)
+    return tp, vp, vm
+
+
+def _calibration(args, model, train_split, val_split, train_config: dict, feats=None):
+    """(dcam.calibration, its report, the held-out good scores it rests on, out-of-fold where the rule is oof).
+    oof: each held-out image is scored by heads whose normalisations were fitted without it (oof.py); a model
+    without heads fits nothing on the held-out images, so its scores of them are out-of-sample already."""
+    train_config["calibration_fpr"] = args.fpr
+    train_config["calibration_rule"] = args.calibration
+    if args.calibration == "in-sample":
+        _, val_scores = predict(model, val_split.images, progress=not args.quiet)
+        return calibrate(val_scores, val_split.classes, args.fpr), {"_rule": "in-sample quantile"}, None
+    if model.heads is None:
+        _, good = predict(model, val_split.images, progress=not args.quiet)
+    else:
+        feats = feats or _head_features(model, train_split, val_split)
+        t0 = time.time()
+        good = oof_scores(model.heads, model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2],
+                          val_split.classes, model.cfg.density_groups, k=args.oof_folds or len(val_split),
+                          seed=train_config.get("seed", 0))["val"]
+        print(f"[calibrate] out-of-fold scores of {len(good)} held-out good images in {time.time() - t0:.0f}s")
+    train_config["oof_folds"] = args.oof_folds or "leave-one-out"
+    cal, report = calibrate_oof(good, val_split.classes, args.fpr)
+    report["_rule"] = ("threshold = the k-th smallest of a class's n out-of-fold held-out good scores, k = ceil((n+1)(1-fpr)) "
+                       "(at most n); promised false-alarm rate (n+1-k)/(n+1), 95 % interval Beta(n+1-k, k)")
+    return cal, report, good
+
+
+def _print_calibration_report(report: dict) -> None:
+    for c, r in report.items():
+        if not c.startswith("_"):
+            print(f"[calibrate] {c}: threshold rank {r['rank']} of {r['n']} out-of-fold scores, promised false-alarm rate "
+                  f"{100 * r['promised_fa']:.2f} % (95 %: {100 * r['promised_fa_95'][0]:.2f}-{100 * r['promised_fa_95'][1]:.2f} %)"
+                  f" for target {100 * r['target_fpr']:.1f} %")
 
 
 def _validation_defects(args, root: Path, classes: list[str], size: int, train_config: dict):
@@ -192,7 +252,6 @@ def cmd_fit_heads(args) -> Path:
                                                                "train_config", "validation_estimate")}
     model.reconfigure(**_head_overrides(args))
     tc.update(model.cfg.to_dict())
-    tc["calibration_fpr"] = args.fpr
     root = resolve_data_root(args.data_root)
     train_split, val_split = load_train_val(root, classes, model.cfg.input_size, tc.get("val_fraction", 0.15),
                                             tc.get("seed", 0), not args.quiet)
@@ -215,7 +274,8 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     carved = carve_test_defects(root, classes, tc.get("val_from_test", 0.0), tc["seed"])  # validation, not test
     test = load_test(root, classes, s, not args.quiet, exclude=carved)
     t0 = time.time()
-    metrics, maps, scores = evaluate_split(model, test, not args.quiet)
+    metrics, maps, scores = evaluate_split(model, test, not args.quiet, calibration=ckpt["calibration"])
+    metrics["calibration"] = _promised_vs_measured(ckpt.get("calibration_report") or {}, metrics)
     metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
     metrics["test_images"] = len(test)
     metrics["validation_defects_from_test"] = [str(Path(p).relative_to(root)) for p in carved]
@@ -225,8 +285,39 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     metrics["score_rules"] = score_rules(test, maps)  # reported only; the rule is chosen on val_synthetic
     write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
     print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
+    for c, r in metrics["calibration"].items():
+        if "promised_fa" in r and "measured_fa" in r:
+            print(f"[evaluate] {c}: false alarms promised {r['promised_fa']:.2f} % (95 %: "
+                  f"{r['promised_fa_95'][0]:.2f}-{r['promised_fa_95'][1]:.2f} %, {r['n']} out-of-fold images), "
+                  f"measured {r['measured_fa']:.1f} % ({r['false_alarms']}/{r['n_good']} good test images; 95 %: "
+                  f"{r['measured_fa_95'][0]:.1f}-{r['measured_fa_95'][1]:.1f} %)")
     print(f"[evaluate] synthetic-validation mean: {val_metrics['mean']}; reports in {out}")
     return metrics
+
+
+def _report_pct(r: dict) -> dict:
+    """A class's calibration report with the promised rates in % (like every rate in the metrics)."""
+    r = dict(r)
+    if "promised_fa" in r:
+        r["promised_fa"] = round(100 * r["promised_fa"], 2)
+        r["promised_fa_95"] = [round(100 * v, 2) for v in r["promised_fa_95"]]
+        r["target_fpr"] = round(100 * r["target_fpr"], 2)
+    return r
+
+
+def _promised_vs_measured(report: dict, metrics: dict) -> dict:
+    """Per class: the calibration's promise (calibrate.calibrate_oof_scores) beside the false alarms measured on test."""
+    out = {}
+    for c, m in metrics["per_class"].items():
+        if "fa_at_threshold" in m:
+            out[c] = {**_report_pct(report.get(c, {})), "threshold": m["threshold"],
+                      "measured_fa": m["fa_at_threshold"], "measured_fa_95": m["fa_at_threshold_95"],
+                      "false_alarms": m["false_alarms"], "n_good": m["n_good"]}
+    if "_default" in report:
+        out["_default"] = _report_pct(report["_default"])
+    if "_rule" in report:
+        out["_rule"] = report["_rule"]
+    return out
 
 
 def cmd_export(args, checkpoint: Path | None = None) -> Path:
@@ -234,7 +325,9 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
     metrics_path = Path(args.out_eval or ckpt_path.parent / "eval") / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    summary = {k: metrics[k] for k in ("per_class", "mean", "val_synthetic", "validation_estimate") if k in metrics}
+    summary = {k: metrics[k] for k in ("per_class", "mean", "calibration", "val_synthetic", "validation_estimate") if k in metrics}
+    if "calibration" not in summary and ckpt.get("calibration_report"):
+        summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in ckpt["calibration_report"].items()}
     out = Path(args.output)
     name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
                                .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else ""))
@@ -283,7 +376,8 @@ def cmd_fp16(args) -> Path:
 
 def cmd_calibrate(args) -> Path:
     """Recompute the per-class calibration from the held-out good images (optionally with another
-    image-score rule) and write a new checkpoint next to the old one."""
+    image-score rule) and write a new checkpoint next to the old one. The heads stay as they are; with the
+    oof rule (default) copies of them are refitted without each held-out image to score it (oof.py)."""
     ckpt_path = Path(args.checkpoint)
     model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
     tc = dict(ckpt["train_config"])
@@ -293,14 +387,14 @@ def cmd_calibrate(args) -> Path:
         model.reconfigure(score_rule=args.score_rule)  # a model without heads (refused above otherwise)
         tc["score_rule"] = args.score_rule
     root = resolve_data_root(args.data_root or ckpt.get("data_root"))
-    _, val_split = load_train_val(root, ckpt["classes"], model.cfg.input_size, tc["val_fraction"], tc["seed"], not args.quiet)
-    _, val_scores = predict(model, val_split.images, progress=not args.quiet)
-    cal = calibrate(val_scores, val_split.classes, args.fpr)
-    tc["calibration_fpr"] = args.fpr
+    train_split, val_split = load_train_val(root, ckpt["classes"], model.cfg.input_size, tc["val_fraction"], tc["seed"],
+                                            not args.quiet)
+    cal, report, _ = _calibration(args, model, train_split, val_split, tc)
     out = Path(args.output_checkpoint or ckpt_path.with_name(ckpt_path.stem + "-calibrated.pt"))
-    extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict")}
-    save_checkpoint(model, out, {**extra, "calibration": cal, "train_config": tc})
+    extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "heads")}
+    save_checkpoint(model, out, {**extra, "calibration": cal, "calibration_report": report, "train_config": tc})
     print(f"[calibrate] {out}: {json.dumps(cal)}")
+    _print_calibration_report(report)
     return out
 
 
@@ -378,13 +472,13 @@ def main(argv=None) -> None:
         _train_args(p)
         p.add_argument("--out", default=None, help="run directory (default training/runs/<name>-<time>)")
     _head_args(p_fit)
-    p_fit.add_argument("--fpr", type=float, default=DEFAULT_FPR)
+    _calibration_args(p_fit)
     p_fit.add_argument("--from-onnx", default=None, help="take the student (and its config) from this exported model")
     p_fit.add_argument("--checkpoint", default=None)
     p_fit.add_argument("--teacher-weights", default=None)
     p_fit.add_argument("--out", required=True, help="run directory for the new checkpoint")
     p_cal.add_argument("--score-rule", default=None, choices=SCORE_RULES)
-    p_cal.add_argument("--fpr", type=float, default=DEFAULT_FPR)
+    _calibration_args(p_cal)
     p_cal.add_argument("--output-checkpoint", default=None)
     for p in (p_eval, p_exp, p_cal):
         p.add_argument("--checkpoint", required=True)

@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm import tqdm
 
-from .calibrate import normalise
+from .calibrate import clopper_pearson, normalise
 from .data import SYNTH_KINDS, Split, synthetic_anomalies, synthetic_defects
 
 
@@ -78,10 +78,44 @@ def class_metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | No
     return out
 
 
+def recall_at_fa(good: np.ndarray, bad: np.ndarray, fa: float) -> float:
+    """Highest share of `bad` flagged by any threshold that flags at most a share `fa` of `good`
+    (flagged: score >= threshold; the best such threshold lies just above the (m+1)-th largest good
+    score, m = floor(fa * n_good))."""
+    good, bad = np.sort(np.asarray(good, np.float64))[::-1], np.asarray(bad, np.float64)
+    if len(bad) == 0:
+        return float("nan")
+    m = int(np.floor(fa * len(good) + 1e-9))
+    return 1.0 if m >= len(good) else float((bad > good[m]).mean())
+
+
+def operating_metrics(good: np.ndarray, bad: np.ndarray, threshold: float, alarms: np.ndarray | None = None) -> dict:
+    """What a user who acts on `score >= threshold` gets (in %): false alarms on the good images (with the
+    Clopper-Pearson 95 % interval of that rate), recall on the defective ones, and, for comparison, the
+    recall the scores allow at 1 % and 5 % false alarms (thresholds set on these very good images).
+    `alarms`: per good image, whether it raised a false alarm, where that is not `good >= threshold` (the
+    good images set the threshold: calibrate.left_out_alarms)."""
+    good, bad = np.asarray(good, np.float64), np.asarray(bad, np.float64)
+    fa = int((good >= threshold).sum() if alarms is None else np.asarray(alarms).sum())
+    hit = int((bad >= threshold).sum())
+    out = {"threshold": float(threshold), "false_alarms": fa, "n_good": len(good)}
+    if len(good):
+        lo, hi = clopper_pearson(fa, len(good))
+        out |= {"fa_at_threshold": 100 * fa / len(good), "fa_at_threshold_95": [round(100 * lo, 2), round(100 * hi, 2)]}
+    if len(bad):
+        out |= {"detected": hit, "n_defect": len(bad), "recall_at_threshold": 100 * hit / len(bad)}
+        if len(good):
+            out |= {"recall_at_1pct_fa": 100 * recall_at_fa(good, bad, 0.01), "recall_at_5pct_fa": 100 * recall_at_fa(good, bad, 0.05)}
+    return out
+
+
+OPERATING_KEYS = ("fa_at_threshold", "recall_at_threshold", "recall_at_1pct_fa", "recall_at_5pct_fa")
+
+
 def _mean(per_class: dict) -> dict:
     """Mean over the classes that have the metric (pixel metrics skip classes without masks)."""
     out = {}
-    for k in ("image_auroc", "pixel_auroc", "au_pro"):
+    for k in ("image_auroc", "pixel_auroc", "au_pro") + OPERATING_KEYS:
         vals = [v[k] for v in per_class.values() if k in v and np.isfinite(v[k])]
         if vals:
             out[k] = float(np.mean(vals))
@@ -89,7 +123,9 @@ def _mean(per_class: dict) -> dict:
 
 
 def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = True,
-                   t_cache: list | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+                   t_cache: list | None = None, calibration: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per-class metrics; with `calibration` (dcam.calibration), also what users act on: false alarms and
+    recall at each class's threshold, recall at 1 % / 5 % false alarms (operating_metrics)."""
     maps, scores = predict(model, split.images, progress=progress, t_cache=t_cache)
     classes = np.asarray(split.classes)
     per_class = {}
@@ -98,6 +134,10 @@ def evaluate_split(model, split: Split, progress: bool = True, with_pro: bool = 
         no_masks = split.masks is None or cls in split.no_mask_classes
         per_class[cls] = class_metrics(split.labels[sel], scores[sel], None if no_masks else split.masks[sel],
                                        maps[sel], with_pro)
+        if calibration is not None:
+            cal = calibration.get(cls, calibration.get("_default"))
+            lab = split.labels[sel]
+            per_class[cls].update(operating_metrics(scores[sel][lab == 0], scores[sel][lab == 1], cal["threshold"]))
         if no_masks:
             per_class[cls]["pixel_metrics"] = "no masks"
         if split.defects:  # image (and pixel) AUROC of each defect type against the class's good images
@@ -159,12 +199,30 @@ def estimate_split(val: Split, defects: Split | None = None, per_image: int = 2,
 
 
 def validation_estimate(model, val: Split, defects: Split | None = None, progress: bool = True,
-                        source: str = "--val-defects") -> dict:
-    """What a training run prints as its estimate of test image AUROC (never uses a test image)."""
+                        source: str = "--val-defects", calibration: dict | None = None,
+                        good_scores: np.ndarray | None = None, good_alarms: np.ndarray | None = None) -> dict:
+    """What a training run prints as its estimate of test image AUROC (never uses a test image). With
+    `calibration`, also the operating metrics at its thresholds, the false alarms counted on `good_scores`
+    (the held-out good images' out-of-fold scores, oof.py) where given: the model's own scores of those
+    images are in-sample for its normalisations; `good_alarms`: their false alarms at thresholds set
+    without them (calibrate.left_out_alarms), as those scores set the threshold."""
     both, kinds = estimate_split(val, defects, source=source)
-    metrics, _, _ = evaluate_split(model, both, progress=progress, with_pro=True)
+    metrics, _, scores = evaluate_split(model, both, progress=progress, with_pro=True)
+    n = len(val)
+    good = scores[:n] if good_scores is None else np.asarray(good_scores)
+    val_cls, bad_cls = np.asarray(val.classes), np.asarray(both.classes[n:])
     for c, kind in kinds.items():
         metrics["per_class"][c]["estimate_kind"] = kind
+        if calibration is not None:
+            t = calibration.get(c, calibration.get("_default"))["threshold"]
+            op = operating_metrics(good[val_cls == c], scores[n:][bad_cls == c], t,
+                                   None if good_alarms is None else np.asarray(good_alarms)[val_cls == c])
+            metrics["per_class"][c].update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in op.items()})
+            metrics["per_class"][c]["good_scores"] = "out-of-fold" if good_scores is not None else "in-sample"
+            if good_alarms is not None:
+                metrics["per_class"][c]["false_alarms_counted"] = "each image at the threshold set without it"
+    if calibration is not None:
+        metrics["mean"] = _round(_mean(metrics["per_class"]))
     metrics["kind"] = "; ".join(f"{c}: {k}" for c, k in kinds.items())
     return metrics
 
@@ -185,12 +243,25 @@ def _round(d: dict) -> dict:
 
 
 def markdown_table(metrics: dict, title: str = "") -> str:
-    lines = [f"### {title}" if title else "", "", "| class | image AUROC | pixel AUROC | AU-PRO@0.3 |", "|---|---|---|---|"]
+    """Per class: AUROC metrics, and where computed the operating metrics at the shipped threshold."""
+    op = any("fa_at_threshold" in m for m in metrics["per_class"].values())
+    head = "| class | image AUROC | pixel AUROC | AU-PRO@0.3 |"
+    if op:
+        head += " false alarms at threshold | recall at threshold | recall @1% FA | recall @5% FA |"
+    lines = [f"### {title}" if title else "", "", head, "|" + "---|" * (head.count("|") - 1)]
     rows = list(metrics["per_class"].items()) + [("**mean**", metrics["mean"])]
     def cell(m, k):
         return f"{m[k]:.1f}" if k in m else m.get("pixel_metrics", "n/a")
+    def opcell(m, k, num, den):
+        if k not in m or not np.isfinite(m[k]):
+            return "n/a"
+        return f"{m[k]:.1f} % ({m[num]}/{m[den]})" if num in m else f"{m[k]:.1f} %"
     for cls, m in rows:
-        lines.append(f"| {cls} | {cell(m, 'image_auroc')} | {cell(m, 'pixel_auroc')} | {cell(m, 'au_pro')} |")
+        line = f"| {cls} | {cell(m, 'image_auroc')} | {cell(m, 'pixel_auroc')} | {cell(m, 'au_pro')} |"
+        if op:
+            line += (f" {opcell(m, 'fa_at_threshold', 'false_alarms', 'n_good')} | {opcell(m, 'recall_at_threshold', 'detected', 'n_defect')}"
+                     f" | {opcell(m, 'recall_at_1pct_fa', '', '')} | {opcell(m, 'recall_at_5pct_fa', '', '')} |")
+        lines.append(line)
     return "\n".join(lines).strip() + "\n"
 
 

@@ -73,21 +73,39 @@ class ImageHeads(nn.Module):
         return out, z + self.w_map * zm
 
     @torch.no_grad()
+    def features(self, teacher, normalize, student_map, images: np.ndarray, batch_size: int = 16,
+                 with_maps: bool = True) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """What the heads are fitted on: the pooled teacher features (list over stages of [N, D]) and,
+        with_maps, the raw student maps [N, S, S] of the images."""
+        out, maps = None, []
+        for i in range(0, len(images), batch_size):
+            x = normalize(torch.from_numpy(images[i:i + batch_size]))
+            p = [q.numpy() for q in self.pooled(teacher, x, teacher(x))]
+            out = [[q] for q in p] if out is None else [o + [q] for o, q in zip(out, p)]
+            if with_maps:
+                maps.append(student_map(images[i:i + batch_size]).numpy())
+        return [np.concatenate(o) for o in out], (np.concatenate(maps) if with_maps else None)
+
+    @torch.no_grad()
     def fit(self, teacher, normalize, student_map, map_score_fn, train_images: np.ndarray, train_classes: list[str],
             val_images: np.ndarray, val_classes: list[str], batch_size: int = 16, log=print, max_groups: int = 1) -> None:
         """Gaussians on the training images; every normalisation on the held-out good images."""
-        def pooled_all(images):
-            out = None
-            for i in range(0, len(images), batch_size):
-                x = normalize(torch.from_numpy(images[i:i + batch_size]))
-                p = [q.numpy() for q in self.pooled(teacher, x, teacher(x))]
-                out = [[q] for q in p] if out is None else [o + [q] for o, q in zip(out, p)]
-            return [np.concatenate(o) for o in out]
         log(f"[heads] density: {len(train_images)} train images, {self.views} view(s)")
-        self.density.fit(pooled_all(train_images), train_classes, max_groups)
-        self.density.fit_normalisation(pooled_all(val_images), val_classes)
-        maps = np.concatenate([student_map(val_images[i:i + batch_size]).numpy()
-                               for i in range(0, len(val_images), batch_size)])
+        train_pooled, _ = self.features(teacher, normalize, student_map, train_images, batch_size, with_maps=False)
+        val_pooled, val_maps = self.features(teacher, normalize, student_map, val_images, batch_size)
+        self.fit_features(map_score_fn, train_pooled, train_classes, val_pooled, val_maps, val_classes, max_groups)
+
+    @torch.no_grad()
+    def fit_features(self, map_score_fn, train_pooled: list[np.ndarray], train_classes: list[str],
+                     val_pooled: list[np.ndarray], val_maps: np.ndarray, val_classes: list[str], max_groups: int = 1,
+                     density: bool = True) -> None:
+        """`fit` on precomputed features (`features`): the density Gaussians on the training images' pooled
+        features (kept as they are with density=False), the density z-scores, per-pixel statistics and
+        map-score z-scores on the held-out images'. Out-of-fold calibration (oof.py) refits copies this way."""
+        if density:
+            self.density.fit(train_pooled, train_classes, max_groups)
+        self.density.fit_normalisation(val_pooled, val_classes)
+        maps = np.asarray(val_maps, dtype=np.float32)
         cls = np.asarray(val_classes)
         idx = torch.from_numpy(np.array([self.classes.index(c) for c in val_classes]))
         if self.norm_mode != "map":
@@ -98,6 +116,15 @@ class ImageHeads(nn.Module):
         self._fit_stats(self.map_mu, self.map_sd, map_score_fn(torch.from_numpy(maps)).numpy(), cls)
         if self.norm_mode == "map":
             self.out_mu.copy_(self.map_mu); self.out_sd.copy_(self.map_sd)
+
+    @torch.no_grad()
+    def score_features(self, map_score_fn, pooled: list[np.ndarray], maps: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The image scores the graph gives for precomputed features (`features`)."""
+        out = []
+        for i in range(0, len(maps), batch_size):
+            p = [torch.from_numpy(np.asarray(q[i:i + batch_size])).float() for q in pooled]
+            out.append(self.fuse(torch.from_numpy(np.asarray(maps[i:i + batch_size], dtype=np.float32)), map_score_fn, p)[1].numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def _fit_stats(self, mu: torch.Tensor, sd: torch.Tensor, scores: np.ndarray, cls: np.ndarray) -> None:
         for k, c in enumerate(self.classes):

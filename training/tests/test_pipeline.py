@@ -133,6 +133,22 @@ def test_cli_defaults_are_the_shipped_recipe(mvtec_root, tmp_path):
     assert metrics["test_images"] == 6 and len(metrics["validation_defects_from_test"]) == 2  # set aside, not tested
     assert read_metadata(tmp_path / "d.onnx")["dcam.model_name"] == "stfpm-multi-mobilenetv2-density"
     assert (out / "validation_estimate.json").exists() and check_contract(tmp_path / "d.onnx") == []
+    # out-of-fold calibration by default, and the metrics users act on in the report and the metadata
+    assert (tc["calibration_rule"], tc["calibration_fpr"], tc["oof_folds"]) == ("oof", 0.01, "leave-one-out")
+    for m in (metrics["per_class"]["widget"], est["per_class"]["widget"]):
+        assert {"fa_at_threshold", "recall_at_threshold", "recall_at_1pct_fa", "recall_at_5pct_fa", "image_auroc"} <= set(m)
+    assert est["per_class"]["widget"]["good_scores"] == "out-of-fold"
+    meta_metrics = json.loads(read_metadata(tmp_path / "d.onnx")["dcam.metrics"])
+    cal = meta_metrics["calibration"]["widget"]
+    assert {"promised_fa", "promised_fa_95", "n", "measured_fa", "false_alarms"} <= set(cal)
+    assert "recall_at_threshold" in meta_metrics["per_class"]["widget"]
+    assert cal["threshold"] == pytest.approx(json.loads(read_metadata(tmp_path / "d.onnx")["dcam.calibration"])["widget"]["threshold"], abs=0.01)
+    main(["calibrate", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--quiet",
+          "--output-checkpoint", str(tmp_path / "c.pt")])
+    import torch
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert ckpt["calibration"] == json.loads(read_metadata(tmp_path / "d.onnx")["dcam.calibration"])  # same rule, same data
+    assert ckpt["calibration_report"]["widget"]["rule"] == "oof-conformal"
     with pytest.raises(SystemExit):  # the heads' statistics depend on the score rule
         main(["calibrate", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--score-rule", "max",
               "--quiet"])
