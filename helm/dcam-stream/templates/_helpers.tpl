@@ -286,3 +286,15 @@ overrides, then extraEnv.
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/*
+Increase of a counter over a window, counting series created inside the window in full: the
+operator creates a labelled counter at its first increment, and increase() alone would miss it.
+Arguments: (list "<selector expression>" "<window>").
+*/}}
+{{- define "dcam-stream.increase" -}}
+{{- $m := index . 0 }}{{ $w := index . 1 -}}
+(increase({{ $m }}[{{ $w }}]) unless ({{ $m }} unless {{ $m }} offset {{ $w }}))
+or
+({{ $m }} unless {{ $m }} offset {{ $w }})
+{{- end }}
