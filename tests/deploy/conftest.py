@@ -13,3 +13,10 @@ from deploylib import VALUES_IDS, values_sets
 def values_set(request) -> tuple[str, dict[str, Any]]:
     """(name, values) for the chart defaults and every helm/dcam-stream/ci/*-values.yaml."""
     return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "e2e: runs the real operator binary against a noida-db broker (and prometheus); skips with the reason when one is missing",
+    )

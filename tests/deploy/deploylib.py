@@ -102,8 +102,13 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return containers[0]
 
 
+def config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's ConfigMap (the one with config.toml; the Grafana dashboard has its own)."""
+    return one([d for d in by_kind(docs, "ConfigMap") if "config.toml" in d.get("data", {})], "ConfigMap")
+
+
 def config_toml(docs: list[dict[str, Any]]) -> str:
-    return one(docs, "ConfigMap")["data"]["config.toml"]
+    return config_map(docs)["data"]["config.toml"]
 
 
 # ---- the operator's config contract -----------------------------------------------------------

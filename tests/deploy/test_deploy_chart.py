@@ -21,6 +21,7 @@ from deploylib import (
     by_kind,
     chart,
     config_check,
+    config_map,
     config_toml,
     container,
     default_config,
@@ -102,6 +103,8 @@ def test_standard_labels(values_set):
 # operators require, plus the cross-references to the chart's own objects.
 _NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253}
 _META = {"type": "object", "required": ["name", "labels"], "properties": {"name": _NAME}}
+# Prometheus durations as the Prometheus Operator's CRDs accept them.
+_DURATION = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
 CRD_SCHEMAS: dict[str, dict[str, dict[str, Any]]] = {
     "keda.sh/v1alpha1": {
         "ScaledObject": {
@@ -183,6 +186,36 @@ CRD_SCHEMAS: dict[str, dict[str, dict[str, Any]]] = {
                 },
             },
         },
+        # The Prometheus Operator's PrometheusRule (its CRD's required fields and patterns).
+        "PrometheusRule": {
+            "type": "object",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "metadata": _META,
+                "spec": {
+                    "type": "object", "required": ["groups"], "additionalProperties": False,
+                    "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                        "type": "object", "required": ["name", "rules"], "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": _DURATION},
+                            "rules": {"type": "array", "minItems": 1, "items": {
+                                "type": "object", "required": ["expr"], "additionalProperties": False,
+                                "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                "properties": {
+                                    "alert": {"type": "string", "pattern": r"^[A-Za-z_][A-Za-z0-9_]*$"},
+                                    "record": {"type": "string", "pattern": r"^[A-Za-z_:][A-Za-z0-9_:]*$"},
+                                    "expr": {"type": "string", "minLength": 1},
+                                    "for": {"type": "string", "pattern": _DURATION},
+                                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                },
+                            }},
+                        },
+                    }}},
+                },
+            },
+        },
     },
 }
 
@@ -230,7 +263,7 @@ def test_selectors_match_pod_labels(values_set):
         assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     if wl["kind"] == "StatefulSet":
         assert wl["spec"]["serviceName"] == one(docs, "Service")["metadata"]["name"]
-    cm = one(docs, "ConfigMap")["metadata"]["name"]
+    cm = config_map(docs)["metadata"]["name"]
     volumes = {v["name"]: v for v in wl["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"]["name"] == cm
 
