@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== setup: ONNX Runtime library, Python environment, Chromium for the page test"
+echo "== setup: ONNX Runtime library, Python environment, Chromium for the page test, Prometheus for the alert tests"
 scripts/fetch-ort.sh
 scripts/setup-python.sh
 # tests/inspection_page.rs drives the /ui page in a real browser (Debian's chromium).
@@ -15,6 +15,17 @@ if [ ! -x "${DCAM_CHROMIUM:-/usr/bin/chromium}" ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
   else
     echo "test.sh: Chromium is missing; install Debian's chromium (as root: apt-get install chromium) or set DCAM_CHROMIUM" >&2
+    exit 1
+  fi
+fi
+
+# tests/deploy/test_deploy_monitoring.py: promtool (rule checks and unit tests) and a real prometheus
+# (the stall alert end to end), from Debian's prometheus package.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  else
+    echo "test.sh: promtool/prometheus are missing; install Debian's prometheus (as root: apt-get install prometheus)" >&2
     exit 1
   fi
 fi
