@@ -36,9 +36,13 @@ export DCAM_BIN="$PWD/target/debug/dcam-stream"
 
 echo "== Rust tests (unit + integration against a noida-db broker process)"
 # Broker-backed tests serialise themselves; two threads keep the light ones moving.
-cargo test --locked --no-fail-fast -- --test-threads=2 --skip three_sigkills
+cargo test --locked --no-fail-fast -- --test-threads=2 --skip three_sigkills --skip soak_with
 # The SIGKILL scenarios print their lost/duplicate counts: show them.
 cargo test --locked --test exactly_once three_sigkills -- --test-threads=1 --nocapture
+# The 3-minute soak (paced events, a broker restart, members coming and going; tests/soak.rs) waits
+# on its own clock most of the time: it runs beside the Python tests, its table printed after them.
+cargo test --locked --test soak -- --nocapture >target/soak.log 2>&1 &
+soak_pid=$!
 
 # Opt-in (minutes, root): build the CPU image offline; tests/deploy/test_deploy_image.py then runs it
 # with podman. Without DCAM_IMAGE_TESTS=1 those tests are skipped with the reason.
@@ -48,4 +52,13 @@ if [ "${DCAM_IMAGE_TESTS:-0}" = 1 ]; then
 fi
 
 echo "== Python tests (training package, Helm chart, Dockerfiles, and the image with DCAM_IMAGE_TESTS=1)"
-.venv/bin/python -m pytest -q training/tests tests/deploy
+python_status=0
+.venv/bin/python -m pytest -q training/tests tests/deploy || python_status=$?
+soak_status=0
+wait "$soak_pid" || soak_status=$?
+echo "== soak (tests/soak.rs, 3 minutes; scripts/soak.sh runs it longer)"
+grep -v -e '^\s*$' -e 'librdkafka' target/soak.log | tail -n 40
+if [ "$python_status" != 0 ] || [ "$soak_status" != 0 ]; then
+  echo "test.sh: Python tests exit $python_status, soak exit $soak_status" >&2
+  exit 1
+fi

@@ -82,7 +82,12 @@ pub(super) async fn publish_or_dead_letter(
 /// At-least-once publishing: an input is never marked finished before its outputs are acked.
 /// Transient errors are retried with capped backoff for as long as `wanted` holds (Ok(false)
 /// once the input is no longer this member's to deliver); a permanent one comes back as Err.
-async fn publish_while_wanted(producer: &DirectProducer, record: &OutRecord, metrics: &Metrics, wanted: &(dyn Fn() -> bool + Sync)) -> Result<bool, KafkaError> {
+async fn publish_while_wanted(
+    producer: &DirectProducer,
+    record: &OutRecord,
+    metrics: &Metrics,
+    wanted: &(dyn Fn() -> bool + Sync),
+) -> Result<bool, KafkaError> {
     let mut delay = Duration::from_millis(200);
     loop {
         if !wanted() {

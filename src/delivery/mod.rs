@@ -67,10 +67,19 @@ impl Delivery {
                 let id = kafka::transactional_id(settings);
                 let config = kafka::producer_config(settings, Some(&id));
                 let timeout = settings.delivery.transaction_timeout;
-                let tx = Transactions::new(config, tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("creating the transactional producer: {e}"))?;
+                let tx =
+                    Transactions::new(config, tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("creating the transactional producer: {e}"))?;
                 tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
                 let dead_letter_topic = settings.topics.dead_letter.clone();
-                Ok(Self { mode: Mode::ExactlyOnce(Arc::new(tx)), tracker, metrics, fatal, dead_letter_topic, renewal_due: AtomicBool::new(false), rewind_due: AtomicBool::new(false) })
+                Ok(Self {
+                    mode: Mode::ExactlyOnce(Arc::new(tx)),
+                    tracker,
+                    metrics,
+                    fatal,
+                    dead_letter_topic,
+                    renewal_due: AtomicBool::new(false),
+                    rewind_due: AtomicBool::new(false),
+                })
             }
         }
     }

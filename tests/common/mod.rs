@@ -65,8 +65,12 @@ impl Broker {
         self.data_dir.is_none()
     }
 
+    fn bin() -> PathBuf {
+        std::env::var("NOIDA_DB_BIN").map(PathBuf::from).unwrap_or_else(|_| repo_root().join(".venv/bin/noida-db"))
+    }
+
     fn spawn(&mut self) {
-        let bin = std::env::var("NOIDA_DB_BIN").map(PathBuf::from).unwrap_or_else(|_| repo_root().join(".venv/bin/noida-db"));
+        let bin = Self::bin();
         assert!(bin.exists(), "noida-db not found at {} (run scripts/setup-python.sh, or set DCAM_TEST_BROKERS)", bin.display());
         let dir = self.data_dir.as_ref().unwrap().path();
         let log = std::fs::File::create(dir.join("broker.log")).unwrap();
@@ -86,9 +90,15 @@ impl Broker {
         wait_for_port(self.port, Duration::from_secs(30), "broker");
     }
 
-    /// Stops the broker process and starts it again on the same port and data dir.
+    /// Stops the broker process and starts it again on the same port and data dir. The Kafka
+    /// service is stopped gracefully first (`noida-db stop kafka`, like Kafka's controlled
+    /// shutdown): killed by a signal alone, noida-db sometimes loses the last second of writes it
+    /// had acknowledged (docs/DESIGN.md §5), which no client can make up for.
     pub fn restart(&mut self, down_for: Duration) {
         assert!(!self.is_external(), "cannot restart an external cluster");
+        let dir = self.data_dir.as_ref().unwrap().path().join("data");
+        let stopped = Command::new(Self::bin()).args(["stop", "kafka", "--data-dir"]).arg(&dir).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        assert!(stopped.as_ref().is_ok_and(|s| s.success()), "noida-db stop kafka failed: {stopped:?}");
         self.kill();
         std::thread::sleep(down_for);
         self.spawn();
