@@ -62,6 +62,14 @@ pub struct PartitionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThresholdLabels {
+    /// A model class (or `default`).
+    pub class: String,
+    /// `model`, `config` or `runtime`.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProviderLabels {
     pub provider: String,
 }
@@ -99,6 +107,10 @@ pub struct Metrics {
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     pub partitions_paused: Gauge,
     pub seconds_since_progress: Gauge,
+    /// 1 while `/readyz` would answer 200; set at each scrape.
+    pub ready: Gauge,
+    /// The raw-score threshold in force per class, with where it comes from; set at each scrape.
+    pub threshold: Family<ThresholdLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub provider: Family<ProviderLabels, Gauge>,
     pub transactions: Family<KindLabels, Counter>,
     pub heatmaps: Family<KindLabels, Counter>,
@@ -137,6 +149,8 @@ impl Metrics {
             consumer_lag: Family::default(),
             partitions_paused: Gauge::default(),
             seconds_since_progress: Gauge::default(),
+            ready: Gauge::default(),
+            threshold: Family::default(),
             provider: Family::default(),
             transactions: Family::default(),
             heatmaps: Family::default(),
@@ -172,6 +186,8 @@ impl Metrics {
                 "High watermark minus the committable position, for every assigned partition (the group's committed offset where nothing was read yet)",
                 m.consumer_lag.clone(),
             );
+            r.register("ready", "1 while /readyz answers 200 (started, no partition stuck, not stalled)", m.ready.clone());
+            r.register("threshold", "Raw-score threshold in force per class, by source (model, config, runtime)", m.threshold.clone());
             r.register("partitions_paused", "Assigned partitions paused by back-pressure or recovery", m.partitions_paused.clone());
             r.register(
                 "seconds_since_progress",

@@ -68,6 +68,13 @@ fn a_threshold_change_reaches_every_replica_and_survives_a_restart() {
     let lag = changed_at.elapsed();
     eprintln!("threshold change visible on the other replica after {lag:?}");
     assert_eq!(on_b["bottle"]["threshold"], 1000000.0);
+    // Dashboards and alerts see the threshold in force and the readiness as metrics.
+    let metrics = b.metrics();
+    let in_force = metrics.lines().find_map(|l| l.strip_prefix(r#"dcam_threshold{class="bottle",source="runtime"} "#)).and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(in_force, Some(1000000.0), "{metrics}");
+    assert!(metrics.contains(r#"dcam_threshold{class="magnetic_tile",source="model"}"#), "{metrics}");
+    assert!(!metrics.contains(r#"dcam_threshold{class="bottle",source="model"}"#), "one series per class: {metrics}");
+    assert!(metrics.contains("dcam_ready 1"), "{metrics}");
     assert_eq!(thresholds(a.http_port)["bottle"]["threshold"], 1000000.0, "read-your-writes on the replica that took the request");
 
     // Scores say which threshold judged them (both replicas score: two partitions).

@@ -23,7 +23,7 @@ use crate::control::{Change, Control};
 use crate::inference::active::{self, ModelSlot};
 use crate::inference::model::RuntimeThresholds;
 use crate::inspect::Recent;
-use crate::telemetry::{Health, InternalEvent, Metrics};
+use crate::telemetry::{Health, InternalEvent, Metrics, ThresholdLabels};
 
 /// Everything the endpoints read or change.
 #[derive(Clone)]
@@ -64,7 +64,21 @@ fn router(state: ApiState) -> Router {
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    refresh_scrape_gauges(&s);
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+}
+
+/// Readiness and the thresholds in force, read when scraped so they are never stale: a threshold
+/// changes through the API, the control topic or a model swap, readiness with the source loop.
+fn refresh_scrape_gauges(s: &ApiState) {
+    s.metrics.ready.set(i64::from(s.health.is_ready()));
+    s.metrics.threshold.clear();
+    if let serde_json::Value::Object(table) = threshold_table(s) {
+        for (class, entry) in table {
+            let (Some(threshold), Some(source)) = (entry["threshold"].as_f64(), entry["source"].as_str()) else { continue };
+            s.metrics.threshold.get_or_create(&ThresholdLabels { class, source: source.to_string() }).set(threshold);
+        }
+    }
 }
 
 async fn healthz(State(s): State<ApiState>) -> impl IntoResponse {
