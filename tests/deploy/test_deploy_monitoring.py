@@ -32,7 +32,7 @@ RULES_TEST = HERE / "monitoring" / "rules_test.yaml"
 MONITORING = {"grafana": {"dashboard": {"enabled": True}}, "prometheusRule": {"enabled": True}}
 FULLNAME = f"{RELEASE}-dcam-stream"
 ALERTS = {"DcamConsumerStalled", "DcamConsumerLagGrowing", "DcamDeadLetterRateHigh", "DcamDown", "DcamAbsent",
-          "DcamTransactionsAborting", "DcamAnomalyRateOffBaseline", "DcamModelReloadRejected"}
+          "DcamNotReady", "DcamTransactionsAborting", "DcamAnomalyRateOffBaseline", "DcamModelReloadRejected"}
 # Metrics that are not the operator's: Prometheus' own scrape health.
 NOT_OURS = {"up"}
 
@@ -192,10 +192,17 @@ def test_prometheus_rule_shape():
         # Scoped to this release's series, like the ServiceMonitor's job label.
         assert f'job="{FULLNAME}", namespace="{NAMESPACE}"' in r["expr"], name
     custom = one(manifests({"prometheusRule": {"enabled": True, "selector": 'service="dcam"',
-                                                "disabled": ["DcamAbsent", "DcamAnomalyRateOffBaseline"]}}), "PrometheusRule")
+                                                "disabled": ["DcamAbsent", "DcamNotReady", "DcamAnomalyRateOffBaseline"]}}),
+                 "PrometheusRule")
     kept = {r["alert"]: r for g in custom["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    assert set(kept) == ALERTS - {"DcamAbsent", "DcamAnomalyRateOffBaseline"}
+    assert set(kept) == ALERTS - {"DcamAbsent", "DcamNotReady", "DcamAnomalyRateOffBaseline"}
     assert all('service="dcam"' in r["expr"] and "job=" not in r["expr"] for r in kept.values())
+    # Each alert's `for` and severity come from values, e.g. DcamNotReady's.
+    tuned = one(manifests({"prometheusRule": {"enabled": True, "notReady": {"for": "3m", "severity": "critical"}}}),
+                "PrometheusRule")
+    not_ready = next(r for g in tuned["spec"]["groups"] for r in g["rules"] if r.get("alert") == "DcamNotReady")
+    assert not_ready["for"] == "3m" and not_ready["labels"]["severity"] == "critical"
+    assert not_ready["expr"].startswith("max by (namespace, job, pod) (dcam_ready{") and not_ready["expr"].endswith(" == 0")
 
 
 def test_monitoring_values_rejected_by_schema():
@@ -205,6 +212,8 @@ def test_monitoring_values_rejected_by_schema():
         ({"prometheusRule": {"disabled": ["DcamNoSuchAlert"]}}, "/prometheusRule/disabled/0"),
         ({"prometheusRule": {"consumerStalled": {"for": "five minutes"}}}, "/prometheusRule/consumerStalled/for"),
         ({"prometheusRule": {"deadLetters": {"ratio": 5}}}, "/prometheusRule/deadLetters/ratio"),
+        ({"prometheusRule": {"notReady": {"for": "ten minutes"}}}, "/prometheusRule/notReady/for"),
+        ({"prometheusRule": {"notReady": {"threshold": 1}}}, "threshold"),
         ({"grafana": {"dashboard": {"bogus": 1}}}, "bogus"),
     ):
         with pytest.raises(helm().HelmValuesError) as err:
