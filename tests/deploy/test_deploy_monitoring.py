@@ -157,10 +157,13 @@ def test_dashboard_shape():
     titles = {p["title"] for p in dash["panels"]}
     for wanted in ("Throughput by outcome", "Latency p50 / p99", "Consumer lag per partition", "Dead letters by kind",
                    "Anomaly rate per class", "Paused partitions and seconds without progress", "Transactions",
-                   "Model per instance", "Model reloads"):
+                   "Model per instance", "Model reloads", "Ready per instance", "Threshold in force per class"):
         assert wanted in titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dash["panels"]}
+    assert any("dcam_ready{" in e for e in exprs["Ready per instance"])
+    assert any("dcam_threshold{" in e and "class" in e and "source" in e for e in exprs["Threshold in force per class"])
     variables = {v["name"] for v in dash["templating"]["list"]}
     assert {"datasource", "namespace", "job"} <= variables
     cells = set()
