@@ -32,7 +32,7 @@ RULES_TEST = HERE / "monitoring" / "rules_test.yaml"
 MONITORING = {"grafana": {"dashboard": {"enabled": True}}, "prometheusRule": {"enabled": True}}
 FULLNAME = f"{RELEASE}-dcam-stream"
 ALERTS = {"DcamConsumerStalled", "DcamConsumerLagGrowing", "DcamDeadLetterRateHigh", "DcamDown", "DcamAbsent",
-          "DcamTransactionsAborting", "DcamAnomalyRateOffBaseline", "DcamModelReloadRejected"}
+          "DcamNotReady", "DcamTransactionsAborting", "DcamAnomalyRateOffBaseline", "DcamModelReloadRejected"}
 # Metrics that are not the operator's: Prometheus' own scrape health.
 NOT_OURS = {"up"}
 
@@ -157,10 +157,13 @@ def test_dashboard_shape():
     titles = {p["title"] for p in dash["panels"]}
     for wanted in ("Throughput by outcome", "Latency p50 / p99", "Consumer lag per partition", "Dead letters by kind",
                    "Anomaly rate per class", "Paused partitions and seconds without progress", "Transactions",
-                   "Model per instance", "Model reloads"):
+                   "Model per instance", "Model reloads", "Ready per instance", "Threshold in force per class"):
         assert wanted in titles
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dash["panels"]}
+    assert any("dcam_ready{" in e for e in exprs["Ready per instance"])
+    assert any("dcam_threshold{" in e and "class" in e and "source" in e for e in exprs["Threshold in force per class"])
     variables = {v["name"] for v in dash["templating"]["list"]}
     assert {"datasource", "namespace", "job"} <= variables
     cells = set()
@@ -192,10 +195,17 @@ def test_prometheus_rule_shape():
         # Scoped to this release's series, like the ServiceMonitor's job label.
         assert f'job="{FULLNAME}", namespace="{NAMESPACE}"' in r["expr"], name
     custom = one(manifests({"prometheusRule": {"enabled": True, "selector": 'service="dcam"',
-                                                "disabled": ["DcamAbsent", "DcamAnomalyRateOffBaseline"]}}), "PrometheusRule")
+                                                "disabled": ["DcamAbsent", "DcamNotReady", "DcamAnomalyRateOffBaseline"]}}),
+                 "PrometheusRule")
     kept = {r["alert"]: r for g in custom["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    assert set(kept) == ALERTS - {"DcamAbsent", "DcamAnomalyRateOffBaseline"}
+    assert set(kept) == ALERTS - {"DcamAbsent", "DcamNotReady", "DcamAnomalyRateOffBaseline"}
     assert all('service="dcam"' in r["expr"] and "job=" not in r["expr"] for r in kept.values())
+    # Each alert's `for` and severity come from values, e.g. DcamNotReady's.
+    tuned = one(manifests({"prometheusRule": {"enabled": True, "notReady": {"for": "3m", "severity": "critical"}}}),
+                "PrometheusRule")
+    not_ready = next(r for g in tuned["spec"]["groups"] for r in g["rules"] if r.get("alert") == "DcamNotReady")
+    assert not_ready["for"] == "3m" and not_ready["labels"]["severity"] == "critical"
+    assert not_ready["expr"].startswith("max by (namespace, job, pod) (dcam_ready{") and not_ready["expr"].endswith(" == 0")
 
 
 def test_monitoring_values_rejected_by_schema():
@@ -205,6 +215,8 @@ def test_monitoring_values_rejected_by_schema():
         ({"prometheusRule": {"disabled": ["DcamNoSuchAlert"]}}, "/prometheusRule/disabled/0"),
         ({"prometheusRule": {"consumerStalled": {"for": "five minutes"}}}, "/prometheusRule/consumerStalled/for"),
         ({"prometheusRule": {"deadLetters": {"ratio": 5}}}, "/prometheusRule/deadLetters/ratio"),
+        ({"prometheusRule": {"notReady": {"for": "ten minutes"}}}, "/prometheusRule/notReady/for"),
+        ({"prometheusRule": {"notReady": {"threshold": 1}}}, "threshold"),
         ({"grafana": {"dashboard": {"bogus": 1}}}, "bogus"),
     ):
         with pytest.raises(helm().HelmValuesError) as err:
@@ -284,6 +296,25 @@ def test_every_queried_metric_is_exported(tmp_path):
                 break
             time.sleep(1)
         assert not missing, f"the scrape lacks {missing} after 60 s:\n{text}"
+        # The scrape-time gauges: ready, and one threshold per class as GET /api/thresholds has it.
+        assert "dcam_ready 1" in text.splitlines(), text
+        table = json.loads(op.get("/api/thresholds")[1])
+        in_force = thresholds_in(text)
+        assert set(in_force) == set(table) and "_default" in in_force, (in_force, table)
+        for cls, (source, value) in in_force.items():
+            assert source == table[cls]["source"] and abs(value - table[cls]["threshold"]) < 1e-6, (cls, in_force, table)
+        # A runtime change (through the control topic) shows at the next scrapes, with its source.
+        cls = next(c for c in sorted(in_force) if c != "_default")
+        req = urllib.request.Request(f"http://127.0.0.1:{op.port}/api/thresholds/{cls}", method="PUT",
+                                     data=json.dumps({"threshold": 1.25}).encode(),
+                                     headers={"Authorization": "Bearer t0ken", "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=30).read()
+        deadline = time.monotonic() + 30
+        while thresholds_in(op.metrics()).get(cls) != ("runtime", 1.25) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        after = thresholds_in(op.metrics())
+        assert after.get(cls) == ("runtime", 1.25), after
+        assert {c: v for c, v in after.items() if c != cls} == {c: v for c, v in in_force.items() if c != cls}
     finally:
         if op is not None:
             op.stop()
@@ -296,12 +327,34 @@ def test_every_queried_metric_is_exported(tmp_path):
     assert set(queried) - NOT_OURS <= samples, sorted(set(queried) - NOT_OURS - samples)
 
 
+def thresholds_in(text: str) -> dict[str, tuple[str, float]]:
+    """class -> (source, threshold) from the dcam_threshold lines of a scrape; fails on a class seen twice."""
+    out: dict[str, tuple[str, float]] = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"dcam_threshold\{(.*)\} (\S+)", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            assert labels["class"] not in out, f"two dcam_threshold series for class {labels['class']!r}:\n{text}"
+            out[labels["class"]] = (labels["source"], float(m.group(2)))
+    return out
+
+
+def test_thresholds_in_parser():
+    text = ('# TYPE dcam_threshold gauge\ndcam_threshold{class="bottle",source="runtime"} 1.25\n'
+            'dcam_threshold{source="model",class="_default"} 2.3599998950958252\ndcam_ready 1\n# EOF\n')
+    assert thresholds_in(text) == {"bottle": ("runtime", 1.25), "_default": ("model", 2.3599998950958252)}
+    with pytest.raises(AssertionError, match="two dcam_threshold series"):
+        thresholds_in(text + 'dcam_threshold{class="bottle",source="config"} 2\n')
+
+
 @pytest.mark.e2e
 def test_stall_alert_fires_in_prometheus(tmp_path):
     """A real Prometheus scrapes an operator whose heatmap store hangs: lag, nothing finishes, and
-    DcamConsumerStalled (rendered with a 3 s threshold and `for: 2s`) goes pending, then firing."""
+    DcamConsumerStalled (rendered with a 3 s threshold and `for: 2s`) goes pending, then firing;
+    DcamNotReady (rendered with `for: 2s`) fires too, from dcam_ready."""
     program("prometheus")
-    values = {"prometheusRule": {"enabled": True, "consumerStalled": {"seconds": 3, "for": "2s"}}}
+    values = {"prometheusRule": {"enabled": True, "consumerStalled": {"seconds": 3, "for": "2s"},
+                                 "notReady": {"for": "2s"}}}
     groups = rule_groups(values)
     hole = BlackHole()
     broker = Broker(tmp_path)
@@ -330,7 +383,7 @@ def test_stall_alert_fires_in_prometheus(tmp_path):
         while not prom.api("query?query=up")["result"] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert prom.api("query?query=up")["result"][0]["value"][1] == "1"
-        assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] == "DcamConsumerStalled"]
+        assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] in ("DcamConsumerStalled", "DcamNotReady")]
 
         op.produce(broker.brokers, images(12))
         states: list[str] = []
@@ -355,6 +408,17 @@ def test_stall_alert_fires_in_prometheus(tmp_path):
         lag = [l for l in metrics.splitlines() if l.startswith("dcam_consumer_lag{")]
         assert lag and all(float(l.rsplit(" ", 1)[1]) > 0 for l in lag), lag
         assert "dcam_images_total" not in metrics, "an input finished: the stall was not real"
+        # /readyz fails, so dcam_ready is 0 and DcamNotReady fires (its `for: 2s` from values).
+        assert "dcam_ready 0" in metrics.splitlines(), metrics
+        deadline = time.monotonic() + 30
+        not_ready = []
+        while not not_ready and time.monotonic() < deadline:
+            not_ready = [a for a in prom.api("alerts")["alerts"]
+                         if a["labels"]["alertname"] == "DcamNotReady" and a["state"] == "firing"]
+            time.sleep(0.5)
+        assert not_ready, f"DcamNotReady did not fire: {prom.api('alerts')}"
+        assert not_ready[0]["labels"] == {"alertname": "DcamNotReady", "severity": "warning", "job": FULLNAME,
+                                          "namespace": NAMESPACE, "pod": f"{FULLNAME}-0"}
         # The operator is alive and scraped: the down/absent alerts stay quiet.
         others = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]}
         assert not others & {"DcamDown", "DcamAbsent"}, others
