@@ -1,5 +1,6 @@
-//! Exactly-once internals against librdkafka's in-process broker (fast, supports transactions):
-//! an abortable transaction error leads to abort + rewind and a clean retry, never to loss.
+//! Delivery internals against librdkafka's in-process broker (fast, supports transactions and
+//! injected request errors): an abortable transaction error leads to abort + rewind and a clean
+//! retry, never to loss; an offset commit the broker refused is sent again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,4 +195,52 @@ fn outputs_of_a_rewound_generation_are_not_buffered() {
     let fresh = tracker.register("in", 0, 7, 100);
     assert!(buffer.push(&fresh, out()));
     assert_eq!(buffer.size(), (1, out()[0].size()));
+}
+
+/// At-least-once: an asynchronous offset commit the broker refuses (a coordinator restarting) must
+/// not count as done. The partition then stays idle (no new input), and the next commit turns must
+/// still bring its committed offset to the end.
+#[test]
+fn a_refused_commit_goes_again_for_an_idle_partition() {
+    let (cluster, brokers, rt, plain) = mock_cluster();
+    rt.block_on(async {
+        for i in 0..5 {
+            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
+        }
+    });
+    let s = settings_with(&brokers, &[("DCAM__DELIVERY__MODE", "at_least_once")]);
+    let tracker = Arc::new(OffsetTracker::new());
+    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), Metrics::new(), Default::default()).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+    consumer.subscribe(&["in"]).unwrap();
+    assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
+
+    let committed = || {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition("in", 0);
+        let c = consumer.committed_offsets(tpl, Duration::from_secs(5)).unwrap();
+        let offset = c.elements()[0].offset().to_raw();
+        drop(c);
+        offset
+    };
+    // One commit turn while the broker refuses commits; its callback arrives with the error.
+    cluster.request_errors(rdkafka::types::RDKafkaApiKey::OffsetCommit, &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE]);
+    assert_eq!(source::handle_commit(&consumer, CommitMode::Async).unwrap(), CommitOutcome::Committed);
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert!(consumer.poll(Duration::from_millis(100)).is_none(), "no new input");
+    }
+    assert_ne!(committed(), Some(5), "the refused commit did not land");
+    cluster.clear_request_errors(rdkafka::types::RDKafkaApiKey::OffsetCommit);
+
+    // A few ordinary commit turns, no new input: the position must be sent again.
+    for _ in 0..3 {
+        source::handle_commit(&consumer, CommitMode::Async).unwrap();
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            consumer.poll(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(committed(), Some(5), "the idle partition's committed offset caught up");
 }
