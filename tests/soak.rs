@@ -184,6 +184,9 @@ fn soak_with_broker_restarts_and_members_coming_and_going() {
     for l in &mut lanes {
         let inputs = read_topic_until(&broker.brokers, &l.input, Duration::from_secs(60), |got| got.len() >= sent);
         let input_ts: HashMap<(i32, i64), i64> = inputs.iter().map(|r| ((r.partition, r.offset), r.timestamp.unwrap_or_default())).collect();
+        // The audit counts against what the input topic holds: reading less than was sent would
+        // make "lost" meaningless (the producer retries, so the topic holds at least every event).
+        assert!(input_ts.len() >= sent, "{}: read back {} of {sent} published events from {}", l.mode, input_ts.len(), l.input);
         let source_of = |r: &Record| -> Option<(i32, i64)> {
             let mut parts = r.headers.get("dcam-source")?.rsplitn(3, '/');
             let offset = parts.next()?.parse().ok()?;

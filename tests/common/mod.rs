@@ -191,6 +191,9 @@ pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: imp
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "6000")
+        // noida-db ignores fetch size limits and answers with the whole backlog: a long topic of
+        // images (a soak's input) is one response of hundreds of MB, over librdkafka's default.
+        .set("receive.message.max.bytes", "1000000000")
         .create()
         .unwrap();
     // Explicit assignment from the beginning: no group join, so reading starts at once.
