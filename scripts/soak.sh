@@ -11,4 +11,4 @@ scripts/fetch-ort.sh
 scripts/setup-python.sh
 export DCAM_SOAK_MINUTES="${1:-20}" DCAM_SOAK_RATE="${2:-6}"
 echo "soak: $DCAM_SOAK_MINUTES min at $DCAM_SOAK_RATE events/s per mode; load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
-exec cargo test --locked ${SOAK_RELEASE:+--release} --test soak -- --nocapture --test-threads=1
+exec cargo test --locked ${SOAK_RELEASE:+--release} --test soak -- --ignored --nocapture --test-threads=1
