@@ -108,15 +108,7 @@ impl ConsumerContext for SourceContext {
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         match result {
             Ok(()) => {
-                let confirmed: Vec<_> = offsets
-                    .elements()
-                    .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
-                        _ => None,
-                    })
-                    .collect();
-                self.tracker().mark_committed(&confirmed);
+                self.tracker().mark_committed(&offsets_in(offsets));
             }
             Err(e) => tracing::warn!(error = %e, "offset commit failed; the positions stay due and go again"),
         }
@@ -436,8 +428,12 @@ fn committed_positions<'a>(client: &BaseConsumer, keys: impl Iterator<Item = &'a
     let Ok(committed) = client.committed_offsets(tpl, Duration::from_secs(2)) else {
         return Default::default();
     };
-    committed
-        .elements()
+    offsets_in(&committed).into_iter().collect()
+}
+
+/// The partitions of `tpl` that carry a real offset, with it.
+fn offsets_in(tpl: &TopicPartitionList) -> Vec<(PartitionKey, i64)> {
+    tpl.elements()
         .iter()
         .filter_map(|e| match e.offset() {
             Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
