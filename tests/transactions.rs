@@ -244,3 +244,44 @@ fn a_refused_commit_goes_again_for_an_idle_partition() {
     }
     assert_eq!(committed(), Some(5), "the idle partition's committed offset caught up");
 }
+
+/// Exactly-once: a transaction during which the broker connection dropped is not trusted, even
+/// when its commit reports success. A restarted noida-db acknowledges the commit of a transaction
+/// whose state it lost: its outputs never become visible and a read_committed subscriber that was
+/// reading stops there for good (docs/DESIGN.md §5). The producer is renewed (which ends the
+/// transaction for every reader) and the consumer goes back to the committed offsets.
+#[test]
+fn a_transaction_that_lived_through_a_broker_disconnect_is_not_trusted() {
+    let (cluster, brokers, rt, plain) = mock_cluster();
+    rt.block_on(async {
+        for i in 0..5 {
+            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
+        }
+    });
+    let s = settings(&brokers);
+    let tracker = Arc::new(OffsetTracker::new());
+    let metrics = Metrics::new();
+    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+    consumer.subscribe(&["in"]).unwrap();
+    assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
+
+    // Slow round trips keep the transaction open long enough for the broker to drop every
+    // connection in the middle of it and come back.
+    cluster.broker_round_trip_time(1, Duration::from_millis(400)).unwrap();
+    let outcome = std::thread::scope(|scope| {
+        let commit = scope.spawn(|| source::handle_commit(&consumer, CommitMode::Sync).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        cluster.broker_down(1).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
+        cluster.broker_up(1).unwrap();
+        commit.join().unwrap()
+    });
+    assert_eq!(outcome, CommitOutcome::Recovering, "the transaction's outcome is unknown: renew and rewind");
+    assert!(delivery.recovery_due());
+    assert_eq!(delivery.held(), (0, 0), "its buffered outputs are not kept for another try");
+    delivery.renew().unwrap();
+    assert!(metrics.encode().contains("dcam_transactions_total{kind=\"producer_renewed\"} 1"), "{}", metrics.encode());
+}

@@ -4,9 +4,11 @@
 //! so a crash between steps never leaves an output without its offset or vice versa.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, Producer};
@@ -136,26 +138,52 @@ pub enum TxnError {
     Fatal(String),
 }
 
+/// The transactional producer, with a context that counts its broker connection losses.
+pub type TxnProducer = FutureProducer<TxnProducerContext>;
+
+/// Counts the transactional producer's broker connection losses. A transaction that lived through
+/// one is not trusted, even when the commit reports success: a restarted broker (noida-db here)
+/// can acknowledge the commit of a transaction whose state it lost, and then neither its outputs
+/// nor its offsets count, while read_committed readers that were reading stop at it for good
+/// (docs/DESIGN.md §5). Only a new producer (`renew`: InitProducerId) ends it for them.
+pub struct TxnProducerContext {
+    /// Shared with `Transactions` (librdkafka's future producer hides its context).
+    connection_losses: Arc<AtomicU64>,
+}
+
+impl ClientContext for TxnProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)) {
+            self.connection_losses.fetch_add(1, Ordering::SeqCst);
+        }
+        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+    }
+}
+
 pub struct Transactions {
     /// Replaced by `renew` after a fatal (not fenced) producer error.
-    producer: RwLock<FutureProducer>,
+    producer: RwLock<TxnProducer>,
     config: ClientConfig,
     pub buffer: Arc<TxnBuffer>,
     tracker: Arc<OffsetTracker>,
     metrics: Arc<Metrics>,
     timeout: Duration,
+    /// Broker connection losses of every producer this instance had (`TxnProducerContext`).
+    connection_losses: Arc<AtomicU64>,
 }
 
 impl Transactions {
     /// Creates and initialises the transactional producer from `config`; fences any older
     /// instance with the same id.
     pub fn new(config: ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
-        let producer = init_producer(&config, timeout).map_err(|e| TxnError::Fatal(e.to_string()))?;
-        Ok(Self { producer: RwLock::new(producer), config, buffer: Arc::new(TxnBuffer::new(tracker.clone())), tracker, metrics, timeout })
+        let connection_losses = Arc::new(AtomicU64::new(0));
+        let producer = init_producer(&config, timeout, &connection_losses).map_err(|e| TxnError::Fatal(e.to_string()))?;
+        let buffer = Arc::new(TxnBuffer::new(tracker.clone()));
+        Ok(Self { producer: RwLock::new(producer), config, buffer, tracker, metrics, timeout, connection_losses })
     }
 
     /// The producer in use now.
-    pub fn producer(&self) -> FutureProducer {
+    pub fn producer(&self) -> TxnProducer {
         self.producer.read().expect("producer").clone()
     }
 
@@ -164,7 +192,7 @@ impl Transactions {
     /// one can never commit. Err(Reset) while the broker is unreachable (call again later);
     /// Err(Fatal) when another live instance has taken the id.
     pub fn renew(&self) -> Result<(), TxnError> {
-        let producer = init_producer(&self.config, self.timeout).map_err(|e| match e {
+        let producer = init_producer(&self.config, self.timeout, &self.connection_losses).map_err(|e| match e {
             e if is_fenced(&e, None) => TxnError::Fatal(format!("init_transactions: {e}")),
             e => TxnError::Reset(format!("init_transactions: {e}")),
         })?;
@@ -206,6 +234,7 @@ impl Transactions {
         positions: &[(PartitionKey, i64)],
     ) -> Result<(), TxnError> {
         let producer = self.producer();
+        let losses_before = self.connection_losses.load(Ordering::SeqCst);
         // Fenced: stop. Abortable and the abort works: rewind. Anything else left the producer
         // unusable: replace it, then rewind.
         let classify = |stage: &str, e: KafkaError| -> TxnError {
@@ -257,7 +286,17 @@ impl Transactions {
             .map_err(|e| ("send_offsets_to_transaction", e))
             .and_then(|()| producer.commit_transaction(self.timeout).map_err(|e| ("commit_transaction", e)));
         match committed {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                // Serve callbacks still queued, so a connection loss during the transaction is counted.
+                producer.poll(Duration::ZERO);
+                if self.connection_losses.load(Ordering::SeqCst) != losses_before {
+                    return Err(TxnError::Reset(
+                        "the broker connection dropped during the transaction, so its commit is not trusted (a restarted broker can acknowledge one it lost)"
+                            .into(),
+                    ));
+                }
+                Ok(())
+            }
             Err((stage, e)) => {
                 self.note_refused(&producer, deliveries)?;
                 Err(classify(stage, e))
@@ -268,7 +307,7 @@ impl Transactions {
     /// After a failed transaction: remembers outputs the broker refused for good (too large, not
     /// authorised, ...), so the retry sends their stand-ins instead of failing the same way
     /// forever. A refused stand-in leaves nothing to send: that stops the instance.
-    fn note_refused(&self, producer: &FutureProducer, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
+    fn note_refused(&self, producer: &TxnProducer, deliveries: Vec<(&OutRecord, rdkafka::producer::DeliveryFuture)>) -> Result<(), TxnError> {
         use futures::FutureExt;
         for (record, delivery) in deliveries {
             let Some(Ok(Err((e, _)))) = delivery.now_or_never() else {
@@ -293,15 +332,15 @@ impl Transactions {
 }
 
 /// A transactional producer ready for its first transaction.
-fn init_producer(config: &ClientConfig, timeout: Duration) -> Result<FutureProducer, KafkaError> {
-    let producer: FutureProducer = config.create()?;
+fn init_producer(config: &ClientConfig, timeout: Duration, connection_losses: &Arc<AtomicU64>) -> Result<TxnProducer, KafkaError> {
+    let producer: TxnProducer = config.create_with_context(TxnProducerContext { connection_losses: connection_losses.clone() })?;
     producer.init_transactions(timeout)?;
     Ok(producer)
 }
 
 /// Whether `e` (or the producer's fatal error behind it) says another instance took over this
 /// transactional id: the one case where carrying on would break exactly-once.
-fn is_fenced(e: &KafkaError, producer: Option<&FutureProducer>) -> bool {
+fn is_fenced(e: &KafkaError, producer: Option<&TxnProducer>) -> bool {
     let fenced = |code: RDKafkaErrorCode| matches!(code, RDKafkaErrorCode::Fenced | RDKafkaErrorCode::ProducerFenced);
     e.rdkafka_error_code().is_some_and(fenced) || producer.and_then(|p| p.client().fatal_error()).is_some_and(|(code, _)| fenced(code))
 }

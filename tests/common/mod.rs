@@ -184,12 +184,32 @@ pub fn read_topic(brokers: &str, topic: &str, n: usize, timeout: Duration) -> Ve
 }
 
 pub fn read_topic_until(brokers: &str, topic: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
+    read_topic_isolated(brokers, topic, "read_committed", timeout, done)
+}
+
+/// Where a read_committed reader stops short, per partition: (partition, records visible
+/// read_committed, records read_uncommitted). A partition whose uncommitted count runs ahead for
+/// good holds a transaction that was never ended (its last stable offset is stuck).
+pub fn isolation_gap(brokers: &str, topic: &str) -> Vec<(i32, usize, usize)> {
+    let count = |isolation| {
+        let records = read_topic_isolated(brokers, topic, isolation, Duration::from_secs(8), |_| false);
+        let mut per: std::collections::BTreeMap<i32, usize> = Default::default();
+        for r in records {
+            *per.entry(r.partition).or_default() += 1;
+        }
+        per
+    };
+    let (committed, uncommitted) = (count("read_committed"), count("read_uncommitted"));
+    uncommitted.iter().map(|(p, u)| (*p, committed.get(p).copied().unwrap_or(0), *u)).collect()
+}
+
+fn read_topic_isolated(brokers: &str, topic: &str, isolation: &str, timeout: Duration, done: impl Fn(&[Record]) -> bool) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         .set("session.timeout.ms", "6000")
         // noida-db ignores fetch size limits and answers with the whole backlog: a long topic of
         // images (a soak's input) is one response of hundreds of MB, over librdkafka's default.
@@ -310,7 +330,8 @@ impl OperatorConfig {
             .arg("run")
             .envs(self.env.iter().cloned())
             .env("DCAM__TELEMETRY__HTTP_ADDR", format!("127.0.0.1:{http_port}"))
-            .env("DCAM__TELEMETRY__LOG_LEVEL", "info,rdkafka=warn")
+            // DCAM_TEST_LOG_LEVEL (with DCAM__KAFKA__EXTRA__DEBUG=cgrp,eos,...) traces librdkafka when chasing a stall.
+            .env("DCAM__TELEMETRY__LOG_LEVEL", std::env::var("DCAM_TEST_LOG_LEVEL").unwrap_or_else(|_| "info,rdkafka=warn".into()))
             .current_dir(repo_root())
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
