@@ -41,12 +41,12 @@ cargo test --locked --no-fail-fast -- --test-threads=2 --skip three_sigkills --s
 cargo test --locked --test exactly_once three_sigkills -- --test-threads=1 --nocapture
 # The 3-minute soak (paced events, a broker restart, members coming and going; tests/soak.rs) waits
 # on its own clock most of the time: it runs beside the Python tests, its table printed after them.
-# Opt-in with DCAM_SOAK=1 while exactly-once can still stall after a broker restart (open).
-if [ "${DCAM_SOAK:-0}" = 1 ]; then
+# DCAM_SOAK=0 leaves it out (plain `cargo test` never runs it: it is #[ignore]d).
+if [ "${DCAM_SOAK:-1}" = 1 ]; then
   cargo test --locked --test soak -- --ignored --nocapture >target/soak.log 2>&1 &
   soak_pid=$!
 else
-  echo "soak skipped (DCAM_SOAK=1 runs it; scripts/soak.sh runs it longer)" >target/soak.log
+  echo "soak skipped (DCAM_SOAK=0; scripts/soak.sh runs it longer)" >target/soak.log
   true &
   soak_pid=$!
 fi
