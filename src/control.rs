@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -103,12 +105,19 @@ impl ControlState {
     }
 }
 
+/// What the reader thread is told from outside: stop, or look for new records now.
+#[derive(Default)]
+struct ReaderSignals {
+    stop: AtomicBool,
+    wake: AtomicBool,
+}
+
 /// A replica's control-plane client: the reader thread and the publisher.
 pub struct Control {
     pub topic: String,
     pub state: Arc<ControlState>,
     producer: FutureProducer,
-    stop: Arc<AtomicBool>,
+    signals: Arc<ReaderSignals>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -118,7 +127,7 @@ impl Control {
     pub async fn start(settings: &Settings, topic: &str, thresholds: Arc<RuntimeThresholds>) -> Result<Self> {
         ensure_compacted_topic(settings, topic).await?;
         let state = Arc::new(ControlState::new(thresholds));
-        let stop = Arc::new(AtomicBool::new(false));
+        let signals = Arc::new(ReaderSignals::default());
         let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("{}-control-{}", settings.kafka.group_id, rand::random::<u32>()))
             .set("isolation.level", "read_uncommitted")
             // A change should reach every replica well within a second.
@@ -129,8 +138,8 @@ impl Control {
         let (consumer, ends) = tokio::task::spawn_blocking(move || assign_from_beginning(&consumer, &name).map(|ends| (consumer, ends))).await??;
         let (caught_up_tx, caught_up_rx) = std::sync::mpsc::channel();
         let reader = {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::Builder::new().name("control".into()).spawn(move || read_loop(&consumer, &state, &stop, ends, caught_up_tx))?
+            let (state, signals, topic) = (state.clone(), signals.clone(), topic.to_string());
+            std::thread::Builder::new().name("control".into()).spawn(move || read_loop(&consumer, &topic, &state, &signals, ends, caught_up_tx))?
         };
         // The first images wait for the current values, but a slow broker does not hold the
         // operator forever: past the wait it starts with what it has, and catches up live.
@@ -139,7 +148,7 @@ impl Control {
             tracing::warn!(topic, ?wait, "control topic not read to the end in time; starting with the values read so far");
         }
         let producer = kafka::producer_config(settings, None).create().context("creating the control-topic producer")?;
-        Ok(Self { topic: topic.to_string(), state, producer, stop, reader: Mutex::new(Some(reader)) })
+        Ok(Self { topic: topic.to_string(), state, producer, signals, reader: Mutex::new(Some(reader)) })
     }
 
     /// Publishes a change and waits until this replica has applied it (read-your-writes).
@@ -148,6 +157,7 @@ impl Control {
         let record = OutRecord { topic: self.topic.clone(), key: Some(change.key().into_bytes()), payload: Some(payload), headers: vec![] };
         let rdkafka::producer::future_producer::Delivery { partition, offset, .. } =
             self.producer.send(record.to_future_record(), Duration::from_secs(10)).await.map_err(|(e, _)| anyhow!("publishing to {}: {e}", self.topic))?;
+        self.signals.wake.store(true, Ordering::SeqCst);
         let state = self.state.clone();
         let applied = tokio::task::spawn_blocking(move || state.wait_applied(partition, offset, Duration::from_secs(10))).await?;
         if !applied {
@@ -157,7 +167,7 @@ impl Control {
     }
 
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.signals.stop.store(true, Ordering::SeqCst);
         if let Some(reader) = self.reader.lock().expect("control").take() {
             let _ = reader.join();
         }
@@ -191,32 +201,111 @@ fn assign_from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMa
     Ok(ends)
 }
 
-fn read_loop(consumer: &BaseConsumer, state: &ControlState, stop: &AtomicBool, mut ends: BTreeMap<i32, i64>, caught_up: std::sync::mpsc::Sender<()>) {
+/// How often a caught-up reader asks the broker whether the control topic grew. In between, its
+/// partitions are paused, so no fetch loop runs: a broker that answers an empty fetch at once
+/// (noida-db) would otherwise keep one spinning for as long as the operator runs, for a topic
+/// that changes a few times a day. A replica's own changes are read at once (`Control::publish`).
+const GROWTH_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Reads records until every partition reaches its end in `ends`, then pauses and checks the end
+/// offsets every `GROWTH_CHECK_INTERVAL` (or when woken), resuming only to read what was added.
+fn read_loop(
+    consumer: &BaseConsumer,
+    topic: &str,
+    state: &ControlState,
+    signals: &ReaderSignals,
+    mut ends: BTreeMap<i32, i64>,
+    caught_up: std::sync::mpsc::Sender<()>,
+) {
     let mut reported = false;
-    while !stop.load(Ordering::SeqCst) {
-        if !reported && ends.is_empty() {
-            reported = true;
-            let _ = caught_up.send(());
-        }
-        let Some(result) = consumer.poll(Duration::from_millis(100)) else { continue };
-        let m = match result {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "control topic read error");
+    let mut paused = false;
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut last_check = Instant::now();
+    while !signals.stop.load(Ordering::SeqCst) {
+        if ends.is_empty() {
+            if !reported {
+                reported = true;
+                let _ = caught_up.send(());
+            }
+            if !paused {
+                paused = set_paused(consumer, true);
+            }
+            // Serves librdkafka's events (errors, logs) without fetching; a record fetched just
+            // before the pause may still come out.
+            if let Some(result) = consumer.poll(Duration::ZERO) {
+                handle_record(result, state, &mut next, &mut ends);
+            }
+            if last_check.elapsed() < GROWTH_CHECK_INTERVAL && !signals.wake.swap(false, Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-        };
-        match m.payload().map(serde_json::from_slice::<Change>) {
-            Some(Ok(change)) => state.apply(change),
-            // A tombstone or a record this version does not understand: nothing to apply.
-            None => {}
-            Some(Err(e)) => tracing::warn!(offset = m.offset(), error = %e, "ignoring an unreadable control record"),
+            last_check = Instant::now();
+            match grown_partitions(consumer, topic, &next) {
+                Ok(grown) => ends = grown,
+                Err(e) => tracing::debug!(error = %e, "control topic end offsets"),
+            }
+            if !ends.is_empty() && paused {
+                paused = !set_paused(consumer, false);
+            }
+            continue;
         }
-        state.mark_applied(m.partition(), m.offset());
-        if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
-            ends.remove(&m.partition());
+        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+            // Nothing more to read below an end (a compacted gap): the position says so.
+            if let Ok(positions) = consumer.position() {
+                for e in positions.elements() {
+                    if let Offset::Offset(at) = e.offset() {
+                        if ends.get(&e.partition()).is_some_and(|end| at >= *end) {
+                            ends.remove(&e.partition());
+                            next.insert(e.partition(), at);
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        handle_record(result, state, &mut next, &mut ends);
+    }
+}
+
+/// Applies one record read from the control topic and moves the read position past it.
+fn handle_record(result: KafkaResult<BorrowedMessage<'_>>, state: &ControlState, next: &mut BTreeMap<i32, i64>, ends: &mut BTreeMap<i32, i64>) {
+    let m = match result {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "control topic read error");
+            return;
+        }
+    };
+    match m.payload().map(serde_json::from_slice::<Change>) {
+        Some(Ok(change)) => state.apply(change),
+        // A tombstone or a record this version does not understand: nothing to apply.
+        None => {}
+        Some(Err(e)) => tracing::warn!(offset = m.offset(), error = %e, "ignoring an unreadable control record"),
+    }
+    state.mark_applied(m.partition(), m.offset());
+    next.insert(m.partition(), m.offset() + 1);
+    if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+        ends.remove(&m.partition());
+    }
+}
+
+/// Pauses (or resumes) every assigned partition; true when it worked.
+fn set_paused(consumer: &BaseConsumer, pause: bool) -> bool {
+    let Ok(assignment) = consumer.assignment() else { return false };
+    let done = if pause { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
+    done.is_ok()
+}
+
+/// The partitions whose end offset is past the next offset to read, with that end.
+fn grown_partitions(consumer: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i64>) -> Result<BTreeMap<i32, i64>> {
+    let mut grown = BTreeMap::new();
+    for e in consumer.assignment()?.elements() {
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5))?;
+        if high > next.get(&e.partition()).copied().unwrap_or(low).max(low) {
+            grown.insert(e.partition(), high);
         }
     }
+    Ok(grown)
 }
 
 /// Creates `topic` with `cleanup.policy=compact` unless it exists.
