@@ -281,6 +281,36 @@ def test_raw_headers_def():
     assert not v.is_valid({"dcam-class": ""})
 
 
+# ---- the subscriber's reading of the schema -------------------------------------------------------------
+
+
+def subscriber_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("subscriber", REPO / "examples" / "subscriber.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_subscriber_lets_new_fields_through_and_names_them():
+    """Fields may be added within a schema_version: the subscriber accepts them, the test schema does not."""
+    sub = subscriber_module()
+    schema = load("score")
+    reader = Draft202012Validator(sub.tolerant(schema))
+    record = schema["examples"][0]
+    newer = {**record, "new_field": 1, "model": {**record["model"], "digest": "sha256:00"}}
+    assert reader.is_valid(newer) and errors("score", newer)
+    assert sorted(sub.unknown_fields(schema, newer)) == ["model.digest", "new_field"]
+    assert not reader.is_valid({k: v for k, v in record.items() if k != "score"})
+    assert not reader.is_valid({**record, "schema_version": 2})
+    table = sub.Table()
+    for r in (record, {**record, "class": None, "is_anomaly": False, "score": 0.25}):
+        table.add(r)
+    lines = table.render().splitlines()
+    assert lines[1].split() == ["(none)", "1", "0", "0.0%", "0.250"] and lines[-1].split() == ["total", "2", "1", "50.0%"]
+
+
 # ---- c. end to end --------------------------------------------------------------------------------------
 
 
