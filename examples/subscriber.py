@@ -176,7 +176,7 @@ def main(argv=None):
                 invalid += 1
                 print(f"INVALID {where}: not JSON: {exc}", flush=True)
                 continue
-            # TODO(lead): remove once the operator writes schema_version; until then a record without it is a v1 record.
+            # Operators older than the schema_version field wrote none: their records are version 1 (a rolling upgrade mixes both).
             if isinstance(record, dict) and "schema_version" not in record:
                 record["schema_version"] = 1
             errors = sorted(validator.iter_errors(record), key=lambda e: list(e.absolute_path))

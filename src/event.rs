@@ -220,9 +220,16 @@ pub struct Latency {
     pub total: f64,
 }
 
-/// One record on the scores topic (docs/DESIGN.md §3).
+/// The major version of the score record's schema (`schemas/score.json`; the compatibility policy
+/// is in `schemas/README.md`): fields may be added within it, never removed, renamed or retyped.
+pub const SCORE_SCHEMA_VERSION: u32 = 1;
+
+/// One record on the scores topic (docs/DESIGN.md §3, `schemas/score.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreRecord {
+    /// `SCORE_SCHEMA_VERSION`; records written before it existed read as 1.
+    #[serde(default = "first_schema_version")]
+    pub schema_version: u32,
     pub image_id: String,
     pub class: Option<String>,
     pub score: f32,
@@ -238,6 +245,10 @@ pub struct ScoreRecord {
     pub scored_at: String,
     pub latency_ms: Latency,
     pub attributes: serde_json::Value,
+}
+
+fn first_schema_version() -> u32 {
+    1
 }
 
 /// Where the threshold an image was judged with came from (it is on every score record).

@@ -174,6 +174,7 @@ mod tests {
 
     fn record(id: &str, class: &str, raw: f32, anomaly: bool, label: Option<&str>) -> ScoreRecord {
         ScoreRecord {
+            schema_version: crate::event::SCORE_SCHEMA_VERSION,
             image_id: id.into(),
             class: Some(class.into()),
             score: 0.5,

@@ -16,6 +16,7 @@ mod model;
 pub mod produce;
 mod replay;
 mod run;
+mod schema;
 mod score;
 mod score_reader;
 
@@ -48,6 +49,8 @@ enum Command {
         #[command(subcommand)]
         command: model::Command,
     },
+    /// Print the JSON Schema of a record the operator reads or writes (without NAME: list them).
+    Schema(schema::Args),
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -68,6 +71,9 @@ fn run_cli(cli: Cli) -> Result<()> {
     if let Command::Config { command } = &cli.command {
         // Before telemetry and the runtime: checking a file must not need either.
         return config::run(command);
+    }
+    if let Command::Schema(args) = &cli.command {
+        return schema::run(args);
     }
     let mut settings = Settings::load(cli.config.as_deref())?;
     // One-shot tools print tables and JSON; keep their logs to warnings unless asked otherwise.
@@ -97,6 +103,6 @@ async fn dispatch(command: Command, settings: Settings) -> Result<()> {
         Command::Replay(args) => replay::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
         Command::Model { command } => model::run(settings, command).await,
-        Command::Config { .. } => unreachable!("handled before the runtime starts"),
+        Command::Config { .. } | Command::Schema(_) => unreachable!("handled before the runtime starts"),
     }
 }

@@ -175,6 +175,7 @@ impl Inner {
             (consumed_wall - ts as f64).max(0.0)
         });
         let record = ScoreRecord {
+            schema_version: crate::event::SCORE_SCHEMA_VERSION,
             image_id: event.image_id.clone(),
             class: event.class.clone(),
             score: verdict.score,

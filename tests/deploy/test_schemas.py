@@ -67,9 +67,6 @@ def assert_valid(name: str, instance: Any, what: str = "") -> None:
 
 
 def score_errors(record: dict[str, Any], schema: str = "score") -> list[str]:
-    # TODO(lead): remove once the operator writes schema_version; validate `record` itself then.
-    if "schema_version" not in record:
-        record = {**record, "schema_version": 1}
     return errors(schema, record)
 
 
