@@ -210,7 +210,8 @@ mod tests {
     fn the_ring_buffer_stays_under_its_byte_bound_and_lists_newest_first() {
         let recent = Recent::new(10_000, 64);
         for i in 0..100 {
-            recent.push(&record(&format!("img-{i}"), if i % 2 == 0 { "bottle" } else { "tile" }, i as f32, i % 10 == 0, Some("good")), Some(vec![0u8; 500]), &model_classes());
+            let class = if i % 2 == 0 { "bottle" } else { "tile" };
+            recent.push(&record(&format!("img-{i}"), class, i as f32, i % 10 == 0, Some("good")), Some(vec![0u8; 500]), &model_classes());
         }
         assert!(recent.bytes() <= 10_000, "{} bytes", recent.bytes());
         let newest = recent.list(None, false, 3);

@@ -108,13 +108,11 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
+const PAGE_CSP: &str = "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
+
 /// The page's headers: no inline script, nothing from elsewhere, never framed, never cached stale.
 fn page_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 3] {
-    [
-        (header::CONTENT_TYPE, content_type),
-        (header::CONTENT_SECURITY_POLICY, "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'"),
-        (header::CACHE_CONTROL, "no-cache"),
-    ]
+    [(header::CONTENT_TYPE, content_type), (header::CONTENT_SECURITY_POLICY, PAGE_CSP), (header::CACHE_CONTROL, "no-cache")]
 }
 
 async fn ui_page(State(s): State<ApiState>) -> impl IntoResponse {
@@ -306,7 +304,16 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve(listener, state()));
-        let paths = [("/ui", 200), ("/ui/app.js", 200), ("/api/recent", 200), ("/api/thresholds", 200), ("/api/model", 404), ("/healthz", 200), ("/metrics", 200), ("/no-such-page", 404)];
+        let paths = [
+            ("/ui", 200),
+            ("/ui/app.js", 200),
+            ("/api/recent", 200),
+            ("/api/thresholds", 200),
+            ("/api/model", 404),
+            ("/healthz", 200),
+            ("/metrics", 200),
+            ("/no-such-page", 404),
+        ];
         for (path, status) in paths {
             let lines = head(addr, path).await;
             assert!(lines[0].starts_with(&format!("http/1.1 {status}")), "{path}: {lines:?}");
