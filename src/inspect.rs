@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::event::ScoreRecord;
+use crate::telemetry::{CLASS_NONE, CLASS_OTHER};
 
 /// How long after the last page or API request normal images still get thumbnails.
 const WATCH_WINDOW: Duration = Duration::from_secs(300);
@@ -84,16 +85,16 @@ impl Recent {
         anomaly || (at > 0 && (self.started.elapsed().as_millis() as u64).saturating_sub(at) < WATCH_WINDOW.as_millis() as u64)
     }
 
-    /// Adds a scored image; the oldest ones go when the byte bound is reached.
-    pub fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>) {
+    /// Adds a scored image; the oldest ones go when the byte bound is reached. `classes` are the
+    /// classes of the model that scored it.
+    pub fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>, classes: &[String]) {
         let mut inner = self.inner.lock().expect("recent");
         let now = Instant::now();
         inner.latencies.push_back((now, record.latency_ms.total));
         while inner.latencies.front().is_some_and(|(t, _)| now.duration_since(*t) > LATENCY_WINDOW) {
             inner.latencies.pop_front();
         }
-        let class = record.class.clone().unwrap_or_else(|| "_none".into());
-        let scores = inner.scores.entry(class).or_default();
+        let scores = inner.scores.entry(score_key(record.class.as_deref(), classes)).or_default();
         scores.raw.push_back(record.raw_score);
         scores.normal.push_back(normal_label(&record.attributes));
         if scores.raw.len() > SCORES_PER_CLASS {
@@ -155,6 +156,16 @@ impl Recent {
     }
 }
 
+/// Where a record's score is kept: under its class when the model knows it, else under one
+/// shared `_other`, so input strings never grow the map (as with metric labels).
+fn score_key(class: Option<&str>, classes: &[String]) -> String {
+    match class {
+        None => CLASS_NONE.into(),
+        Some(c) if classes.iter().any(|k| k == c) => c.into(),
+        Some(_) => CLASS_OTHER.into(),
+    }
+}
+
 fn record_size(record: &ScoreRecord) -> usize {
     // Strings dominate; the attributes are counted by their JSON size.
     512 + record.image_id.len() + record.heatmap_uri.as_ref().map_or(0, String::len) + record.attributes.to_string().len()
@@ -191,11 +202,16 @@ mod tests {
         }
     }
 
+    fn model_classes() -> Vec<String> {
+        vec!["bottle".into(), "tile".into()]
+    }
+
     #[test]
     fn the_ring_buffer_stays_under_its_byte_bound_and_lists_newest_first() {
         let recent = Recent::new(10_000, 64);
         for i in 0..100 {
-            recent.push(&record(&format!("img-{i}"), if i % 2 == 0 { "bottle" } else { "tile" }, i as f32, i % 10 == 0, Some("good")), Some(vec![0u8; 500]));
+            let class = if i % 2 == 0 { "bottle" } else { "tile" };
+            recent.push(&record(&format!("img-{i}"), class, i as f32, i % 10 == 0, Some("good")), Some(vec![0u8; 500]), &model_classes());
         }
         assert!(recent.bytes() <= 10_000, "{} bytes", recent.bytes());
         let newest = recent.list(None, false, 3);
@@ -206,6 +222,22 @@ mod tests {
         // The score history is kept beyond the thumbnails, with labels.
         assert_eq!(recent.scores()["bottle"].raw.len(), 50);
         assert_eq!(recent.scores()["tile"].normal[0], Some(true));
+    }
+
+    #[test]
+    fn classes_the_model_does_not_know_share_one_entry() {
+        let recent = Recent::new(1 << 20, 64);
+        recent.push(&record("known-1", "bottle", 1.0, false, None), None, &model_classes());
+        recent.push(&record("known-2", "tile", 2.0, false, None), None, &model_classes());
+        for i in 0..10_000 {
+            recent.push(&record(&format!("img-{i}"), &format!("unknown-{i}"), 3.0, false, None), None, &model_classes());
+        }
+        let scores = recent.scores();
+        assert_eq!(scores.keys().collect::<Vec<_>>(), ["_other", "bottle", "tile"], "the model's classes and one _other");
+        assert_eq!(scores["_other"].raw.len(), SCORES_PER_CLASS, "unknown classes are counted, within the per-class bound");
+        assert_eq!((scores["bottle"].raw.len(), scores["tile"].raw.len()), (1, 1));
+        // The record itself keeps the class it came with; only the score map is keyed by the model.
+        assert_eq!(recent.list(None, false, 1)[0].record.class.as_deref(), Some("unknown-9999"));
     }
 
     #[test]

@@ -135,3 +135,13 @@ fn model_inspect_and_config_check() {
     assert!(!missing.status.success());
     assert!(text(&missing.stderr).contains("does not exist"));
 }
+
+#[test]
+fn a_model_with_a_fixed_batch_dimension_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixed = fixed_batch_model(tmp.path(), 4);
+    let out = dcam(&["model", "inspect", &fixed.display().to_string()]);
+    assert!(!out.status.success(), "a model fixed to batches of 4 was loaded: {}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("fixed batch dimension of 4"), "the refusal names the dimension: {err}");
+}

@@ -165,6 +165,7 @@ fn swap_under_load(mode: &str) {
     let v2 = recalibrated_model(s.tmp.path(), "9.9.9-recal");
     let broken = s.tmp.path().join("broken.onnx");
     std::fs::write(&broken, b"this is not an ONNX model").unwrap();
+    let fixed = fixed_batch_model(s.tmp.path(), 4);
     let mut op = s
         .operator()
         .set("DCAM__TELEMETRY__API_TOKEN", TOKEN)
@@ -187,6 +188,9 @@ fn swap_under_load(mode: &str) {
 
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, broken.display())).unwrap();
     assert_eq!(code, 422, "a broken model is refused: {body}");
+    let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, fixed.display())).unwrap();
+    assert_eq!(code, 422, "a model fixed to batches of 4 is refused: {body}");
+    assert!(body.contains("fixed batch dimension of 4"), "{body}");
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, v2.display())).unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["active"]["version"], "9.9.9-recal");

@@ -2,7 +2,8 @@
 //! page (`/ui`, assets compiled into the binary) and its API. Reads are open; every write
 //! (thresholds, model) needs `Authorization: Bearer <telemetry.api_token>` and is refused when no
 //! token is configured. Data never reaches HTML from here: the page renders JSON with
-//! `textContent` only, under a Content-Security-Policy that allows no inline script.
+//! `textContent` only, under a Content-Security-Policy that allows no inline script. No response
+//! may be framed or content-sniffed.
 
 mod auth;
 mod live;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -61,6 +62,16 @@ fn router(state: ApiState) -> Router {
         .route("/api/model", get(model).post(load_model))
         .route("/api/model/rollback", post(rollback_model))
         .with_state(state)
+        .layer(axum::middleware::map_response(security_headers))
+}
+
+/// On every response, errors and 404s included: no page of ours can be framed (clickjacking of
+/// the write buttons), and no body is sniffed into another type (JSON or text run as HTML).
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
@@ -97,13 +108,11 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
-/// The page's headers: no inline script, nothing from elsewhere, never cached stale.
+const PAGE_CSP: &str = "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
+
+/// The page's headers: no inline script, nothing from elsewhere, never framed, never cached stale.
 fn page_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 3] {
-    [
-        (header::CONTENT_TYPE, content_type),
-        (header::CONTENT_SECURITY_POLICY, "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'"),
-        (header::CACHE_CONTROL, "no-cache"),
-    ]
+    [(header::CONTENT_TYPE, content_type), (header::CONTENT_SECURITY_POLICY, PAGE_CSP), (header::CACHE_CONTROL, "no-cache")]
 }
 
 async fn ui_page(State(s): State<ApiState>) -> impl IntoResponse {
@@ -260,4 +269,59 @@ async fn announce_model(s: &ApiState, uri: String, who: String) -> Response {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     error(StatusCode::ACCEPTED, "announced; this replica has not swapped it in yet (see /api/model and the logs)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn state() -> ApiState {
+        ApiState {
+            metrics: Metrics::new(),
+            health: Health::new(),
+            recent: Arc::new(Recent::new(1 << 20, 64)),
+            models: None,
+            thresholds: Arc::new(RuntimeThresholds::default()),
+            control: None,
+            token: Secret::default(),
+            settings: Arc::new(Settings::load_with_env(None, std::iter::empty()).unwrap()),
+        }
+    }
+
+    /// A GET's status line and header lines, lower-cased.
+    async fn head(addr: std::net::SocketAddr, path: &str) -> Vec<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        text.split("\r\n\r\n").next().unwrap_or_default().lines().map(str::to_string).collect()
+    }
+
+    #[tokio::test]
+    async fn every_response_forbids_framing_and_sniffing() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, state()));
+        let paths = [
+            ("/ui", 200),
+            ("/ui/app.js", 200),
+            ("/api/recent", 200),
+            ("/api/thresholds", 200),
+            ("/api/model", 404),
+            ("/healthz", 200),
+            ("/metrics", 200),
+            ("/no-such-page", 404),
+        ];
+        for (path, status) in paths {
+            let lines = head(addr, path).await;
+            assert!(lines[0].starts_with(&format!("http/1.1 {status}")), "{path}: {lines:?}");
+            assert!(lines.iter().any(|h| h == "x-frame-options: deny"), "{path}: {lines:?}");
+            assert!(lines.iter().any(|h| h == "x-content-type-options: nosniff"), "{path}: {lines:?}");
+        }
+        let csp = head(addr, "/ui").await.into_iter().find(|h| h.starts_with("content-security-policy:")).expect("the page has a CSP");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        server.abort();
+    }
 }

@@ -163,7 +163,8 @@ pub fn provider_available(provider: Provider) -> bool {
     }
 }
 
-/// Checks input/output names and element types against docs/DESIGN.md §1.
+/// Checks input/output names, element types and the dynamic batch dimension against
+/// docs/DESIGN.md §1.
 fn check_signature(session: &Session) -> Result<()> {
     use ort::value::TensorElementType as T;
     use ort::value::ValueType;
@@ -179,6 +180,22 @@ fn check_signature(session: &Session) -> Result<()> {
         match outlet.dtype() {
             ValueType::Tensor { ty: t, .. } if *t == ty => {}
             other => bail!("model {side} {name:?} is {other:?}, expected a {ty:?} tensor"),
+        }
+    }
+    check_dynamic_batch(session)
+}
+
+/// Batches hold 1 to `batch.max_batch` images; a model fixed to one size (ONNX Runtime reports
+/// dynamic dimensions as -1) would fail every other batch and dead-letter its images.
+fn check_dynamic_batch(session: &Session) -> Result<()> {
+    use ort::value::ValueType;
+    let image = session.inputs().iter().find(|o| o.name() == "image").map(|o| o.dtype());
+    if let Some(ValueType::Tensor { shape, .. }) = image {
+        if let Some(&n) = shape.first().filter(|&&n| n >= 0) {
+            bail!(
+                "model input \"image\" has a fixed batch dimension of {n} (shape {:?}); it must be dynamic, batches hold 1 to batch.max_batch images",
+                &**shape
+            );
         }
     }
     Ok(())

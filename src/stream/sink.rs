@@ -192,7 +192,7 @@ impl Inner {
         };
         self.metrics.emit(InternalEvent::Scored { anomaly: verdict.is_anomaly, class, source: &job.ticket.to_string() });
         if let Some(recent) = &self.oversight.recent {
-            recent.push(&record, thumbnail);
+            recent.push(&record, thumbnail, &model.engine.info.classes);
         }
         let payload = serde_json::to_vec(&record).expect("score record serialises");
         let mut headers: Vec<(String, Vec<u8>)> =

@@ -28,6 +28,25 @@ pub fn model_path() -> PathBuf {
     repo_root().join("models/dcam.onnx")
 }
 
+/// A copy of the committed model whose `image` input has a fixed batch dimension of `batch`,
+/// written with the `onnx` package of the test environment.
+pub fn fixed_batch_model(dir: &Path, batch: i64) -> PathBuf {
+    let out = dir.join(format!("dcam-batch-{batch}.onnx"));
+    let script = r#"
+import sys, onnx
+m = onnx.load(sys.argv[1])
+image = next(i for i in m.graph.input if i.name == "image")
+image.type.tensor_type.shape.dim[0].dim_value = int(sys.argv[3])
+onnx.save(m, sys.argv[2])
+"#;
+    let status = Command::new(repo_root().join(".venv/bin/python"))
+        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), &batch.to_string()])
+        .status()
+        .expect("running the test environment's python (scripts/setup-python.sh)");
+    assert!(status.success(), "writing the fixed-batch model failed");
+    out
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
