@@ -12,6 +12,7 @@ use crate::telemetry;
 mod bench;
 mod config;
 mod demo;
+mod dlq;
 mod model;
 pub mod produce;
 mod replay;
@@ -44,6 +45,11 @@ enum Command {
     Replay(replay::Args),
     /// Benchmark: raw ONNX Runtime vs end-to-end operator throughput at several batch sizes.
     Bench(bench::Args),
+    /// Dead letters: a table of what is there (inspect), or send them back after a fix (redrive).
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::Command,
+    },
     /// Model tools.
     Model {
         #[command(subcommand)]
@@ -103,6 +109,7 @@ async fn dispatch(command: Command, settings: Settings) -> Result<()> {
         Command::Replay(args) => replay::run(settings, args).await,
         Command::Bench(args) => bench::run(settings, args).await,
         Command::Model { command } => model::run(settings, command).await,
+        Command::Dlq { command } => dlq::run(settings, command).await,
         Command::Config { .. } | Command::Schema(_) => unreachable!("handled before the runtime starts"),
     }
 }
