@@ -129,7 +129,9 @@ fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
     })?;
     println!("{topic}: {read} dead letters read, {} selected", kinds.values().map(|s| s.count).sum::<usize>());
     println!("{:<20} {:>7}  {:<24} {:<24} example error", "kind", "count", "first", "last");
-    let time = |ms: Option<i64>| ms.and_then(chrono::DateTime::from_timestamp_millis).map_or("-".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    let time = |ms: Option<i64>| {
+        ms.and_then(chrono::DateTime::from_timestamp_millis).map_or("-".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
     for (kind, s) in &kinds {
         println!("{kind:<20} {:>7}  {:<24} {:<24} {}", s.count, time(s.first_ms), time(s.last_ms), s.example);
     }
@@ -219,7 +221,8 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
     Ok(())
 }
 
-/// Assigns every partition of `topic` from `start` and calls `each` on every record below the end
+/// Assigns every partition of `topic` from `start` (Beginning, or Stored: the group's committed
+/// offsets) and calls `each` on every record below the end
 /// offsets seen at the start; returns how many were read. Gives up (with an error) when nothing
 /// arrives for 30 s before the end (an open transaction on the topic, or the broker gone).
 fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<()>) -> Result<usize> {
@@ -229,12 +232,29 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: im
     if partitions.is_empty() {
         bail!("topic {topic} does not exist or has no partitions");
     }
+    // Where each partition starts: the beginning, or (Stored) the group's committed offset.
+    let mut starts: BTreeMap<i32, Offset> = partitions.iter().map(|p| (*p, Offset::Beginning)).collect();
+    if start == Offset::Stored {
+        let mut all = TopicPartitionList::new();
+        for p in &partitions {
+            all.add_partition(topic, *p);
+        }
+        for e in consumer.committed_offsets(all, timeout).context("the redrive group's committed offsets")?.elements() {
+            if let Offset::Offset(at) = e.offset() {
+                starts.insert(e.partition(), Offset::Offset(at));
+            }
+        }
+    }
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, p, start)?;
+    for (p, from) in starts {
+        tpl.add_partition_offset(topic, p, from)?;
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
+        let first = match from {
+            Offset::Offset(at) => at.max(low),
+            _ => low,
+        };
+        if high > first {
             ends.insert(p, high);
         }
     }
