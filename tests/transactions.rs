@@ -63,6 +63,33 @@ fn mock_cluster() -> (MockCluster<'static, rdkafka::producer::DefaultProducerCon
     (cluster, brokers, rt, plain)
 }
 
+/// `n` input records `image 0`, `image 1`, ... on topic `in`.
+fn publish_inputs(rt: &tokio::runtime::Runtime, plain: &FutureProducer, n: usize) {
+    rt.block_on(async {
+        for i in 0..n {
+            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
+        }
+    });
+}
+
+/// A group member as the source builds it: tracker, delivery and a consumer subscribed to `in`.
+struct Member {
+    tracker: Arc<OffsetTracker>,
+    metrics: Arc<Metrics>,
+    delivery: Arc<Delivery>,
+    consumer: BaseConsumer<SourceContext>,
+}
+
+fn member(s: &Settings) -> Member {
+    let tracker = Arc::new(OffsetTracker::new());
+    let metrics = Metrics::new();
+    let delivery = Arc::new(Delivery::build(s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
+    let consumer: BaseConsumer<SourceContext> =
+        kafka::consumer_config(s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+    consumer.subscribe(&["in"]).unwrap();
+    Member { tracker, metrics, delivery, consumer }
+}
+
 fn committed_out(brokers: &str) -> Vec<String> {
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -85,19 +112,9 @@ fn committed_out(brokers: &str) -> Vec<String> {
 #[test]
 fn abortable_transaction_error_aborts_and_rewinds_without_loss() {
     let (cluster, brokers, rt, plain) = mock_cluster();
-    rt.block_on(async {
-        for i in 0..5 {
-            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
-        }
-    });
+    publish_inputs(&rt, &plain, 5);
 
-    let s = settings(&brokers);
-    let tracker = Arc::new(OffsetTracker::new());
-    let metrics = Metrics::new();
-    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
-    let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
-    consumer.subscribe(&["in"]).unwrap();
+    let Member { tracker, metrics, delivery, consumer } = member(&settings(&brokers));
 
     // First pass: every output buffered, then the transaction's produce fails (abortable).
     assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
@@ -203,11 +220,7 @@ fn outputs_of_a_rewound_generation_are_not_buffered() {
 #[test]
 fn a_refused_commit_goes_again_for_an_idle_partition() {
     let (cluster, brokers, rt, plain) = mock_cluster();
-    rt.block_on(async {
-        for i in 0..5 {
-            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
-        }
-    });
+    publish_inputs(&rt, &plain, 5);
     let s = settings_with(&brokers, &[("DCAM__DELIVERY__MODE", "at_least_once")]);
     let tracker = Arc::new(OffsetTracker::new());
     let delivery = Arc::new(Delivery::build(&s, tracker.clone(), Metrics::new(), Default::default()).unwrap());
@@ -253,18 +266,8 @@ fn a_refused_commit_goes_again_for_an_idle_partition() {
 #[test]
 fn a_transaction_that_lived_through_a_broker_disconnect_is_not_trusted() {
     let (cluster, brokers, rt, plain) = mock_cluster();
-    rt.block_on(async {
-        for i in 0..5 {
-            plain.send(FutureRecord::<(), _>::to("in").payload(&format!("image {i}")), Duration::from_secs(10)).await.unwrap();
-        }
-    });
-    let s = settings(&brokers);
-    let tracker = Arc::new(OffsetTracker::new());
-    let metrics = Metrics::new();
-    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
-    let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
-    consumer.subscribe(&["in"]).unwrap();
+    publish_inputs(&rt, &plain, 5);
+    let Member { metrics, delivery, consumer, .. } = member(&settings(&brokers));
     assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
 
     // Slow round trips keep the transaction open long enough for the broker to drop every
