@@ -183,25 +183,20 @@ impl Drop for Control {
     }
 }
 
-/// Assigns every partition of `topic` from the beginning; returns each one's end offset now.
+/// Assigns every partition of `topic` from the beginning; returns the end offset now of each one
+/// that holds records.
 fn assign_from_beginning(consumer: &BaseConsumer, topic: &str) -> Result<BTreeMap<i32, i64>> {
-    let timeout = Duration::from_secs(15);
-    let md = consumer.fetch_metadata(Some(topic), timeout).context("control topic metadata")?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(15)).context("control topic metadata")?;
     let partitions: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
     if partitions.is_empty() {
         bail!("control topic {topic} has no partitions");
     }
     let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
     for p in partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout).context("control topic watermarks")?;
-        if high > low {
-            ends.insert(p, high);
-        }
     }
     consumer.assign(&tpl).context("assigning the control topic")?;
-    Ok(ends)
+    grown_partitions(consumer, topic, &BTreeMap::new(), Duration::from_secs(15)).context("control topic watermarks")
 }
 
 /// How often a caught-up reader asks the broker whether the control topic grew. In between, its
@@ -243,7 +238,7 @@ fn read_loop(
                 continue;
             }
             last_check = Instant::now();
-            match grown_partitions(consumer, topic, &next) {
+            match grown_partitions(consumer, topic, &next, Duration::from_secs(5)) {
                 Ok(grown) => ends = grown,
                 Err(e) => tracing::debug!(error = %e, "control topic end offsets"),
             }
@@ -253,17 +248,7 @@ fn read_loop(
             continue;
         }
         let Some(result) = consumer.poll(Duration::from_millis(100)) else {
-            // Nothing more to read below an end (a compacted gap): the position says so.
-            if let Ok(positions) = consumer.position() {
-                for e in positions.elements() {
-                    if let Offset::Offset(at) = e.offset() {
-                        if ends.get(&e.partition()).is_some_and(|end| at >= *end) {
-                            ends.remove(&e.partition());
-                            next.insert(e.partition(), at);
-                        }
-                    }
-                }
-            }
+            next.extend(kafka::take_reached_ends(consumer, &mut ends));
             continue;
         };
         handle_record(result, state, &mut next, &mut ends);
@@ -300,10 +285,10 @@ fn set_paused(consumer: &BaseConsumer, pause: bool) -> bool {
 }
 
 /// The partitions whose end offset is past the next offset to read, with that end.
-fn grown_partitions(consumer: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i64>) -> Result<BTreeMap<i32, i64>> {
+fn grown_partitions(consumer: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i64>, timeout: Duration) -> Result<BTreeMap<i32, i64>> {
     let mut grown = BTreeMap::new();
     for e in consumer.assignment()?.elements() {
-        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), Duration::from_secs(5))?;
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
         if high > next.get(&e.partition()).copied().unwrap_or(low).max(low) {
             grown.insert(e.partition(), high);
         }

@@ -81,3 +81,20 @@ pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientCo
 pub fn transactional_id(s: &Settings) -> String {
     format!("{}-{}", s.kafka.group_id, s.instance_id())
 }
+
+/// Removes from `ends` the partitions whose read position has reached their end offset although
+/// no record came (a compacted gap, or a committed position already at the end); returns each with
+/// that position.
+pub fn take_reached_ends(consumer: &rdkafka::consumer::BaseConsumer, ends: &mut std::collections::BTreeMap<i32, i64>) -> Vec<(i32, i64)> {
+    use rdkafka::consumer::Consumer;
+    let mut reached = Vec::new();
+    for e in consumer.position().map(|p| p.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>()).unwrap_or_default() {
+        if let (p, rdkafka::Offset::Offset(at)) = e {
+            if ends.get(&p).is_some_and(|end| at >= *end) {
+                ends.remove(&p);
+                reached.push((p, at));
+            }
+        }
+    }
+    reached
+}

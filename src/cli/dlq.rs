@@ -263,14 +263,7 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: im
     let mut last_progress = Instant::now();
     while !ends.is_empty() {
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            // Nothing below an end is left (a committed position at the end, a compacted gap).
-            for e in consumer.position()?.elements() {
-                if let Offset::Offset(at) = e.offset() {
-                    if ends.get(&e.partition()).is_some_and(|end| at >= *end) {
-                        ends.remove(&e.partition());
-                    }
-                }
-            }
+            kafka::take_reached_ends(consumer, &mut ends);
             if last_progress.elapsed() > Duration::from_secs(30) {
                 bail!("{topic}: nothing more arrived for 30 s before the end offsets {ends:?} (an open transaction, or the broker unreachable)");
             }
