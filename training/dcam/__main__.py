@@ -71,7 +71,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
 SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=1, pixel_norm="score", w_map=0.25,
-                     density_groups=12, density_tie_dim=1024, val_from_test=0.1)
+                     density_groups=12, density_tie_dim=1024, val_from_test=0.1, bank_fraction=0.0, bank_dims=64,
+                     bank_w_student=0.0)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -89,6 +90,11 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                    help="up to K Gaussians per class in the density head (k-means groups of >= 50 training images)")
     p.add_argument("--density-tie-dim", type=int, default=d["density_tie_dim"],
                    help="feature stages at least this wide share one covariance across a class's groups (0: none)")
+    p.add_argument("--bank-fraction", type=float, default=d["bank_fraction"],
+                   help="local patch bank for the map: share of each class's training positions kept (0: none)")
+    p.add_argument("--bank-dims", type=int, default=d["bank_dims"], help="PCA dimensions of the bank (0: all)")
+    p.add_argument("--bank-w-student", type=float, default=d["bank_w_student"],
+                   help="with a bank: the student's map in the raw map, relative to the bank's (0: bank map only)")
     p.add_argument("--val-defects", default=None, help="labelled defect images for the validation estimate "
                    "(<dir>/<class>/<defect>/<img>; never the test split); replaces --val-from-test")
     p.add_argument("--val-from-test", type=float, default=d["val_from_test"], metavar="FRACTION",
@@ -100,7 +106,8 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
                 tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
-                w_map=args.w_map, density_groups=args.density_groups, density_tie_dim=args.density_tie_dim)
+                w_map=args.w_map, density_groups=args.density_groups, density_tie_dim=args.density_tie_dim,
+                bank_fraction=args.bank_fraction, bank_dims=args.bank_dims, bank_w_student=args.bank_w_student)
 
 
 def _classes(args) -> tuple[Path, list[str]]:
@@ -154,6 +161,9 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     feats = None
     if model.cfg.density:
         heads = model.attach_heads(classes)
+        if model.cfg.bank_fraction > 0:
+            model.fit_bank(train_split.images, train_split.classes, val_split.images)
+            train_config["bank_entries"] = heads.bank.entries  # recover.model_from_onnx needs it
         print(f"[heads] density: {len(train_split)} train images, {heads.views} view(s)")
         feats = _head_features(model, train_split, val_split)
         heads.fit_features(model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2], val_split.classes,

@@ -23,7 +23,9 @@ def upgrade_state(state: dict) -> dict:
 
 
 def save_checkpoint(model: DistillModel, path, extra: dict | None = None) -> None:
-    heads = {"classes": model.heads.classes, "groups": model.heads.density.groups} if model.heads is not None else None
+    h = model.heads
+    heads = ({"classes": h.classes, "groups": h.density.groups, "bank_entries": h.bank.entries if h.bank is not None else 0}
+             if h is not None else None)
     torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **(extra or {})}, path)
 
 
@@ -32,7 +34,7 @@ def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillMo
     model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])),
                          teacher_weights or ckpt.get("teacher_weights"))
     if ckpt.get("heads"):
-        model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"))
+        model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"), ckpt["heads"].get("bank_entries", 0))
     missing, unexpected = model.load_state_dict(upgrade_state(ckpt["state_dict"]), strict=False)
     assert not unexpected and all(_is_teacher(k) for k in missing), (missing, unexpected)
     model.eval()

@@ -1,5 +1,8 @@
 """Heads on top of the teacher-student map, fitted after training (no gradient steps):
 
+- bank (optional): a local patch memory bank on the teacher's features (patch_bank.py); its distance map,
+  plus the student's map at a chosen weight, is the model's raw map, which everything below treats as
+  "the map";
 - density: per-class Gaussians on pooled teacher features (density.py), optionally averaged over
   flip/transpose views of the image and extended by the teacher's stride-32 stages;
 - pixel_norm: per-class per-pixel map normalisation (pixel_norm.py), for the image score only ("score":
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from .density import DensityHead, pool
+from .patch_bank import PatchBank
 from .pixel_norm import PixelNorm
 
 # D4 as (transpose, flip W, flip H); the first k are used for k views (1, 2, 4 or 8).
@@ -38,8 +42,10 @@ def view(x: torch.Tensor, v: tuple[bool, bool, bool]) -> torch.Tensor:
 
 class ImageHeads(nn.Module):
     def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: str = "",
-                 w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None, tie_dim: int = 0):
+                 w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None, tie_dim: int = 0,
+                 bank: PatchBank | None = None):
         super().__init__()
+        self.bank = bank
         assert views in (1, 2, 4, 8) and pixel_norm in ("", "score", "map")
         self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, pixel_norm
         self.deep = deep  # frozen teacher stages past stride 16 (density only); not saved in checkpoints

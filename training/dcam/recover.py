@@ -61,18 +61,32 @@ def student_model_from_onnx(path, teacher_weights=None) -> tuple[DistillModel, d
     return model, meta
 
 
+# Without a per-pixel normalisation the output map and the map score share their statistics, and the
+# exporter keeps one of two identical initializers: read the twin's.
+_TWINS = {"out_mu": "map_mu", "out_sd": "map_sd", "map_mu": "out_mu", "map_sd": "out_sd"}
+
+
+def _initializer_name(init: dict, name: str) -> str:
+    for n in (name, _TWINS.get(name)):
+        # files up to v0.2.0 exported a wrapper module, which prefixed every name with "model."
+        for key in (f"heads.{n}", f"model.heads.{n}"):
+            if key in init:
+                return key
+    raise KeyError(f"heads.{name} is not an initializer of the ONNX file")
+
+
 @torch.no_grad()
 def model_from_onnx(path, teacher_weights=None) -> DistillModel:
     """The PyTorch model an exported file was made from: `student_model_from_onnx`, plus the fitted
     head buffers from the initializers of the same name (used for parity tests)."""
     model, meta = student_model_from_onnx(path, teacher_weights)
     if model.cfg.density:
-        groups = json.loads(meta["dcam.train_config"]).get("density_groups_per_class")  # absent up to v0.2.0: 1 each
-        heads = model.attach_heads(json.loads(meta["dcam.classes"]), groups)
+        tc = json.loads(meta["dcam.train_config"])
+        groups = tc.get("density_groups_per_class")  # absent up to v0.2.0: 1 each
+        heads = model.attach_heads(json.loads(meta["dcam.classes"]), groups, tc.get("bank_entries", 0))
         init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+        persistent = set(heads.state_dict())  # not the blur kernels, which the model makes itself
         for name, buf in heads.named_buffers():
-            if not name.startswith("deep."):
-                # files up to v0.2.0 exported a wrapper module, which prefixed every name with "model."
-                key = f"heads.{name}" if f"heads.{name}" in init else f"model.heads.{name}"
-                buf.copy_(torch.from_numpy(np.array(init[key])))
+            if name in persistent and not name.startswith("deep."):
+                buf.copy_(torch.from_numpy(np.array(init[_initializer_name(init, name)])))
     return model.eval()
