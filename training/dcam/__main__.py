@@ -70,9 +70,9 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
-SHIPPED_HEADS = dict(score_rule="top1pct_mean", density="deep", tta_views=1, pixel_norm="score", w_map=0.25,
-                     density_groups=12, density_tie_dim=1024, val_from_test=0.1, bank_fraction=0.0, bank_dims=64,
-                     bank_w_student=0.0)
+SHIPPED_HEADS = dict(score_rule="max", density="deep", tta_views=1, pixel_norm="none", w_map=1.0,
+                     density_groups=12, density_tie_dim=1024, val_from_test=0.1, bank_fraction=0.01, bank_dims=64,
+                     bank_w_student=0.1)
 
 
 def _head_args(p: argparse.ArgumentParser) -> None:
@@ -340,7 +340,8 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
         summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in ckpt["calibration_report"].items()}
     out = Path(args.output)
     name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
-                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else ""))
+                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else "")
+                               + ("-bank" if model.cfg.bank_fraction > 0 else ""))
     export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"], name, args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)

@@ -121,7 +121,9 @@ class PatchBank(nn.Module):
         self.centre.copy_(every.mean(0))
         if self.proj.shape[1] < self.proj.shape[0]:
             sample = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(seed))[:200_000]]
-            self.proj.copy_(torch.linalg.svd(sample - self.centre, full_matrices=False)[2][:self.proj.shape[1]].T)
+            v = torch.linalg.svd(sample - self.centre, full_matrices=False)[2][:self.proj.shape[1]]
+            self.proj.zero_()  # fewer descriptors than dims (tiny data): the extra columns stay 0
+            self.proj[:, :len(v)] = v.T
         flat = (flat - self.centre) @ self.proj
         cls = np.asarray(classes)
         parts = []

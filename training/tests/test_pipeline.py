@@ -118,20 +118,22 @@ def test_cli_ablation(mvtec_root, tmp_path):
 
 
 def test_cli_defaults_are_the_shipped_recipe(mvtec_root, tmp_path):
-    """`all` without method flags: STFPM student, deep density (up to 12 Gaussians per class, the 1280-channel
-    stage tied) on 1 view, pixel-normalised map score fused at 0.25, 10 % of each test defect type as validation."""
+    """`all` without method flags: STFPM student, a patch bank (1 % of each class's positions, 64 PCA dimensions)
+    whose map takes the student's at 0.1, deep density (up to 12 Gaussians per class, the 1280-channel stage
+    tied) on 1 view, the map's maximum fused at 1.0, 10 % of each test defect type as validation."""
     out = tmp_path / "run"
     main(["all", "--data-root", str(mvtec_root), "--input-size", "32", "--epochs", "1", "--max-steps", "1",
           "--batch-size", "4", "--val-fraction", "0.25", "--out", str(out), "--output", str(tmp_path / "d.onnx"), "--quiet"])
     tc = json.loads(read_metadata(tmp_path / "d.onnx")["dcam.train_config"])
     assert (tc["variant"], tc["score_rule"], tc["density"], tc["tta_views"], tc["pixel_norm"], tc["w_map"],
-            tc["density_groups"], tc["density_tie_dim"], tc["val_from_test"]) == \
-        ("stfpm", "top1pct_mean", "deep", 1, "score", 0.25, 12, 1024, 0.1)
+            tc["density_groups"], tc["density_tie_dim"], tc["val_from_test"], tc["bank_fraction"], tc["bank_dims"],
+            tc["bank_w_student"]) == ("stfpm", "max", "deep", 1, "", 1.0, 12, 1024, 0.1, 0.01, 64, 0.1)
+    assert tc["bank_entries"] > 0
     est = json.loads((out / "validation_estimate.json").read_text())
     assert all("real labelled" in m["estimate_kind"] for m in est["per_class"].values())
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["test_images"] == 6 and len(metrics["validation_defects_from_test"]) == 2  # set aside, not tested
-    assert read_metadata(tmp_path / "d.onnx")["dcam.model_name"] == "stfpm-multi-mobilenetv2-density"
+    assert read_metadata(tmp_path / "d.onnx")["dcam.model_name"] == "stfpm-multi-mobilenetv2-density-bank"
     assert (out / "validation_estimate.json").exists() and check_contract(tmp_path / "d.onnx") == []
     # out-of-fold calibration by default, and the metrics users act on in the report and the metadata
     assert (tc["calibration_rule"], tc["calibration_fpr"], tc["oof_folds"]) == ("oof", 0.01, "leave-one-out")
