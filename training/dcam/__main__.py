@@ -71,7 +71,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
 
 # Defaults = the shipped recipe (models/MODEL_CARD.md): chosen on validation data only.
 SHIPPED_HEADS = dict(score_rule="max", density="deep", tta_views=1, pixel_norm="none", w_map=1.0,
-                     density_groups=12, density_tie_dim=1024, val_from_test=0.1, bank_fraction=0.01, bank_dims=64,
+                     density_groups=12, density_tie_dim=1024, val_from_test=0.1, bank_fraction=0.01,
+                     bank_max_entries=10_000, bank_dims=64,
                      bank_w_student=0.1)
 
 
@@ -92,6 +93,8 @@ def _head_args(p: argparse.ArgumentParser) -> None:
                    help="feature stages at least this wide share one covariance across a class's groups (0: none)")
     p.add_argument("--bank-fraction", type=float, default=d["bank_fraction"],
                    help="local patch bank for the map: share of each class's training positions kept (0: none)")
+    p.add_argument("--bank-max-entries", type=int, default=d["bank_max_entries"],
+                   help="cap on the bank's entries over all classes, which sets the search's cost (0: none)")
     p.add_argument("--bank-dims", type=int, default=d["bank_dims"], help="PCA dimensions of the bank (0: all)")
     p.add_argument("--bank-w-student", type=float, default=d["bank_w_student"],
                    help="with a bank: the student's map in the raw map, relative to the bank's (0: bank map only)")
@@ -107,7 +110,8 @@ def _head_overrides(args) -> dict:
     return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
                 tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
                 w_map=args.w_map, density_groups=args.density_groups, density_tie_dim=args.density_tie_dim,
-                bank_fraction=args.bank_fraction, bank_dims=args.bank_dims, bank_w_student=args.bank_w_student)
+                bank_fraction=args.bank_fraction, bank_max_entries=args.bank_max_entries, bank_dims=args.bank_dims,
+                bank_w_student=args.bank_w_student)
 
 
 def _classes(args) -> tuple[Path, list[str]]:

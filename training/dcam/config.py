@@ -29,6 +29,7 @@ class ModelConfig:
     density_groups: int = 1            # up to this many Gaussians per class (k-means groups, >= 50 images each)
     density_tie_dim: int = 0           # stages at least this wide share one covariance across a class's groups (0: none)
     bank_fraction: float = 0.0         # local patch bank (patch_bank.py): share of each class's training positions kept (0: none)
+    bank_max_entries: int = 10_000     # the bank's size cap over all classes (the search's cost grows with it; 0: none)
     bank_dims: int = 64                # PCA dimensions of the bank's descriptors (0: all 128)
     bank_w_student: float = 0.0        # the student's map in the raw map, relative to the bank map (both at their held-out 99th pct.)
 

@@ -107,9 +107,16 @@ class PatchBank(nn.Module):
         return self.map(feats) + self.w_student * student_map
 
     @staticmethod
-    def entries_per_class(classes: list[str], n_images: dict[str, int], positions: int, fraction: float) -> dict[str, int]:
-        """How many descriptors each class keeps: `fraction` of its training positions (at least one)."""
-        return {c: max(1, round(fraction * n_images[c] * positions)) for c in classes}
+    def entries_per_class(classes: list[str], n_images: dict[str, int], positions: int, fraction: float,
+                          max_entries: int = 0) -> dict[str, int]:
+        """How many descriptors each class keeps: `fraction` of its training positions (at least one), all
+        scaled down together when they would exceed `max_entries` (0: no cap). The search costs in proportion
+        to the bank, which is the union of the classes': the cap keeps a model with more classes or more
+        training images at the throughput it was sized for."""
+        want = {c: fraction * n_images[c] * positions for c in classes}
+        total = sum(want.values())
+        shrink = max_entries / total if max_entries and total > max_entries else 1.0
+        return {c: max(1, int(w * shrink + 0.5)) for c, w in want.items()}
 
     @torch.no_grad()
     def fit(self, feats: list[torch.Tensor], classes: list[str], entries: dict[str, int], seed: int = 0) -> None:

@@ -84,7 +84,7 @@ class DistillModel(nn.Module):
         cls = list(train_classes)
         positions = full[LAYERS[0]].shape[-1] * full[LAYERS[0]].shape[-2]
         entries = PatchBank.entries_per_class(self.heads.classes, {c: cls.count(c) for c in self.heads.classes}, positions,
-                                              self.cfg.bank_fraction)
+                                              self.cfg.bank_fraction, self.cfg.bank_max_entries)
         self.heads.bank = self._bank(sum(entries.values()))
         self.heads.bank.fit(full, cls, entries)
         log(f"[heads] patch bank: {entries} descriptors of {positions} positions per image")

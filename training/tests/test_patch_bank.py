@@ -48,6 +48,15 @@ def test_greedy_coreset_keeps_the_rare_pattern():
     assert len(set(picked.tolist())) == 5 and 500 in picked.tolist()  # k-means would average it away
 
 
+def test_the_bank_is_a_share_of_each_class_up_to_a_cap_on_the_whole():
+    n = {"bottle": 178, "magnetic_tile": 648}
+    assert PatchBank.entries_per_class(list(n), n, 1024, 0.01, 10_000) == {"bottle": 1823, "magnetic_tile": 6636}
+    n["new"] = 1000  # a third class with 1000 normal images: all three shrink by the same factor
+    e = PatchBank.entries_per_class(list(n), n, 1024, 0.01, 10_000)
+    assert abs(sum(e.values()) - 10_000) <= 2 and e["new"] / e["bottle"] == pytest.approx(1000 / 178, rel=1e-2)
+    assert PatchBank.entries_per_class(["a"], {"a": 1}, 4, 0.01) == {"a": 1}  # at least one
+
+
 @pytest.fixture(scope="module")
 def banked(mvtec_root, tmp_path_factory):
     classes = ["tile", "widget"]
