@@ -88,10 +88,10 @@ pub const CLASS_OTHER: &str = "_other";
 /// Every metric the operator exports.
 pub struct Metrics {
     pub totals: Totals,
-    /// Class label values allowed on `images`: the model's classes. Label values never come from
-    /// input as such (docs/DESIGN.md §8: prometheus-client does not escape them, and every new
-    /// value would be a new series).
-    classes: std::sync::OnceLock<std::collections::BTreeSet<String>>,
+    /// Class label values allowed on `images`: the classes of the model in force. Label values
+    /// never come from input as such (docs/DESIGN.md §8: prometheus-client does not escape them,
+    /// and every new value would be a new series).
+    classes: std::sync::RwLock<std::collections::BTreeSet<String>>,
     pub registry: Mutex<Registry>,
     pub images: Family<OutcomeLabels, Counter>,
     pub dead_letters: Family<KindLabels, Counter>,
@@ -133,7 +133,7 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let m = Self {
             totals: Totals::default(),
-            classes: std::sync::OnceLock::new(),
+            classes: std::sync::RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("dcam")),
             images: Family::default(),
             dead_letters: Family::default(),
@@ -226,16 +226,16 @@ impl Metrics {
         self.dead_letter_kinds.lock().expect("metrics").clone()
     }
 
-    /// Sets the classes that may appear as label values (once, from the loaded model).
+    /// Sets the classes that may appear as label values: the model in force's (again at each swap).
     pub fn set_classes(&self, classes: &[String]) {
-        let _ = self.classes.set(classes.iter().cloned().collect());
+        *self.classes.write().expect("metrics") = classes.iter().cloned().collect();
     }
 
     /// The label value for an input's class: a model class, `_none` without one, `_other` else.
     pub fn class_label(&self, class: Option<&str>) -> String {
         match class {
             None => CLASS_NONE.into(),
-            Some(c) if self.classes.get().is_some_and(|known| known.contains(c)) => c.into(),
+            Some(c) if self.classes.read().expect("metrics").contains(c) => c.into(),
             Some(_) => CLASS_OTHER.into(),
         }
     }
@@ -437,5 +437,19 @@ mod tests {
         // One event moves the per-kind counter and the totals together.
         assert!(text.contains(r#"dcam_dead_letters_total{kind="decode"} 1"#), "{text}");
         assert_eq!((m.totals.scored.load(Ordering::Relaxed), m.totals.dead_letters.load(Ordering::Relaxed)), (2, 1));
+    }
+
+    #[test]
+    fn class_labels_follow_the_model_in_force() {
+        let m = Metrics::new();
+        m.set_classes(&["bottle".to_string()]);
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("screw"), source: "in/0/0" });
+        // A model with a new class is swapped in.
+        m.set_classes(&["bottle".to_string(), "screw".to_string()]);
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("screw"), source: "in/0/1" });
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("tile"), source: "in/0/2" });
+        let text = m.encode();
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="screw"} 1"#), "{text}");
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="_other"} 2"#), "{text}");
     }
 }
