@@ -24,6 +24,8 @@ use crate::config::{LogFormat, TelemetrySettings};
 pub enum InternalEvent<'a> {
     /// A runtime change (threshold, model) was published through the API.
     ControlChange { kind: &'a str },
+    /// A control-topic record was not applied (`reason`: unsigned, bad_signature, ...).
+    ControlRecordIgnored { reason: &'a str, offset: i64, detail: &'a str },
     /// A model was swapped in (hot reload).
     ModelSwapped { name: &'a str, version: &'a str, source: &'a str },
     /// A model was refused (contract, input size, warm-up); the active one keeps serving.
@@ -45,6 +47,11 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +124,7 @@ pub struct Metrics {
     pub model_info: Family<ModelLabels, Gauge>,
     pub model_reloads: Family<KindLabels, Counter>,
     pub control_changes: Family<KindLabels, Counter>,
+    pub control_records_ignored: Family<ReasonLabels, Counter>,
     /// Sum of `consumer_lag` over partitions, for the live page.
     pub total_lag: std::sync::atomic::AtomicI64,
     dead_letter_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -157,6 +165,7 @@ impl Metrics {
             model_info: Family::default(),
             model_reloads: Family::default(),
             control_changes: Family::default(),
+            control_records_ignored: Family::default(),
             total_lag: Default::default(),
             dead_letter_kinds: Mutex::default(),
             known_models: Mutex::default(),
@@ -166,6 +175,11 @@ impl Metrics {
             r.register("model_info", "The model serving now (1) and the ones before it (0)", m.model_info.clone());
             r.register("model_reloads", "Model hot reloads by result (swapped, rejected)", m.model_reloads.clone());
             r.register("control_changes", "Runtime changes published through the API, by kind (threshold, model)", m.control_changes.clone());
+            r.register(
+                "control_records_ignored",
+                "Control-topic records not applied, by reason (unsigned, bad_signature, unreadable, key_mismatch, invalid_value, unknown_class, unknown_version)",
+                m.control_records_ignored.clone(),
+            );
             r.register("images", "Input events by outcome (normal, anomaly, dead_letter) and class", m.images.clone());
             r.register("dead_letters", "Dead-lettered inputs by error kind", m.dead_letters.clone());
             r.register("batch_size", "Images per model run", m.batch_size.clone());
@@ -261,6 +275,17 @@ impl Metrics {
             }
             InternalEvent::ControlChange { kind } => {
                 self.control_changes.get_or_create(&KindLabels { kind: kind.into() }).inc();
+            }
+            InternalEvent::ControlRecordIgnored { reason, offset, detail } => {
+                // Logged once per reason: whoever floods the topic does not flood the logs too.
+                if self.control_records_ignored.get_or_create(&ReasonLabels { reason: reason.into() }).inc() == 0 {
+                    tracing::warn!(
+                        reason,
+                        offset,
+                        detail,
+                        "ignoring a control record; further ones for this reason are only counted (dcam_control_records_ignored_total)"
+                    );
+                }
             }
             InternalEvent::ModelSwapped { name, version, source } => {
                 tracing::info!(name, version, source, "model swapped in");

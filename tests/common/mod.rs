@@ -325,6 +325,7 @@ impl OperatorConfig {
             ("DCAM__TOPICS__DEAD_LETTER", dlq.to_string()),
             // Replicas of one group share their control topic; other tests never see it.
             ("DCAM__TOPICS__CONTROL", format!("{group}.control")),
+            ("DCAM__TOPICS__CONTROL_AUDIT", format!("{group}.control.audit")),
             ("DCAM__MODEL__PATH", model_path().display().to_string()),
             ("DCAM__DELIVERY__COMMIT_INTERVAL_MS", "200".to_string()),
             ("DCAM__BATCH__MAX_BATCH", "8".to_string()),
