@@ -34,7 +34,7 @@ fn signature(secret: &str, key: &str, value: &str) -> (String, Vec<u8>) {
 }
 
 /// A control record as someone with produce rights on the topic would write it.
-fn control_record(key: &str, value: &str, signed_with: Option<&str>) -> (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>) {
+fn control_record(key: &str, value: &str, signed_with: Option<&str>) -> RawRecord {
     (Some(key.as_bytes().to_vec()), value.as_bytes().to_vec(), signed_with.map(|secret| signature(secret, key, value)).into_iter().collect())
 }
 

@@ -523,7 +523,8 @@ pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8
     })
 }
 
-type RawRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+/// (key, value, headers) as `publish` sends it.
+pub type RawRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
 
 /// `n` valid raw-image records (id and class headers) cycling over real test images of both
 /// classes (the bottle PNGs are ~0.5 MB each).
