@@ -24,6 +24,7 @@ pub struct Settings {
     pub delivery: DeliverySettings,
     pub telemetry: TelemetrySettings,
     pub inspect: InspectSettings,
+    pub control: ControlSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -128,6 +129,10 @@ pub struct TopicSettings {
     /// runtime changes are off when empty.
     #[serde(default, with = "empty_is_none")]
     pub control: Option<String>,
+    /// Every runtime change made through the API, appended (never compacted, never read back for
+    /// state); off when empty.
+    #[serde(default, with = "empty_is_none")]
+    pub control_audit: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -286,6 +291,22 @@ pub struct TelemetrySettings {
     /// Bearer token for the HTTP API's writes (thresholds, model); writes are off when empty.
     #[serde(default)]
     pub api_token: Secret,
+    /// Named writers, one `name:token` a line; each name is the `by` of that writer's changes.
+    #[serde(default, with = "empty_is_none")]
+    pub tokens_file: Option<String>,
+}
+
+/// Who may change the control topic: records must carry an HMAC-SHA256 under this key.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    /// The signing key itself (from a Secret, as env); unsigned records are applied when neither
+    /// this nor `signing_key_file` is set.
+    #[serde(default)]
+    pub signing_key: Secret,
+    /// A file holding the signing key (a mounted Secret), read at start-up.
+    #[serde(default, with = "empty_is_none")]
+    pub signing_key_file: Option<String>,
 }
 
 /// The inspection page's in-memory data.
@@ -299,6 +320,9 @@ pub struct InspectSettings {
 }
 
 const MASK: &str = "***";
+
+/// Shorter HMAC keys are guessable; 32 bytes is SHA-256's own size.
+pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 /// librdkafka properties whose values are secrets (`sasl.password`, `ssl.key.pem`,
 /// `sasl.oauthbearer.client.secret`, `ssl.keystore.password`, ...). Paths (`*.location`) are not.
@@ -493,12 +517,26 @@ impl Settings {
         );
         check(self.inspect.recent_bytes <= 1 << 30, format!("inspect.recent_bytes must be <= 1073741824, got {}", self.inspect.recent_bytes));
         check(self.inspect.thumbnail_px <= 512, format!("inspect.thumbnail_px must be <= 512, got {}", self.inspect.thumbnail_px));
-        if let Some(control) = &self.topics.control {
-            check(
-                !self.kafka.input_topics.contains(control) && control != &self.topics.scores && control != &self.topics.dead_letter,
-                format!("topics.control ({control:?}) must be a topic of its own"),
-            );
+        for (name, topic) in [("topics.control", &self.topics.control), ("topics.control_audit", &self.topics.control_audit)] {
+            if let Some(topic) = topic {
+                check(
+                    !self.kafka.input_topics.contains(topic) && topic != &self.topics.scores && topic != &self.topics.dead_letter,
+                    format!("{name} ({topic:?}) must be a topic of its own"),
+                );
+            }
         }
+        check(
+            self.topics.control.is_none() || self.topics.control != self.topics.control_audit,
+            "topics.control_audit must differ from topics.control (one is compacted, the other keeps every change)".into(),
+        );
+        check(
+            self.control.signing_key.expose().is_none() || self.control.signing_key_file.is_none(),
+            "set control.signing_key or control.signing_key_file, not both".into(),
+        );
+        check(
+            self.control.signing_key.expose().is_none_or(|k| k.len() >= MIN_SIGNING_KEY_BYTES),
+            format!("control.signing_key must be at least {MIN_SIGNING_KEY_BYTES} bytes (e.g. openssl rand -hex 32)"),
+        );
         for (class, t) in &self.model.thresholds {
             check(t.is_finite(), format!("model.thresholds.{class} must be a finite number"));
         }
@@ -719,6 +757,20 @@ mod tests {
         assert_eq!((o.batch.max_delay, o.kafka.brokers.as_str()), (Duration::from_millis(9), "b:1"));
         assert!(s.with_overrides(&[("batch.max_batch", 0.into())]).unwrap_err().to_string().contains("batch.max_batch"), "overrides are validated");
         assert!(s.with_overrides(&[("batch.nope", 1.into())]).is_err());
+    }
+
+    #[test]
+    fn control_signing_key_is_one_long_secret() {
+        let key = "k".repeat(MIN_SIGNING_KEY_BYTES);
+        let s = Settings::load_with_env(None, env(&[("DCAM__CONTROL__SIGNING_KEY", &key)])).unwrap();
+        assert!(!s.to_toml_masked().contains(&key), "the key prints masked");
+        let short = Settings::load_with_env(None, env(&[("DCAM__CONTROL__SIGNING_KEY", "short")])).unwrap_err().to_string();
+        assert!(short.contains("control.signing_key must be at least 32 bytes"), "{short}");
+        let both =
+            Settings::load_with_env(None, env(&[("DCAM__CONTROL__SIGNING_KEY", &key), ("DCAM__CONTROL__SIGNING_KEY_FILE", "/k")])).unwrap_err().to_string();
+        assert!(both.contains("not both"), "{both}");
+        let same = Settings::load_with_env(None, env(&[("DCAM__TOPICS__CONTROL_AUDIT", "dcam.control")])).unwrap_err().to_string();
+        assert!(same.contains("topics.control_audit must differ"), "{same}");
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::config::{LogFormat, TelemetrySettings};
 pub enum InternalEvent<'a> {
     /// A runtime change (threshold, model) was published through the API.
     ControlChange { kind: &'a str },
+    /// A control-topic record was not applied (`reason`: unsigned, bad_signature, ...).
+    ControlRecordIgnored { reason: &'a str, offset: i64, detail: &'a str },
     /// A model was swapped in (hot reload).
     ModelSwapped { name: &'a str, version: &'a str, source: &'a str },
     /// A model was refused (contract, input size, warm-up); the active one keeps serving.
@@ -45,6 +47,11 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,10 +95,10 @@ pub const CLASS_OTHER: &str = "_other";
 /// Every metric the operator exports.
 pub struct Metrics {
     pub totals: Totals,
-    /// Class label values allowed on `images`: the model's classes. Label values never come from
-    /// input as such (docs/DESIGN.md §8: prometheus-client does not escape them, and every new
-    /// value would be a new series).
-    classes: std::sync::OnceLock<std::collections::BTreeSet<String>>,
+    /// Class label values allowed on `images`: the classes of the model in force. Label values
+    /// never come from input as such (docs/DESIGN.md §8: prometheus-client does not escape them,
+    /// and every new value would be a new series).
+    classes: std::sync::RwLock<std::collections::BTreeSet<String>>,
     pub registry: Mutex<Registry>,
     pub images: Family<OutcomeLabels, Counter>,
     pub dead_letters: Family<KindLabels, Counter>,
@@ -117,6 +124,7 @@ pub struct Metrics {
     pub model_info: Family<ModelLabels, Gauge>,
     pub model_reloads: Family<KindLabels, Counter>,
     pub control_changes: Family<KindLabels, Counter>,
+    pub control_records_ignored: Family<ReasonLabels, Counter>,
     /// Sum of `consumer_lag` over partitions, for the live page.
     pub total_lag: std::sync::atomic::AtomicI64,
     dead_letter_kinds: Mutex<std::collections::BTreeMap<String, u64>>,
@@ -133,7 +141,7 @@ impl Metrics {
     pub fn new() -> Arc<Self> {
         let m = Self {
             totals: Totals::default(),
-            classes: std::sync::OnceLock::new(),
+            classes: std::sync::RwLock::default(),
             registry: Mutex::new(Registry::with_prefix("dcam")),
             images: Family::default(),
             dead_letters: Family::default(),
@@ -157,6 +165,7 @@ impl Metrics {
             model_info: Family::default(),
             model_reloads: Family::default(),
             control_changes: Family::default(),
+            control_records_ignored: Family::default(),
             total_lag: Default::default(),
             dead_letter_kinds: Mutex::default(),
             known_models: Mutex::default(),
@@ -166,6 +175,11 @@ impl Metrics {
             r.register("model_info", "The model serving now (1) and the ones before it (0)", m.model_info.clone());
             r.register("model_reloads", "Model hot reloads by result (swapped, rejected)", m.model_reloads.clone());
             r.register("control_changes", "Runtime changes published through the API, by kind (threshold, model)", m.control_changes.clone());
+            r.register(
+                "control_records_ignored",
+                "Control-topic records not applied, by reason (unsigned, bad_signature, unreadable, key_mismatch, invalid_value, unknown_class, unknown_version)",
+                m.control_records_ignored.clone(),
+            );
             r.register("images", "Input events by outcome (normal, anomaly, dead_letter) and class", m.images.clone());
             r.register("dead_letters", "Dead-lettered inputs by error kind", m.dead_letters.clone());
             r.register("batch_size", "Images per model run", m.batch_size.clone());
@@ -226,16 +240,16 @@ impl Metrics {
         self.dead_letter_kinds.lock().expect("metrics").clone()
     }
 
-    /// Sets the classes that may appear as label values (once, from the loaded model).
+    /// Sets the classes that may appear as label values: the model in force's (again at each swap).
     pub fn set_classes(&self, classes: &[String]) {
-        let _ = self.classes.set(classes.iter().cloned().collect());
+        *self.classes.write().expect("metrics") = classes.iter().cloned().collect();
     }
 
     /// The label value for an input's class: a model class, `_none` without one, `_other` else.
     pub fn class_label(&self, class: Option<&str>) -> String {
         match class {
             None => CLASS_NONE.into(),
-            Some(c) if self.classes.get().is_some_and(|known| known.contains(c)) => c.into(),
+            Some(c) if self.classes.read().expect("metrics").contains(c) => c.into(),
             Some(_) => CLASS_OTHER.into(),
         }
     }
@@ -261,6 +275,17 @@ impl Metrics {
             }
             InternalEvent::ControlChange { kind } => {
                 self.control_changes.get_or_create(&KindLabels { kind: kind.into() }).inc();
+            }
+            InternalEvent::ControlRecordIgnored { reason, offset, detail } => {
+                // Logged once per reason: whoever floods the topic does not flood the logs too.
+                if self.control_records_ignored.get_or_create(&ReasonLabels { reason: reason.into() }).inc() == 0 {
+                    tracing::warn!(
+                        reason,
+                        offset,
+                        detail,
+                        "ignoring a control record; further ones for this reason are only counted (dcam_control_records_ignored_total)"
+                    );
+                }
             }
             InternalEvent::ModelSwapped { name, version, source } => {
                 tracing::info!(name, version, source, "model swapped in");
@@ -437,5 +462,19 @@ mod tests {
         // One event moves the per-kind counter and the totals together.
         assert!(text.contains(r#"dcam_dead_letters_total{kind="decode"} 1"#), "{text}");
         assert_eq!((m.totals.scored.load(Ordering::Relaxed), m.totals.dead_letters.load(Ordering::Relaxed)), (2, 1));
+    }
+
+    #[test]
+    fn class_labels_follow_the_model_in_force() {
+        let m = Metrics::new();
+        m.set_classes(&["bottle".to_string()]);
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("screw"), source: "in/0/0" });
+        // A model with a new class is swapped in.
+        m.set_classes(&["bottle".to_string(), "screw".to_string()]);
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("screw"), source: "in/0/1" });
+        m.emit(InternalEvent::Scored { anomaly: false, class: Some("tile"), source: "in/0/2" });
+        let text = m.encode();
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="screw"} 1"#), "{text}");
+        assert!(text.contains(r#"dcam_images_total{outcome="normal",class="_other"} 2"#), "{text}");
     }
 }

@@ -1,12 +1,14 @@
 //! The HTTP server on the telemetry port: `/metrics`, `/healthz`, `/readyz`, the inspection
 //! page (`/ui`, assets compiled into the binary) and its API. Reads are open; every write
-//! (thresholds, model) needs `Authorization: Bearer <telemetry.api_token>` and is refused when no
-//! token is configured. Data never reaches HTML from here: the page renders JSON with
+//! (thresholds, model) needs `Authorization: Bearer <token>` of a writer (`auth`), whose name
+//! becomes the change's `by`, and is refused when no token is configured. Data never reaches HTML from here: the page renders JSON with
 //! `textContent` only, under a Content-Security-Policy that allows no inline script. No response
 //! may be framed or content-sniffed.
 
 mod auth;
 mod live;
+
+pub use auth::Writers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +21,8 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::config::{Secret, Settings};
-use crate::control::{Change, Control};
+use crate::config::Settings;
+use crate::control::{check_threshold, Change, Control, ThresholdRefusal};
 use crate::inference::active::{self, ModelSlot};
 use crate::inference::model::RuntimeThresholds;
 use crate::inspect::Recent;
@@ -36,7 +38,7 @@ pub struct ApiState {
     pub thresholds: Arc<RuntimeThresholds>,
     /// Off (`None`) when `topics.control` is empty: then nothing can be changed at runtime.
     pub control: Option<Arc<Control>>,
-    pub token: Secret,
+    pub writers: Arc<Writers>,
     pub settings: Arc<Settings>,
 }
 
@@ -179,7 +181,7 @@ fn error(code: StatusCode, message: impl std::fmt::Display) -> Response {
 }
 
 async fn set_threshold(State(s): State<ApiState>, headers: HeaderMap, Path(class): Path<String>, body: Option<Json<ThresholdRequest>>) -> Response {
-    let who = match auth::writer(&s.token, &headers) {
+    let who = match auth::writer(&s.writers, &headers) {
         Ok(who) => who,
         Err(refusal) => return refusal,
     };
@@ -189,12 +191,14 @@ async fn set_threshold(State(s): State<ApiState>, headers: HeaderMap, Path(class
     let Some(Json(request)) = body else {
         return error(StatusCode::BAD_REQUEST, "body must be JSON: {\"threshold\": <number or null>}");
     };
-    if request.threshold.is_some_and(|t| !t.is_finite()) {
-        return error(StatusCode::BAD_REQUEST, "threshold must be a finite number");
-    }
     let active = models.current();
-    if class != crate::inference::model::DEFAULT_CLASS && !active.engine.info.classes.contains(&class) {
-        return error(StatusCode::NOT_FOUND, format!("the active model has no class {class:?} (classes: {:?})", active.engine.info.classes));
+    // The checks every replica makes again when it reads the change from the control topic.
+    match check_threshold(&active.engine.info.classes, &class, request.threshold) {
+        Ok(()) => {}
+        Err(ThresholdRefusal::NotFinite) => return error(StatusCode::BAD_REQUEST, "threshold must be a finite number"),
+        Err(ThresholdRefusal::UnknownClass) => {
+            return error(StatusCode::NOT_FOUND, format!("the active model has no class {class:?} (classes: {:?})", active.engine.info.classes))
+        }
     }
     let previous = Some(active.scorer.calibration_in_force(Some(&class), s.thresholds.get(&active.model.version, &class)).0.threshold);
     let change = Change::Threshold { class, model_version: active.model.version.clone(), threshold: request.threshold, previous, by: who, at: Change::now() };
@@ -219,7 +223,7 @@ struct ModelRequest {
 }
 
 async fn load_model(State(s): State<ApiState>, headers: HeaderMap, body: Option<Json<ModelRequest>>) -> Response {
-    let who = match auth::writer(&s.token, &headers) {
+    let who = match auth::writer(&s.writers, &headers) {
         Ok(who) => who,
         Err(refusal) => return refusal,
     };
@@ -228,7 +232,7 @@ async fn load_model(State(s): State<ApiState>, headers: HeaderMap, body: Option<
 }
 
 async fn rollback_model(State(s): State<ApiState>, headers: HeaderMap) -> Response {
-    let who = match auth::writer(&s.token, &headers) {
+    let who = match auth::writer(&s.writers, &headers) {
         Ok(who) => who,
         Err(refusal) => return refusal,
     };
@@ -284,7 +288,7 @@ mod tests {
             models: None,
             thresholds: Arc::new(RuntimeThresholds::default()),
             control: None,
-            token: Secret::default(),
+            writers: Arc::default(),
             settings: Arc::new(Settings::load_with_env(None, std::iter::empty()).unwrap()),
         }
     }

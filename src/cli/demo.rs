@@ -60,8 +60,8 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
     let cluster = MockCluster::new(1).context("starting the in-process Kafka (MockCluster)")?;
     let brokers = cluster.bootstrap_servers();
     let topic = settings.kafka.input_topics[0].clone();
-    let control = settings.topics.control.clone();
-    for t in [Some(&topic), Some(&settings.topics.scores), Some(&settings.topics.dead_letter), control.as_ref()].into_iter().flatten() {
+    let (control, audit) = (settings.topics.control.clone(), settings.topics.control_audit.clone());
+    for t in [Some(&topic), Some(&settings.topics.scores), Some(&settings.topics.dead_letter), control.as_ref(), audit.as_ref()].into_iter().flatten() {
         cluster.create_topic(t, opts.partitions, 1)?;
     }
     let heatmaps = opts.heatmaps.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dcam-demo-heatmaps-{}", std::process::id())));

@@ -60,11 +60,13 @@ impl ModelSlot {
     }
 
     /// Loads `source` (a file path; `s3://` URIs are fetched first by the caller), checks it
-    /// against the contract and the running pipeline, warms it up and swaps it in. On any error
-    /// the active model keeps serving. Blocking: call off the executor.
-    pub fn load_and_swap(&self, file: &Path, source: &str, settings: &Settings) -> Result<Arc<ActiveModel>> {
+    /// against the contract and the running pipeline, warms it up and swaps it in; `before_swap`
+    /// sees it once it passed every check, before its first batch. On any error the active model
+    /// keeps serving. Blocking: call off the executor.
+    pub fn load_and_swap(&self, file: &Path, source: &str, settings: &Settings, before_swap: impl FnOnce(&ActiveModel)) -> Result<Arc<ActiveModel>> {
         let _one_at_a_time = self.loading.lock().expect("model slot");
         let candidate = validate(file, source, settings, &self.current())?;
+        before_swap(&candidate);
         let candidate = Arc::new(candidate);
         let old = std::mem::replace(&mut *self.current.write().expect("model slot"), candidate.clone());
         *self.previous.lock().expect("model slot") = Some(old);

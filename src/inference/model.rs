@@ -56,6 +56,11 @@ impl RuntimeThresholds {
     pub fn get(&self, model_version: &str, class: &str) -> Option<f32> {
         self.0.read().expect("thresholds").get(&(model_version.to_string(), class.to_string())).copied()
     }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.read().expect("thresholds").len()
+    }
 }
 
 impl ModelInfo {

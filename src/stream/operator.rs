@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use crate::api::ApiState;
+use crate::api::{ApiState, Writers};
 use crate::config::{HeatmapPolicy, Settings};
 use crate::control::Control;
 use crate::delivery::{Delivery, OffsetTracker};
@@ -66,7 +66,7 @@ impl RunningOperator {
         // Runtime thresholds and model announcements, read to the end before the first image.
         let thresholds = Arc::new(RuntimeThresholds::default());
         let control = match &settings.topics.control {
-            Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone()).await?)),
+            Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone(), metrics.clone(), &engine.info).await?)),
             None => None,
         };
         let recent = Arc::new(Recent::new(settings.inspect.recent_bytes, settings.inspect.thumbnail_px));
@@ -79,7 +79,7 @@ impl RunningOperator {
                 models: Some(models.clone()),
                 thresholds: thresholds.clone(),
                 control: control.clone(),
-                token: settings.telemetry.api_token.clone(),
+                writers: Arc::new(Writers::from_settings(&settings.telemetry)?),
                 settings: shared_settings.clone(),
             };
             tokio::spawn(async move {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Settings;
 use crate::control::{Change, ControlState};
-use crate::inference::active::{fetch_model, ModelSlot};
+use crate::inference::active::{fetch_model, ActiveModel, ModelSlot};
 use crate::telemetry::{InternalEvent, Metrics};
 
 pub struct Reloader {
@@ -66,12 +66,17 @@ impl Reloader {
             return;
         }
         let dir = std::env::temp_dir().join("dcam-models");
-        let result = self.runtime.block_on(fetch_model(uri, &self.settings, &dir)).and_then(|file| self.models.load_and_swap(&file, uri, &self.settings));
-        match result {
-            Ok(active) => {
-                self.metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri });
-                self.metrics.set_classes(&active.engine.info.classes);
+        // Before its first batch: its runtime thresholds are in force and its classes are labels.
+        let before_swap = |candidate: &ActiveModel| {
+            if let Some(control) = &self.control {
+                control.model_loaded(&candidate.engine.info);
             }
+            self.metrics.set_classes(&candidate.engine.info.classes);
+        };
+        let result =
+            self.runtime.block_on(fetch_model(uri, &self.settings, &dir)).and_then(|file| self.models.load_and_swap(&file, uri, &self.settings, before_swap));
+        match result {
+            Ok(active) => self.metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri }),
             Err(e) => self.metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") }),
         }
     }

@@ -325,6 +325,7 @@ impl OperatorConfig {
             ("DCAM__TOPICS__DEAD_LETTER", dlq.to_string()),
             // Replicas of one group share their control topic; other tests never see it.
             ("DCAM__TOPICS__CONTROL", format!("{group}.control")),
+            ("DCAM__TOPICS__CONTROL_AUDIT", format!("{group}.control.audit")),
             ("DCAM__MODEL__PATH", model_path().display().to_string()),
             ("DCAM__DELIVERY__COMMIT_INTERVAL_MS", "200".to_string()),
             ("DCAM__BATCH__MAX_BATCH", "8".to_string()),
@@ -522,7 +523,8 @@ pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8
     })
 }
 
-type RawRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
+/// (key, value, headers) as `publish` sends it.
+pub type RawRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>);
 
 /// `n` valid raw-image records (id and class headers) cycling over real test images of both
 /// classes (the bottle PNGs are ~0.5 MB each).

@@ -442,6 +442,32 @@ def test_ui_ingress_and_api_token():
     assert "DCAM__TELEMETRY__API_TOKEN" not in {e["name"] for e in container(defaults).get("env", [])}
 
 
+def test_control_signing_key_and_writers_come_from_mounted_secrets():
+    """The control-record signing key and the named writers are Secret files the config points at."""
+    values = yaml.safe_load((CHART / "ci" / "sasl-ssl-s3-values.yaml").read_text())
+    docs = manifests(values)
+    pod = workload(docs)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    cfg = tomllib.loads(config_toml(docs))
+    for volume, secret, key, setting in [
+        ("writers", "dcam-ui-writers", "tokens", cfg["telemetry"]["tokens_file"]),
+        ("control-signing-key", "dcam-control-signing", "signing-key", cfg["control"]["signing_key_file"]),
+    ]:
+        assert volumes[volume]["secret"]["secretName"] == secret
+        assert volumes[volume]["secret"]["items"] == [{"key": key, "path": key}], "only that key is mounted"
+        assert mounts[volume]["readOnly"] is True
+        assert setting == f"{mounts[volume]['mountPath']}/{key}"
+    assert "signing_key" not in cfg["control"], "the key itself never enters the ConfigMap"
+    assert cfg["topics"]["control_audit"] == "dcam.control.audit"
+    # Off by default: no volumes, no settings (the operator warns that records are unsigned).
+    defaults = manifests({})
+    default_volumes = {v["name"] for v in workload(defaults)["spec"]["template"]["spec"]["volumes"]}
+    assert not default_volumes & {"writers", "control-signing-key"}
+    default_cfg = tomllib.loads(config_toml(defaults))
+    assert "control" not in default_cfg and "tokens_file" not in default_cfg["telemetry"]
+
+
 def test_no_secret_in_configmap(values_set):
     _, values = values_set
     cfg = tomllib.loads(config_toml(manifests(values)))
@@ -495,7 +521,8 @@ def test_chart_config_covers_default_toml():
     rendered = flat_keys(tomllib.loads(config_toml(manifests({}))))
     chart_managed = {"kafka.sasl_password", "kafka.ssl_key_password", "heatmap.s3.secret_access_key",
                      "heatmap.s3.access_key_id", "kafka.ssl_ca_location", "kafka.ssl_certificate_location",
-                     "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id", "telemetry.api_token"}
+                     "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id", "telemetry.api_token",
+                     "telemetry.tokens_file", "control.signing_key", "control.signing_key_file"}
     missing = default_keys() - rendered - chart_managed
     assert not missing, f"values.yaml config lacks {sorted(missing)} (new operator keys?)"
 

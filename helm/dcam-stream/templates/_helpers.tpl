@@ -110,6 +110,8 @@ Port of config.telemetry.http_addr ("host:port", IPv6 "[::]:port").
 {{- define "dcam-stream.configDir" -}}/etc/dcam{{- end }}
 {{- define "dcam-stream.kafkaTlsDir" -}}/var/run/secrets/dcam/kafka-tls{{- end }}
 {{- define "dcam-stream.modelDir" -}}/opt/dcam/models{{- end }}
+{{- define "dcam-stream.writersDir" -}}/var/run/secrets/dcam/writers{{- end }}
+{{- define "dcam-stream.controlKeyDir" -}}/var/run/secrets/dcam/control{{- end }}
 
 {{/*
 Effective operator configuration: .Values.config plus the keys the chart manages.
@@ -133,6 +135,13 @@ Returns YAML (include + fromYaml keeps it a dict).
 {{- if $tls.caKey }}{{ $_ := set $cfg.kafka "ssl_ca_location" (printf "%s/%s" $dir $tls.caKey) }}{{ end }}
 {{- if $tls.certKey }}{{ $_ := set $cfg.kafka "ssl_certificate_location" (printf "%s/%s" $dir $tls.certKey) }}{{ end }}
 {{- if $tls.keyKey }}{{ $_ := set $cfg.kafka "ssl_key_location" (printf "%s/%s" $dir $tls.keyKey) }}{{ end }}
+{{- end }}
+{{- /* Control-plane secrets, mounted as files from their Secrets */}}
+{{- if .Values.ui.tokensSecret }}
+{{- $_ := set $cfg.telemetry "tokens_file" (printf "%s/%s" (include "dcam-stream.writersDir" .) .Values.ui.tokensKey) }}
+{{- end }}
+{{- if .Values.control.signingKeySecret }}
+{{- $_ := set $cfg "control" (dict "signing_key_file" (printf "%s/%s" (include "dcam-stream.controlKeyDir" .) .Values.control.signingKeyKey)) }}
 {{- end }}
 {{- /* TensorRT engine cache */}}
 {{- if and (eq $cfg.engine.provider "tensorrt") .Values.trtEngineCache.enabled }}
