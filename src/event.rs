@@ -112,8 +112,9 @@ pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
     }
 }
 
+/// docs/DESIGN.md §2: 1–128 characters (not bytes, as the schema's `maxLength` counts), none a control character.
 fn validate_class(class: &str) -> Result<(), Rejection> {
-    if class.is_empty() || class.len() > 128 || class.chars().any(|c| c.is_control()) {
+    if class.is_empty() || class.chars().count() > 128 || class.chars().any(|c| c.is_control()) {
         return Err(Rejection::new(ErrorKind::Schema, "class must be 1-128 printable characters"));
     }
     Ok(())
@@ -333,6 +334,18 @@ mod tests {
         let long = "x".repeat(257);
         assert!(validate_image_id(&long).is_err());
         assert!(validate_image_id(&"x".repeat(256)).is_ok());
+    }
+
+    #[test]
+    fn class_length_counts_characters_not_bytes() {
+        let envelope = |class: &str| serde_json::to_vec(&serde_json::json!({"image_id": "x", "class": class, "image": "AAAA"})).unwrap();
+        // 128 two-byte characters are 256 bytes: within the limit, as the schema's maxLength says.
+        let e = parse_event(Some(&envelope(&"é".repeat(128))), None, None, &src()).unwrap();
+        assert_eq!(e.class.unwrap().chars().count(), 128);
+        assert!(parse_event(Some(b"\x89PNG"), None, Some(&"é".repeat(128)), &src()).is_ok(), "the dcam-class header too");
+        let err = parse_event(Some(&envelope(&"é".repeat(129))), None, None, &src()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Schema);
+        assert!(err.message.contains("1-128"), "{}", err.message);
     }
 
     #[test]

@@ -234,6 +234,9 @@ PARSER_CASES = [
     ({"image_id": "x", "image": PNG, "class": ""}, "schema"),
     ({"image_id": "x", "image": PNG, "class": "a\nb"}, "schema"),
     ({"image_id": "x", "image": PNG, "class": "k" * 129}, "schema"),
+    # Characters, not bytes: 128 two-byte characters pass, 129 do not.
+    ({"image_id": "x", "image": PNG, "class": "é" * 128}, None),
+    ({"image_id": "x", "image": PNG, "class": "é" * 129}, "schema"),
     ({"image_id": "x", "image": PNG, "content_type": 5}, "schema"),
     ({"image_id": "x\n", "image": PNG}, "schema"),
     ({"image_id": "x", "image": ""}, "schema"),
