@@ -272,9 +272,16 @@ pub fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
-/// Dead-letter headers: the originals plus the error description.
+/// Whether a header is one the operator writes on a dead letter (`dcam-error*`,
+/// `dcam-original-error*`, `dcam-source`): a new dead letter and a redrive drop the incoming ones,
+/// so a record that fails again carries only its current error.
+pub(crate) fn is_dead_letter_header(name: &str) -> bool {
+    name.starts_with("dcam-error") || name.starts_with("dcam-original-error") || name == "dcam-source"
+}
+
+/// Dead-letter headers: the originals (less stale dead-letter headers) plus the error description.
 pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
-    let mut h: Headers = original.iter().filter(|(k, _)| !k.starts_with("dcam-error") && k != "dcam-source").cloned().collect();
+    let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
     h.push(("dcam-error-kind".into(), rejection.kind.as_str().as_bytes().to_vec()));
     h.push(("dcam-error".into(), rejection.message.as_bytes().to_vec()));
     h.push(("dcam-source".into(), format!("{}/{}/{}", source.topic, source.partition, source.offset).into_bytes()));
@@ -357,5 +364,29 @@ mod tests {
         assert_eq!(header_str(&h, "dcam-error"), Some("12 MB"));
         assert_eq!(header_str(&h, "dcam-source"), Some("images/2/41"));
         assert_eq!(h.iter().filter(|(k, _)| k == "dcam-error").count(), 1);
+    }
+
+    /// A redriven record that fails again arrives with the headers of its earlier dead letter (and
+    /// a stand-in's dcam-original-error*): its new dead letter carries only the current ones.
+    #[test]
+    fn dead_letter_headers_replace_stale_error_headers() {
+        let stale: Headers = [
+            ("dcam-error-kind", "fetch"),
+            ("dcam-error", "no such file"),
+            ("dcam-original-error-kind", "decode"),
+            ("dcam-original-error", "bad base64"),
+            ("dcam-source", "images/0/3"),
+            ("dcam-redriven-from", "images.dlq/0/7"),
+            ("line", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let h = dead_letter_headers(&stale, &Rejection::new(ErrorKind::Decode, "truncated PNG"), &src());
+        let names: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["dcam-redriven-from", "line", "dcam-error-kind", "dcam-error", "dcam-source"], "{h:?}");
+        assert_eq!(header_str(&h, "dcam-error-kind"), Some("decode"));
+        assert_eq!(header_str(&h, "dcam-source"), Some("images/2/41"));
+        assert_eq!(header_str(&h, "dcam-redriven-from"), Some("images.dlq/0/7"), "what dlq redrive added stays: it says where the record came from");
     }
 }
