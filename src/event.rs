@@ -15,12 +15,14 @@ pub enum ErrorKind {
     UnsupportedFormat,
     Fetch,
     Inference,
+    /// The model ran but its score for this image is not a finite number (NaN or infinite).
+    ModelOutput,
     /// A bug (a caught panic) on this input; the operator keeps running.
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::Internal];
+    pub const ALL: [ErrorKind; 8] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::ModelOutput, Self::Internal];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,6 +32,7 @@ impl ErrorKind {
             Self::UnsupportedFormat => "unsupported_format",
             Self::Fetch => "fetch",
             Self::Inference => "inference",
+            Self::ModelOutput => "model_output",
             Self::Internal => "internal",
         }
     }

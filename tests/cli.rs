@@ -43,6 +43,26 @@ fn score_prints_one_json_line_per_file_in_order_with_heatmaps() {
     assert_eq!(last["error_kind"], "unsupported_format", "a bad file is reported, not dropped");
 }
 
+/// A model can output NaN: that image has no score to publish (JSON has no NaN; the schema says
+/// number), so it is reported as a `model_output` failure and every other image is scored.
+#[test]
+fn a_nan_score_is_a_model_output_failure_not_a_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = nan_on_black_model(tmp.path());
+    let black = tmp.path().join("black.png");
+    image::RgbImage::new(64, 64).save(&black).unwrap();
+    let good = &sample_images(1)[0].path;
+    let out = dcam(&["score", "--model", &model.display().to_string(), &black.display().to_string(), &good.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{}", text(&out.stdout));
+    let nan = &lines[0];
+    assert_eq!(nan["error_kind"], "model_output", "{nan}");
+    assert!(nan["error"].as_str().unwrap().contains("NaN"), "the error says what the model returned: {nan}");
+    assert!(nan["score"].is_null() && nan["raw_score"].is_null() && nan["is_anomaly"].is_null(), "no verdict without a score: {nan}");
+    assert!(lines[1]["raw_score"].as_f64().unwrap().is_finite() && lines[1]["error"].is_null(), "the other image is scored: {}", lines[1]);
+}
+
 #[test]
 fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
     let tmp = tempfile::tempdir().unwrap();
