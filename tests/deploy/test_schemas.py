@@ -461,16 +461,21 @@ def final_table(stdout: str) -> dict[str, tuple[int, int, str, str]]:
     return rows
 
 
-SUMMARY = re.compile(r"replayed (\d+) records \((\d+) scored, (\d+) anomalies, (\d+) dead letters\) in ([0-9.]+)s; ranges \{(.*?)\}")
+def parse_summary(run: subprocess.CompletedProcess) -> dict[str, Any]:
+    """The summary record `replay` prints: its stdout is that one JSON line, nothing else; stderr
+    has the same numbers for people."""
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1, f"replay's stdout should be one summary line:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    summary = json.loads(lines[0])
+    assert f"replayed {summary['records']} records ({summary['scored']} scored" in run.stderr, run.stderr[-3000:]
+    return summary
 
 
-def parse_summary(output: str) -> dict[str, Any]:
-    """The summary line `replay` prints, as the object schemas/replay-summary.json describes."""
-    m = SUMMARY.search(output)
-    assert m, f"no summary line in the replay's output:\n{output[-3000:]}"
-    ranges = {p: [int(s), int(e)] for p, s, e in re.findall(r"(\d+): \((\d+), (\d+)\)", m.group(6))}
-    return {"records": int(m.group(1)), "scored": int(m.group(2)), "anomalies": int(m.group(3)),
-            "dead_letters": int(m.group(4)), "duration_s": float(m.group(5)), "ranges": ranges}
+def heatmap_path(uri: str) -> Path:
+    """The file a file:// heatmap_uri names (its path is percent-encoded)."""
+    parts = urllib.parse.urlsplit(uri)
+    assert parts.scheme == "file" and parts.netloc == "" and not parts.query and not parts.fragment, uri
+    return Path(urllib.parse.unquote(parts.path))
 
 
 def s3_nowhere() -> dict[str, str]:
@@ -623,7 +628,7 @@ def test_real_records_match_the_schemas(tmp_path):
                               "--output-topic", "replayed"], capture_output=True, text=True, timeout=300,
                              env=cli_env(tmp_path, broker.brokers), cwd=REPO)
         assert rep.returncode == 0, f"replay exited {rep.returncode}:\n{rep.stdout[-3000:]}\n{rep.stderr[-3000:]}"
-        summary = parse_summary(rep.stderr + rep.stdout)
+        summary = parse_summary(rep)
         assert_valid("replay-summary", summary, "the replay summary")
         assert (summary["records"], summary["scored"], summary["dead_letters"]) == (len(inputs), len(scored), len(dead)), summary
         assert sum(e - s for s, e in summary["ranges"].values()) == len(inputs), summary
@@ -657,7 +662,7 @@ def test_replay_dir_lines_and_summary(tmp_path):
     assert lines[0]["class"] == "bottle" and lines[0]["label"] == imgs["bottle"]["defect"][0].parent.name
     assert lines[0]["heatmap"] and Path(lines[0]["heatmap"]).is_file()
     assert lines[2]["error_kind"] and lines[2]["score"] is None
-    summary = parse_summary(r.stderr + r.stdout)
+    summary = parse_summary(r)
     assert_valid("replay-summary", summary, "the replay --dir summary")
     assert (summary["records"], summary["scored"], summary["dead_letters"]) == (3, 2, 1), summary
     assert summary["anomalies"] == sum(bool(line["is_anomaly"]) for line in lines) and summary["ranges"] == {}
