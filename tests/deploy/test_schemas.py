@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ SCHEMAS = REPO / "schemas"
 SCHEMA_FILES = sorted(SCHEMAS.glob("*.json"))
 DOCS = [REPO / "README.md", REPO / "docs" / "DESIGN.md", SCHEMAS / "README.md"]
 TOKEN = "schema-t0ken"
+# A heatmap store root with characters a URI must percent-encode: heatmap_uri stays one valid URI.
+HEATMAP_DIR = "heat maps #1 100%"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -311,6 +314,18 @@ def test_subscriber_lets_new_fields_through_and_names_them():
     assert lines[1].split() == ["(none)", "1", "0", "0.0%", "0.250"] and lines[-1].split() == ["total", "2", "1", "50.0%"]
 
 
+def test_subscriber_decodes_heatmap_uris(tmp_path):
+    """heatmap_uri is percent-encoded: the subscriber follows one whose path has a space, '#' and '%'."""
+    sub = subscriber_module()
+    png = tmp_path / HEATMAP_DIR / "0.1.0" / "images" / "0" / "5.png"
+    png.parent.mkdir(parents=True)
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    uri = "file://" + urllib.parse.quote(str(png), safe="/")
+    assert not errors("score", {**load("score")["examples"][0], "heatmap_uri": uri})
+    assert sub.heatmap_size(uri) == (8, None)
+    assert errors("score", {**load("score")["examples"][0], "heatmap_uri": f"file://{png}"}), "a raw path is not a valid URI"
+
+
 # ---- c. end to end --------------------------------------------------------------------------------------
 
 
@@ -491,7 +506,7 @@ def cli_env(tmp: Path, brokers: str | None = None) -> dict[str, str]:
                 "DCAM__TELEMETRY__LOG_FORMAT": "text", "DCAM__TELEMETRY__LOG_LEVEL": "warn"})
     if brokers:
         env.update({"DCAM__KAFKA__BROKERS": brokers, "DCAM__KAFKA__GROUP_ID": "schemas-replay",
-                    "DCAM__HEATMAP__STORE": f"file://{tmp / 'heatmaps'}", "DCAM__HEATMAP__POLICY": "all",
+                    "DCAM__HEATMAP__STORE": f"file://{tmp / HEATMAP_DIR}", "DCAM__HEATMAP__POLICY": "all",
                     "DCAM__DECODE__FILE_URI_ROOT": str(tmp / "claims"), **s3_nowhere()})
     return env
 
@@ -513,13 +528,17 @@ def check_score(msg, by_source: dict[tuple[int, int], Input], schema: str = "sco
         assert record["image_id"] == hdr.get("dcam-image-id", f"images-{src['partition']}-{src['offset']}")
         assert record["class"] == hdr.get("dcam-class") and record["attributes"] is None
     if record["heatmap_uri"]:
-        assert Path(record["heatmap_uri"].removeprefix("file://")).is_file(), record["heatmap_uri"]
+        assert heatmap_path(record["heatmap_uri"]).is_file(), record["heatmap_uri"]
     return record
 
 
 def check_dead_letter(msg, by_source: dict[tuple[int, int], Input]) -> dict[str, str]:
     headers = headers_of(msg)
     assert_valid("dead-letter", headers, "dead-letter headers")
+    names = [k for k, _ in msg.headers() or []]
+    for own in ("dcam-error-kind", "dcam-error", "dcam-source"):
+        assert names.count(own) == 1, f"exactly one current {own}: {msg.headers()}"
+    assert not any(n.startswith("dcam-original-error") for n in names), f"no stale dcam-original-error*: {msg.headers()}"
     topic, partition, offset = headers["dcam-source"].rsplit("/", 2)
     inp = by_source[(int(partition), int(offset))]
     assert headers["dcam-error-kind"] in inp.outcome.split("|"), (inp.key, inp.outcome, headers)
@@ -554,6 +573,7 @@ def test_real_records_match_the_schemas(tmp_path):
             "DCAM__KAFKA__GROUP_ID": "schemas-operator",
             "DCAM__DELIVERY__MODE": "exactly_once", "DCAM__DELIVERY__INSTANCE_ID": "schemas-0",
             "DCAM__TOPICS__ANOMALIES": "anomalies",
+            "DCAM__HEATMAP__STORE": f"file://{tmp_path / HEATMAP_DIR}",
             "DCAM__DECODE__FILE_URI_ROOT": str(claims),
             "DCAM__TELEMETRY__API_TOKEN": TOKEN, **s3_nowhere(),
         }, name="schemas")
@@ -618,7 +638,7 @@ def test_real_records_match_the_schemas(tmp_path):
         uris = {r["heatmap_uri"] for r in scores if r["heatmap_uri"]}
         assert set(followed) == uris, sub.stdout
         for uri, size in followed.items():
-            assert int(size) == Path(uri.removeprefix("file://")).stat().st_size
+            assert int(size) == heatmap_path(uri).stat().st_size
 
         op.stop()
         op = None
