@@ -69,22 +69,22 @@ def unknown_fields(schema, record, prefix=""):
 
 def heatmap_size(uri):
     """Fetches a heatmap; returns (bytes, None) or (None, why not)."""
-    if uri.startswith("file://"):
-        # The operator writes the path as it is; a percent-encoded one is accepted too.
-        raw = uri[len("file://"):]
-        if raw.startswith("localhost/"):
-            raw = raw[len("localhost"):]
-        for path in (raw, urllib.parse.unquote(raw)):
-            if os.path.isfile(path):
-                with open(path, "rb") as f:
-                    return len(f.read()), None
-        return None, "no such file here"
-    if uri.startswith("s3://"):
+    # A URI: its path is percent-encoded (a store root with a space or '#' in it), so decode it.
+    parts = urllib.parse.urlsplit(uri)
+    path = urllib.parse.unquote(parts.path)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            return None, "on another host"
+        if not os.path.isfile(path):
+            return None, "no such file here"
+        with open(path, "rb") as f:
+            return len(f.read()), None
+    if parts.scheme == "s3":
         try:
             import boto3
         except ImportError:
             return None, "would fetch it with boto3 (not installed)"
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, key = parts.netloc, path.removeprefix("/")
         try:
             body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:  # credentials, network, missing object: report and go on

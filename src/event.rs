@@ -15,12 +15,14 @@ pub enum ErrorKind {
     UnsupportedFormat,
     Fetch,
     Inference,
+    /// The model ran but its score for this image is not a finite number (NaN or infinite).
+    ModelOutput,
     /// A bug (a caught panic) on this input; the operator keeps running.
     Internal,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::Internal];
+    pub const ALL: [ErrorKind; 8] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::ModelOutput, Self::Internal];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -30,6 +32,7 @@ impl ErrorKind {
             Self::UnsupportedFormat => "unsupported_format",
             Self::Fetch => "fetch",
             Self::Inference => "inference",
+            Self::ModelOutput => "model_output",
             Self::Internal => "internal",
         }
     }
@@ -112,8 +115,9 @@ pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
     }
 }
 
+/// docs/DESIGN.md §2: 1–128 characters (not bytes, as the schema's `maxLength` counts), none a control character.
 fn validate_class(class: &str) -> Result<(), Rejection> {
-    if class.is_empty() || class.len() > 128 || class.chars().any(|c| c.is_control()) {
+    if class.is_empty() || class.chars().count() > 128 || class.chars().any(|c| c.is_control()) {
         return Err(Rejection::new(ErrorKind::Schema, "class must be 1-128 printable characters"));
     }
     Ok(())
@@ -271,9 +275,16 @@ pub fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
-/// Dead-letter headers: the originals plus the error description.
+/// Whether a header is one the operator writes on a dead letter (`dcam-error*`,
+/// `dcam-original-error*`, `dcam-source`): a new dead letter and a redrive drop the incoming ones,
+/// so a record that fails again carries only its current error.
+pub(crate) fn is_dead_letter_header(name: &str) -> bool {
+    name.starts_with("dcam-error") || name.starts_with("dcam-original-error") || name == "dcam-source"
+}
+
+/// Dead-letter headers: the originals (less stale dead-letter headers) plus the error description.
 pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
-    let mut h: Headers = original.iter().filter(|(k, _)| !k.starts_with("dcam-error") && k != "dcam-source").cloned().collect();
+    let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
     h.push(("dcam-error-kind".into(), rejection.kind.as_str().as_bytes().to_vec()));
     h.push(("dcam-error".into(), rejection.message.as_bytes().to_vec()));
     h.push(("dcam-source".into(), format!("{}/{}/{}", source.topic, source.partition, source.offset).into_bytes()));
@@ -336,6 +347,18 @@ mod tests {
     }
 
     #[test]
+    fn class_length_counts_characters_not_bytes() {
+        let envelope = |class: &str| serde_json::to_vec(&serde_json::json!({"image_id": "x", "class": class, "image": "AAAA"})).unwrap();
+        // 128 two-byte characters are 256 bytes: within the limit, as the schema's maxLength says.
+        let e = parse_event(Some(&envelope(&"é".repeat(128))), None, None, &src()).unwrap();
+        assert_eq!(e.class.unwrap().chars().count(), 128);
+        assert!(parse_event(Some(b"\x89PNG"), None, Some(&"é".repeat(128)), &src()).is_ok(), "the dcam-class header too");
+        let err = parse_event(Some(&envelope(&"é".repeat(129))), None, None, &src()).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Schema);
+        assert!(err.message.contains("1-128"), "{}", err.message);
+    }
+
+    #[test]
     fn dead_letter_headers_keep_originals() {
         let orig: Headers = vec![("traceparent".into(), b"00-abc".to_vec()), ("dcam-error".into(), b"old".to_vec())];
         let h = dead_letter_headers(&orig, &Rejection::new(ErrorKind::TooLarge, "12 MB"), &src());
@@ -344,5 +367,29 @@ mod tests {
         assert_eq!(header_str(&h, "dcam-error"), Some("12 MB"));
         assert_eq!(header_str(&h, "dcam-source"), Some("images/2/41"));
         assert_eq!(h.iter().filter(|(k, _)| k == "dcam-error").count(), 1);
+    }
+
+    /// A redriven record that fails again arrives with the headers of its earlier dead letter (and
+    /// a stand-in's dcam-original-error*): its new dead letter carries only the current ones.
+    #[test]
+    fn dead_letter_headers_replace_stale_error_headers() {
+        let stale: Headers = [
+            ("dcam-error-kind", "fetch"),
+            ("dcam-error", "no such file"),
+            ("dcam-original-error-kind", "decode"),
+            ("dcam-original-error", "bad base64"),
+            ("dcam-source", "images/0/3"),
+            ("dcam-redriven-from", "images.dlq/0/7"),
+            ("line", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let h = dead_letter_headers(&stale, &Rejection::new(ErrorKind::Decode, "truncated PNG"), &src());
+        let names: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["dcam-redriven-from", "line", "dcam-error-kind", "dcam-error", "dcam-source"], "{h:?}");
+        assert_eq!(header_str(&h, "dcam-error-kind"), Some("decode"));
+        assert_eq!(header_str(&h, "dcam-source"), Some("images/2/41"));
+        assert_eq!(header_str(&h, "dcam-redriven-from"), Some("images.dlq/0/7"), "what dlq redrive added stays: it says where the record came from");
     }
 }

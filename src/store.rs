@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use object_store::{aws::AmazonS3Builder, path::Path as ObjectPath, ObjectStore, PutPayload};
+use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use crate::config::{HeatmapSettings, S3Settings};
 
@@ -35,7 +36,7 @@ impl BlobStore {
         bail!("heatmap.store must be file:// or s3://, got {url:?}")
     }
 
-    /// Writes `bytes` at `key` (overwriting) and returns the blob's URI.
+    /// Writes `bytes` at `key` (overwriting) and returns the blob's URI (percent-encoded, see `uri`).
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
         match self {
             Self::Dir(root) => {
@@ -47,12 +48,14 @@ impl BlobStore {
                 tokio::fs::write(&tmp, bytes).await.with_context(|| format!("writing {}", tmp.display()))?;
                 tokio::fs::rename(&tmp, &path).await.with_context(|| format!("renaming to {}", path.display()))?;
                 let abs = std::path::absolute(&path).unwrap_or(path);
-                Ok(format!("file://{}", abs.display()))
+                Ok(uri("file://", std::os::unix::ffi::OsStrExt::as_bytes(abs.as_os_str())))
             }
             Self::S3 { store, bucket, prefix } => {
                 let full = if prefix.is_empty() { key.to_string() } else { format!("{prefix}/{key}") };
-                store.put(&ObjectPath::from(full.as_str()), PutPayload::from(bytes)).await.map_err(|e| anyhow!("S3 put {full}: {e}"))?;
-                Ok(format!("s3://{bucket}/{full}"))
+                // The object key as object_store writes it (it encodes a few characters itself).
+                let path = ObjectPath::from(full.as_str());
+                store.put(&path, PutPayload::from(bytes)).await.map_err(|e| anyhow!("S3 put {full}: {e}"))?;
+                Ok(uri(&format!("s3://{bucket}/"), path.as_ref().as_bytes()))
             }
         }
     }
@@ -63,6 +66,17 @@ impl BlobStore {
             Self::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}"),
         }
     }
+}
+
+/// What a URI path segment keeps as it is: RFC 3986's unreserved characters. Anything else (a
+/// space, `#`, `%`, non-ASCII bytes) is percent-encoded, so a heatmap URI is valid whatever the
+/// store root, and percent-decoding its path gives back the file's path or the object's key.
+const KEPT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// `base` (`file://`, `s3://bucket/`) then `path` with each `/`-separated segment percent-encoded.
+fn uri(base: &str, path: &[u8]) -> String {
+    let segments: Vec<String> = path.split(|b| *b == b'/').map(|segment| percent_encode(segment, KEPT).to_string()).collect();
+    format!("{base}{}", segments.join("/"))
 }
 
 /// An S3 client for `bucket`, bounded at every level so a slow store never holds anything for
@@ -95,5 +109,27 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"second");
         assert_eq!(uri, format!("file://{}", path.display()));
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temp files left");
+    }
+
+    #[test]
+    fn s3_uris_encode_the_key_and_decode_back_to_it() {
+        let key = "line 7#a/100%/v1/images/0/5.png";
+        let u = url::Url::parse(&uri("s3://inspection/", key.as_bytes())).unwrap();
+        assert_eq!((u.scheme(), u.host_str(), u.fragment()), ("s3", Some("inspection"), None));
+        assert_eq!(percent_encoding::percent_decode_str(u.path()).decode_utf8().unwrap(), format!("/{key}"));
+        assert_eq!(uri("s3://b/", b"v1/images/0/5.png"), "s3://b/v1/images/0/5.png", "a plain key stays readable");
+    }
+
+    /// A store root with a space, `#`, `%` or `?` still gives a valid URI (a `#` would otherwise
+    /// start a fragment) that decodes back to the file written.
+    #[tokio::test]
+    async fn dir_store_uris_are_percent_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("heat maps #1 100% ?x");
+        let store = BlobStore::Dir(root.clone());
+        let uri = store.put("v1/images/0/5.png", b"png".to_vec()).await.unwrap();
+        assert!(!uri.contains([' ', '#', '?']), "{uri}");
+        let parsed = url::Url::parse(&uri).unwrap();
+        assert_eq!(parsed.to_file_path().unwrap(), root.join("v1/images/0/5.png"), "{uri}");
     }
 }

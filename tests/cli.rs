@@ -43,6 +43,26 @@ fn score_prints_one_json_line_per_file_in_order_with_heatmaps() {
     assert_eq!(last["error_kind"], "unsupported_format", "a bad file is reported, not dropped");
 }
 
+/// A model can output NaN: that image has no score to publish (JSON has no NaN; the schema says
+/// number), so it is reported as a `model_output` failure and every other image is scored.
+#[test]
+fn a_nan_score_is_a_model_output_failure_not_a_score() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = nan_on_black_model(tmp.path());
+    let black = tmp.path().join("black.png");
+    image::RgbImage::new(64, 64).save(&black).unwrap();
+    let good = &sample_images(1)[0].path;
+    let out = dcam(&["score", "--model", &model.display().to_string(), &black.display().to_string(), &good.display().to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{}", text(&out.stdout));
+    let nan = &lines[0];
+    assert_eq!(nan["error_kind"], "model_output", "{nan}");
+    assert!(nan["error"].as_str().unwrap().contains("NaN"), "the error says what the model returned: {nan}");
+    assert!(nan["score"].is_null() && nan["raw_score"].is_null() && nan["is_anomaly"].is_null(), "no verdict without a score: {nan}");
+    assert!(lines[1]["raw_score"].as_f64().unwrap().is_finite() && lines[1]["error"].is_null(), "the other image is scored: {}", lines[1]);
+}
+
 #[test]
 fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
     let tmp = tempfile::tempdir().unwrap();
@@ -68,6 +88,15 @@ fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
         "{}",
         text(&out.stderr)
     );
+    // With the lines in --output, stdout is the summary record (schemas/replay-summary.json).
+    let summary: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap_or_else(|e| panic!("stdout is not one JSON summary ({e}): {}", text(&out.stdout)));
+    let n = files.len() as u64;
+    assert_eq!(
+        (&summary["records"], &summary["scored"], &summary["anomalies"], &summary["dead_letters"], &summary["ranges"]),
+        (&n.into(), &n.into(), &(anomalies as u64).into(), &0.into(), &serde_json::json!({})),
+        "{summary}"
+    );
+    assert!(summary["duration_s"].as_f64().is_some_and(|d| d > 0.0), "{summary}");
 }
 
 /// The README's first command, with its defaults: 24 images per class, half of them ~0.5 MB

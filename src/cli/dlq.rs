@@ -180,7 +180,7 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
             let source = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
             let mut headers = rdkafka::message::OwnedHeaders::new();
             for h in m.headers().into_iter().flat_map(|h| h.iter()) {
-                if !(h.key.starts_with("dcam-error") || h.key.starts_with("dcam-original-error") || h.key == "dcam-source") {
+                if !crate::event::is_dead_letter_header(h.key) {
                     headers = headers.insert(rdkafka::message::Header { key: h.key, value: h.value });
                 }
             }

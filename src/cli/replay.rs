@@ -1,4 +1,6 @@
 //! `dcam-stream replay`: re-scores a time range of a topic, or a folder/dataset with `--dir`.
+//! When it ends it prints its summary for people on stderr and, unless the `--dir` lines take
+//! stdout, as one JSON record (`schemas/replay-summary.json`) on stdout.
 
 use std::path::PathBuf;
 
@@ -31,7 +33,7 @@ pub(super) struct Args {
     /// Replay files (folder or MVTec dataset) in file order, no Kafka.
     #[arg(long, num_args = 1.., conflicts_with_all = ["input_topic", "output_topic"])]
     dir: Option<Vec<PathBuf>>,
-    /// With --dir: write JSON lines here instead of stdout.
+    /// With --dir: write JSON lines here instead of stdout (which then gets the summary record).
     #[arg(long, requires = "dir")]
     output: Option<PathBuf>,
     /// With --dir: heatmap PNGs go here.
@@ -41,6 +43,8 @@ pub(super) struct Args {
 
 pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     let settings = super::score::with_model(settings, args.model.as_deref())?;
+    // `--dir` without `--output` writes its lines to stdout; otherwise stdout carries the summary.
+    let stdout_is_free = args.dir.is_none() || args.output.is_some();
     let summary = match args.dir {
         Some(paths) => {
             let (output, heatmaps) = (args.output, args.heatmaps);
@@ -59,5 +63,8 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
         }
     };
     eprintln!("{summary}");
+    if stdout_is_free {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
     Ok(())
 }

@@ -88,6 +88,22 @@ mod tests {
     }
 
     #[test]
+    fn the_replay_summary_writes_its_schemas_record() {
+        let summary = crate::stream::replay::ReplaySummary {
+            records: 5,
+            scored: 4,
+            anomalies: 1,
+            dead_letters: 1,
+            duration: std::time::Duration::from_millis(2500),
+            ranges: [(0, (3, 6)), (1, (0, 2))].into(),
+        };
+        let written = serde_json::to_value(&summary).unwrap();
+        assert_matches("replay-summary", &written, &schema("replay-summary"));
+        assert_eq!(written["duration_s"], 2.5);
+        assert_eq!(written["ranges"], serde_json::json!({"0": [3, 6], "1": [0, 2]}), "partitions as keys, [start, end) as pairs");
+    }
+
+    #[test]
     fn every_schema_parses_and_has_a_title_and_id() {
         for (name, text) in SCHEMAS {
             let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -268,8 +268,15 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, sink: &dyn OutcomeS
             &mut run,
             &mut |items, out, inference_ms| {
                 for (i, d) in items.into_iter().enumerate() {
+                    let raw_score = match usable_score(out.scores[i], &model) {
+                        Ok(raw_score) => raw_score,
+                        Err(rejection) => {
+                            sink.accept(Outcome::Rejected { job: d.job, rejection });
+                            continue;
+                        }
+                    };
                     let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
-                    let scored = Scored { job: d.job, model: model.clone(), event: d.event, input: d.input, raw_score: out.scores[i], map, inference_ms };
+                    let scored = Scored { job: d.job, model: model.clone(), event: d.event, input: d.input, raw_score, map, inference_ms };
                     sink.accept(Outcome::Scored(Box::new(scored)));
                 }
             },
@@ -278,6 +285,16 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, sink: &dyn OutcomeS
             },
         );
     }
+}
+
+/// A raw score that can be published. NaN or infinite is the model failing on this image (JSON has
+/// no such number, and no threshold can judge it): the image is dead-lettered as `model_output`
+/// rather than scored, so nothing is lost and the error names the model.
+fn usable_score(raw_score: f32, model: &ActiveModel) -> Result<f32, Rejection> {
+    if raw_score.is_finite() {
+        return Ok(raw_score);
+    }
+    Err(Rejection::new(ErrorKind::ModelOutput, format!("model {} {} returned the score {raw_score} for this image, not a finite number", model.model.name, model.model.version)))
 }
 
 /// Runs a batch; when it fails, retries it once (a transient error such as a GPU out of

@@ -34,15 +34,22 @@ pub struct ReplayRequest {
     pub dead_letter_topic: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a replay reports when it ends: as JSON, the record of `schemas/replay-summary.json`
+/// (partitions become string keys, ranges `[start, end]` arrays); `Display` is the line for people.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplaySummary {
     pub records: u64,
     pub scored: u64,
     pub anomalies: u64,
     pub dead_letters: u64,
+    #[serde(rename = "duration_s", serialize_with = "seconds")]
     pub duration: Duration,
     /// Per partition: [start, end) offsets replayed.
     pub ranges: BTreeMap<i32, (i64, i64)>,
+}
+
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 impl std::fmt::Display for ReplaySummary {

@@ -47,6 +47,39 @@ onnx.save(m, sys.argv[2])
     out
 }
 
+/// A copy of the committed model whose score is NaN for an all-black image (every other image
+/// scores as before), written with the `onnx` package of the test environment.
+pub fn nan_on_black_model(dir: &Path) -> PathBuf {
+    let out = dir.join("dcam-nan-on-black.onnx");
+    let script = r#"
+import sys, onnx
+from onnx import helper, TensorProto
+m = onnx.load(sys.argv[1])
+g = m.graph
+for n in g.node:
+    for i, o in enumerate(n.output):
+        if o == "score":
+            n.output[i] = "score_model"
+scalar = lambda name, v: helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))
+g.node.extend([
+    helper.make_node("Cast", ["image"], ["image_f"], to=TensorProto.FLOAT),
+    helper.make_node("ReduceMax", ["image_f"], ["image_max"], axes=[1, 2, 3], keepdims=0),
+    scalar("zero", 0.0),
+    scalar("nan", float("nan")),
+    helper.make_node("Equal", ["image_max", "zero"], ["black"]),
+    helper.make_node("Where", ["black", "nan", "score_model"], ["score"]),
+])
+onnx.checker.check_model(m)
+onnx.save(m, sys.argv[2])
+"#;
+    let status = Command::new(repo_root().join(".venv/bin/python"))
+        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string()])
+        .status()
+        .expect("running the test environment's python (scripts/setup-python.sh)");
+    assert!(status.success(), "writing the NaN model failed");
+    out
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
