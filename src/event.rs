@@ -22,7 +22,8 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 8] = [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::ModelOutput, Self::Internal];
+    pub const ALL: [ErrorKind; 8] =
+        [Self::Schema, Self::Decode, Self::TooLarge, Self::UnsupportedFormat, Self::Fetch, Self::Inference, Self::ModelOutput, Self::Internal];
 
     pub fn as_str(self) -> &'static str {
         match self {

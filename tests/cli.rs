@@ -89,7 +89,8 @@ fn replay_dir_scores_a_dataset_in_file_order_and_summarises() {
         text(&out.stderr)
     );
     // With the lines in --output, stdout is the summary record (schemas/replay-summary.json).
-    let summary: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap_or_else(|e| panic!("stdout is not one JSON summary ({e}): {}", text(&out.stdout)));
+    let summary: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).trim()).unwrap_or_else(|e| panic!("stdout is not one JSON summary ({e}): {}", text(&out.stdout)));
     let n = files.len() as u64;
     assert_eq!(
         (&summary["records"], &summary["scored"], &summary["anomalies"], &summary["dead_letters"], &summary["ranges"]),

@@ -294,7 +294,10 @@ fn usable_score(raw_score: f32, model: &ActiveModel) -> Result<f32, Rejection> {
     if raw_score.is_finite() {
         return Ok(raw_score);
     }
-    Err(Rejection::new(ErrorKind::ModelOutput, format!("model {} {} returned the score {raw_score} for this image, not a finite number", model.model.name, model.model.version)))
+    Err(Rejection::new(
+        ErrorKind::ModelOutput,
+        format!("model {} {} returned the score {raw_score} for this image, not a finite number", model.model.name, model.model.version),
+    ))
 }
 
 /// Runs a batch; when it fails, retries it once (a transient error such as a GPU out of
