@@ -294,6 +294,18 @@ pub struct TelemetrySettings {
     /// Named writers, one `name:token` a line; each name is the `by` of that writer's changes.
     #[serde(default, with = "empty_is_none")]
     pub tokens_file: Option<String>,
+    /// Bearer token for the HTTP API's reads (images, scores, ids, attributes); reads are open
+    /// when empty. A writer's token reads too.
+    #[serde(default)]
+    pub read_token: Secret,
+    /// Host names the HTTP server answers to (against DNS rebinding); empty = any. IP addresses
+    /// and `localhost` are always accepted.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Connections served at once on the telemetry port; a few more are kept for the probes.
+    pub max_connections: usize,
+    /// `/api/live` streams served at once; more are refused with 503.
+    pub max_live_clients: usize,
 }
 
 /// Who may change the control topic: records must carry an HMAC-SHA256 under this key.
@@ -467,6 +479,7 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("kafka.input_topics")
+                .with_list_parse_key("telemetry.allowed_hosts")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -604,6 +617,17 @@ impl Settings {
             tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),
             format!("telemetry.log_level is not a valid filter: {:?}", self.telemetry.log_level),
         );
+        check(
+            (1..self.telemetry.max_connections).contains(&self.telemetry.max_live_clients),
+            format!(
+                "telemetry.max_live_clients must be at least 1 and below telemetry.max_connections ({}), got {}",
+                self.telemetry.max_connections, self.telemetry.max_live_clients
+            ),
+        );
+        check(
+            self.telemetry.allowed_hosts.iter().all(|h| !h.is_empty() && !h.contains([':', '/', '@'])),
+            format!("telemetry.allowed_hosts holds host names without scheme or port, got {:?}", self.telemetry.allowed_hosts),
+        );
         if errors.is_empty() {
             Ok(())
         } else {
@@ -718,6 +742,15 @@ mod tests {
         assert!(err.contains("tpu"), "{err}");
         let err = Settings::load_with_env(None, env(&[("DCAM__HEATMAP__STORE", "ftp://x")])).unwrap_err().to_string();
         assert!(err.contains("heatmap.store"), "{err}");
+        // Live streams must leave connections for everything else.
+        let err = Settings::load_with_env(None, env(&[("DCAM__TELEMETRY__MAX_CONNECTIONS", "16"), ("DCAM__TELEMETRY__MAX_LIVE_CLIENTS", "16")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.max_live_clients"), "{err}");
+        let err = Settings::load_with_env(None, env(&[("DCAM__TELEMETRY__ALLOWED_HOSTS", "https://dcam.example.com")])).unwrap_err().to_string();
+        assert!(err.contains("telemetry.allowed_hosts"), "{err}");
+        let hosts = Settings::load_with_env(None, env(&[("DCAM__TELEMETRY__ALLOWED_HOSTS", "dcam.example.com,dcam.dcam.svc")])).unwrap();
+        assert_eq!(hosts.telemetry.allowed_hosts, ["dcam.example.com", "dcam.dcam.svc"], "a comma-separated list from the environment");
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //! with heatmap thumbnails (so the page works with `heatmap.policy = none`), recent raw scores
 //! per class with their labels, and recent end-to-end latencies.
 //!
+//! An image's id names it across processes: a random per-process prefix and a counter, so two
+//! replicas behind one Ingress, or one operator before and after a restart, never give two
+//! images the same id (nor the same thumbnail URL).
+//!
 //! Thumbnails cost a render per image, so normal images get one only while someone is watching
-//! (the page or its API was asked in the last few minutes); anomalies always do.
+//! (the page's API was read in the last few minutes); anomalies always do.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,11 +25,13 @@ const WATCH_WINDOW: Duration = Duration::from_secs(300);
 const SCORES_PER_CLASS: usize = 2000;
 /// Latencies kept for the live percentiles.
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
+/// Latencies waiting for the live panel's task; beyond this (nobody takes them) new ones are dropped.
+const PENDING_LATENCIES: usize = 1 << 16;
 
 /// One scored image as the page lists it.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecentItem {
-    pub id: u64,
+    pub id: String,
     pub has_thumbnail: bool,
     pub record: ScoreRecord,
 }
@@ -49,13 +55,17 @@ struct Inner {
     bytes: usize,
     next_id: u64,
     scores: BTreeMap<String, ClassScores>,
-    latencies: VecDeque<(Instant, f64)>,
 }
 
 pub struct Recent {
     max_bytes: usize,
     thumbnail_px: u32,
     inner: Mutex<Inner>,
+    /// Random per process: ids stay unique across replicas and restarts.
+    id_prefix: String,
+    /// End-to-end latencies since the live panel last took them: the sink only appends here,
+    /// under a lock of their own that is held for a push or a swap.
+    latencies: Mutex<Vec<(Instant, f64)>>,
     started: Instant,
     /// Milliseconds since `started` of the last request from the page (0 = never).
     watched_at: AtomicU64,
@@ -64,7 +74,15 @@ pub struct Recent {
 impl Recent {
     /// `max_bytes` bounds records and thumbnails together; 0 turns the ring buffer off.
     pub fn new(max_bytes: usize, thumbnail_px: u32) -> Self {
-        Self { max_bytes, thumbnail_px, inner: Mutex::default(), started: Instant::now(), watched_at: AtomicU64::new(0) }
+        Self {
+            max_bytes,
+            thumbnail_px,
+            inner: Mutex::default(),
+            id_prefix: format!("{:016x}", rand::random::<u64>()),
+            latencies: Mutex::default(),
+            started: Instant::now(),
+            watched_at: AtomicU64::new(0),
+        }
     }
 
     pub fn thumbnail_px(&self) -> u32 {
@@ -88,12 +106,13 @@ impl Recent {
     /// Adds a scored image; the oldest ones go when the byte bound is reached. `classes` are the
     /// classes of the model that scored it.
     pub fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>, classes: &[String]) {
-        let mut inner = self.inner.lock().expect("recent");
-        let now = Instant::now();
-        inner.latencies.push_back((now, record.latency_ms.total));
-        while inner.latencies.front().is_some_and(|(t, _)| now.duration_since(*t) > LATENCY_WINDOW) {
-            inner.latencies.pop_front();
+        {
+            let mut pending = self.latencies.lock().expect("latencies");
+            if pending.len() < PENDING_LATENCIES {
+                pending.push((Instant::now(), record.latency_ms.total));
+            }
         }
+        let mut inner = self.inner.lock().expect("recent");
         let scores = inner.scores.entry(score_key(record.class.as_deref(), classes)).or_default();
         scores.raw.push_back(record.raw_score);
         scores.normal.push_back(normal_label(&record.attributes));
@@ -104,7 +123,7 @@ impl Recent {
         if self.max_bytes == 0 {
             return;
         }
-        let id = inner.next_id;
+        let id = format!("{}-{}", self.id_prefix, inner.next_id);
         inner.next_id += 1;
         let bytes = thumbnail.as_ref().map_or(0, Vec::len) + record_size(record);
         inner.bytes += bytes;
@@ -129,7 +148,7 @@ impl Recent {
             .collect()
     }
 
-    pub fn thumbnail(&self, id: u64) -> Option<Vec<u8>> {
+    pub fn thumbnail(&self, id: &str) -> Option<Vec<u8>> {
         let inner = self.inner.lock().expect("recent");
         inner.entries.iter().find(|e| e.item.id == id).and_then(|e| e.thumbnail.clone())
     }
@@ -138,21 +157,40 @@ impl Recent {
         self.inner.lock().expect("recent").scores.clone()
     }
 
-    /// (p50, p99) end-to-end latency in ms over the last minute.
-    pub fn latency_percentiles(&self) -> Option<(f64, f64)> {
-        let inner = self.inner.lock().expect("recent");
-        let mut ms: Vec<f64> = inner.latencies.iter().map(|(_, l)| *l).collect();
+    /// The latencies recorded since the last call (a swap under their lock, nothing more).
+    pub fn take_latencies(&self) -> Vec<(Instant, f64)> {
+        std::mem::take(&mut *self.latencies.lock().expect("latencies"))
+    }
+
+    /// Bytes held now (records and thumbnails).
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().expect("recent").bytes
+    }
+}
+
+/// The last minute of end-to-end latencies, owned by the one task that reports them: copying
+/// and sorting happen here, never under a lock the sink takes.
+#[derive(Default)]
+pub struct LatencyWindow(VecDeque<(Instant, f64)>);
+
+impl LatencyWindow {
+    /// Adds the latest samples (from `Recent::take_latencies`) and forgets those over a minute old.
+    pub fn absorb(&mut self, samples: Vec<(Instant, f64)>, now: Instant) {
+        self.0.extend(samples);
+        while self.0.front().is_some_and(|(t, _)| now.duration_since(*t) > LATENCY_WINDOW) {
+            self.0.pop_front();
+        }
+    }
+
+    /// (p50, p99) in ms.
+    pub fn percentiles(&self) -> Option<(f64, f64)> {
+        let mut ms: Vec<f64> = self.0.iter().map(|(_, l)| *l).collect();
         if ms.is_empty() {
             return None;
         }
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
         Some((at(0.5), at(0.99)))
-    }
-
-    /// Bytes held now (records and thumbnails).
-    pub fn bytes(&self) -> usize {
-        self.inner.lock().expect("recent").bytes
     }
 }
 
@@ -218,7 +256,7 @@ mod tests {
         assert_eq!(newest.iter().map(|i| i.record.image_id.as_str()).collect::<Vec<_>>(), ["img-99", "img-98", "img-97"]);
         assert!(recent.list(Some("bottle"), false, 100).iter().all(|i| i.record.class.as_deref() == Some("bottle")));
         assert!(recent.list(None, true, 100).iter().all(|i| i.record.is_anomaly));
-        assert!(recent.thumbnail(newest[0].id).is_some() && recent.thumbnail(0).is_none(), "the oldest thumbnails are gone");
+        assert!(recent.thumbnail(&newest[0].id).is_some() && recent.thumbnail(&format!("{}-0", recent.id_prefix)).is_none(), "the oldest thumbnails are gone");
         // The score history is kept beyond the thumbnails, with labels.
         assert_eq!(recent.scores()["bottle"].raw.len(), 50);
         assert_eq!(recent.scores()["tile"].normal[0], Some(true));
@@ -249,5 +287,40 @@ mod tests {
         assert!(!Recent::new(0, 64).wants_thumbnail(true), "off when the buffer is off");
         assert_eq!(normal_label(&serde_json::json!({"label": "crack"})), Some(false));
         assert_eq!(normal_label(&serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn ids_from_two_instances_never_collide() {
+        // Each process has one `Recent`: two of them stand for two replicas, or a restart.
+        let (a, b) = (Recent::new(1 << 20, 64), Recent::new(1 << 20, 64));
+        for recent in [&a, &b] {
+            for i in 0..5 {
+                recent.push(&record(&format!("img-{i}"), "bottle", 1.0, false, None), Some(vec![1]), &model_classes());
+            }
+        }
+        let ids = |r: &Recent| r.list(None, false, 10).into_iter().map(|i| i.id).collect::<Vec<_>>();
+        let (ids_a, ids_b) = (ids(&a), ids(&b));
+        assert_eq!(ids_a.len(), 5);
+        assert!(ids_a.iter().all(|id| !ids_b.contains(id)), "{ids_a:?} vs {ids_b:?}");
+        assert!(b.thumbnail(&ids_a[0]).is_none(), "one instance's id finds nothing in the other");
+    }
+
+    #[test]
+    fn the_sink_only_appends_latencies_and_the_window_keeps_a_minute() {
+        let recent = Recent::new(0, 0);
+        for ms in [30.0, 10.0, 20.0] {
+            let mut r = record("x", "bottle", 1.0, false, None);
+            r.latency_ms.total = ms;
+            recent.push(&r, None, &model_classes());
+        }
+        let taken = recent.take_latencies();
+        assert_eq!(taken.iter().map(|(_, ms)| *ms).collect::<Vec<_>>(), [30.0, 10.0, 20.0], "raw, unsorted: sorting is the reader's job");
+        assert!(recent.take_latencies().is_empty(), "taken once");
+        let mut window = LatencyWindow::default();
+        let now = Instant::now();
+        window.absorb(taken, now);
+        assert_eq!(window.percentiles(), Some((20.0, 30.0)));
+        window.absorb(Vec::new(), now + LATENCY_WINDOW + Duration::from_secs(1));
+        assert_eq!(window.percentiles(), None, "older than a minute");
     }
 }

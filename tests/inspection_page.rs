@@ -2,7 +2,8 @@
 //! against a real `dcam-stream run`
 //! on a real broker: the grid shows the latest scored images with thumbnails, the live panel
 //! and the threshold histograms render, and input text (here a class crafted as HTML) reaches
-//! the page as text, never as markup.
+//! the page as text, never as markup. The API's reads need the read token, which the page takes
+//! from the user.
 
 mod common;
 
@@ -14,6 +15,8 @@ use common::*;
 
 const READY: Duration = Duration::from_secs(120);
 const XSS_CLASS: &str = r#"<img src=x onerror="document.title='pwned'">"#;
+const READ_TOKEN: &str = "page-read-token";
+const READ_AUTH: (&str, &str) = ("Authorization", "Bearer page-read-token");
 
 fn chromium() -> PathBuf {
     let bin = std::env::var("DCAM_CHROMIUM").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/bin/chromium"));
@@ -133,11 +136,11 @@ fn devtools_targets(port: u16) -> Option<serde_json::Value> {
     }
 }
 
-/// A GET whose body is binary: (status line and headers, body).
+/// A GET with the read token whose body is binary: (status line and headers, body).
 fn http_get_bytes(port: u16, path: &str) -> (String, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {READ_TOKEN}\r\nConnection: close\r\n\r\n").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("headers end");
@@ -148,7 +151,7 @@ fn http_get_bytes(port: u16, path: &str) -> (String, Vec<u8>) {
 fn first_live_event(port: u16) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /api/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+    write!(s, "GET /api/live HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {READ_TOKEN}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
     let mut text = String::new();
     let mut buf = [0u8; 4096];
     while !text.contains("\n\n") || !text.contains("data:") {
@@ -163,14 +166,16 @@ fn first_live_event(port: u16) -> String {
 fn the_inspection_page_shows_scored_images_and_never_renders_input_as_html() {
     let _serial = serial();
     let s = Scenario::start(1);
-    let mut op = s.operator().set("DCAM__HEATMAP__POLICY", "none").spawn("op");
+    let mut op = s.operator().set("DCAM__HEATMAP__POLICY", "none").set("DCAM__TELEMETRY__READ_TOKEN", READ_TOKEN).spawn("op");
     op.wait_ready(READY);
     let port = op.http_port;
 
-    // Someone opens the page: from now on normal images get thumbnails too.
+    // Someone opens the page and it reads the API with the token: from now on normal images get
+    // thumbnails too (the page alone, which anyone may load, does not turn them on).
     let (code, page) = http_get(port, "/ui").unwrap();
     assert_eq!(code, 200);
     assert!(page.contains("/ui/app.js") && !page.contains("onerror"), "{page}");
+    assert_eq!(http_send("GET", port, "/api/recent", &[READ_AUTH], "").unwrap().0, 200);
     let (mut records, mut ids) = image_records(5, "page");
     let tile = std::fs::read(&sample_images(20).into_iter().find(|f| f.class.as_deref() == Some("magnetic_tile")).unwrap().path).unwrap();
     records.push((Some(b"xss-1".to_vec()), tile, vec![("dcam-image-id".into(), b"xss-1".to_vec()), ("dcam-class".into(), XSS_CLASS.as_bytes().to_vec())]));
@@ -178,11 +183,15 @@ fn the_inspection_page_shows_scored_images_and_never_renders_input_as_html() {
     publish(&s.broker.producer(), &s.input, &records);
     assert_eq!(read_topic(&s.broker.brokers, &s.scores, ids.len(), Duration::from_secs(300)).len(), ids.len());
 
-    // The API behind the page.
-    let recent: serde_json::Value = serde_json::from_str(&http_get(port, "/api/recent?limit=50").unwrap().1).unwrap();
+    // The API behind the page: its reads need the read token.
+    assert_eq!(http_get(port, "/api/recent").unwrap().0, 401);
+    let recent: serde_json::Value = serde_json::from_str(&http_send("GET", port, "/api/recent?limit=50", &[READ_AUTH], "").unwrap().1).unwrap();
     let items = recent.as_array().unwrap();
     assert_eq!(items.len(), ids.len(), "{recent}");
-    let order: Vec<u64> = items.iter().map(|i| i["id"].as_u64().unwrap()).collect();
+    // Ids are `<per-process prefix>-<counter>`: one prefix, the counter in the order scored.
+    let (prefixes, order): (Vec<&str>, Vec<u64>) =
+        items.iter().map(|i| i["id"].as_str().unwrap().rsplit_once('-').map(|(p, n)| (p, n.parse::<u64>().unwrap())).unwrap()).unzip();
+    assert!(prefixes.iter().all(|p| *p == prefixes[0]), "{prefixes:?}");
     assert!(order.windows(2).all(|w| w[0] > w[1]), "newest (last scored) first: {order:?}");
     let mut listed: Vec<&str> = items.iter().map(|i| i["record"]["image_id"].as_str().unwrap()).collect();
     listed.sort();
@@ -190,25 +199,31 @@ fn the_inspection_page_shows_scored_images_and_never_renders_input_as_html() {
     expected.sort();
     assert_eq!(listed, expected);
     assert!(items.iter().all(|i| i["has_thumbnail"] == true), "the page is open: every image has a thumbnail");
-    let (head, jpeg) = http_get_bytes(port, &format!("/api/recent/{}/thumbnail", items[0]["id"]));
+    let (head, jpeg) = http_get_bytes(port, &format!("/api/recent/{}/thumbnail", items[0]["id"].as_str().unwrap()));
     assert!(head.starts_with("HTTP/1.1 200") && head.to_ascii_lowercase().contains("content-type: image/jpeg"), "{head}");
     let overlay = image::load_from_memory(&jpeg).expect("the overlay is a JPEG");
     assert_eq!((overlay.width(), overlay.height()), (256, 256), "kept at the model's input size (inspect.thumbnail_px = 256)");
     let (head, _) = http_get_bytes(port, "/ui");
     assert!(head.to_ascii_lowercase().contains("content-security-policy: default-src 'self'"), "{head}");
-    let only_bottles: serde_json::Value = serde_json::from_str(&http_get(port, "/api/recent?class=bottle").unwrap().1).unwrap();
+    let only_bottles: serde_json::Value = serde_json::from_str(&http_send("GET", port, "/api/recent?class=bottle", &[READ_AUTH], "").unwrap().1).unwrap();
     assert!(only_bottles.as_array().unwrap().iter().all(|i| i["record"]["class"] == "bottle"), "{only_bottles}");
     let live = first_live_event(port);
     assert!(live.contains("event: stats") && live.contains("images_per_second") && live.contains("consumer_lag"), "{live}");
 
-    // The page itself, in a browser.
+    // The page itself, in a browser: it asks for the read token, then shows the images.
     let mut browser = Browser::open(&format!("http://127.0.0.1:{port}/ui"));
+    browser.wait_for("document.getElementById('read-note')?.textContent.includes('read token') === true");
+    browser.eval(&format!("(() => {{ const t = document.getElementById('read-token'); t.value = '{READ_TOKEN}'; t.dispatchEvent(new Event('change')); }})()"));
     browser.wait_for(&format!("document.querySelectorAll('#grid .card').length === {}", ids.len()));
     let dom = browser.eval("document.documentElement.outerHTML").as_str().unwrap().to_string();
     for id in &ids {
         assert!(dom.contains(id.as_str()), "{id} not on the page:\n{dom}");
     }
-    assert!(dom.contains("/api/recent/") && dom.contains("/thumbnail"), "overlays are shown:\n{dom}");
+    // Overlays are shown, fetched with the token (an <img> cannot send it) from blob: URLs.
+    browser.wait_for(&format!(
+        "[...document.querySelectorAll('#grid .card img')].filter(i => i.src.startsWith('blob:') && i.naturalWidth === 256).length === {}",
+        ids.len()
+    ));
     browser.wait_for("document.querySelectorAll('#histograms canvas').length >= 2");
     assert!(browser.eval("document.getElementById('histograms').textContent").as_str().unwrap().contains("threshold from model"));
     // The crafted class is text on the page, never an element, and its script never ran.

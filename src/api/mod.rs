@@ -1,25 +1,29 @@
 //! The HTTP server on the telemetry port: `/metrics`, `/healthz`, `/readyz`, the inspection
-//! page (`/ui`, assets compiled into the binary) and its API. Reads are open; every write
-//! (thresholds, model) needs `Authorization: Bearer <token>` of a writer (`auth`), whose name
-//! becomes the change's `by`, and is refused when no token is configured. Data never reaches HTML from here: the page renders JSON with
-//! `textContent` only, under a Content-Security-Policy that allows no inline script. No response
-//! may be framed or content-sniffed.
+//! page (`/ui`, assets compiled into the binary) and its API (`/api`). Reads of `/api` need
+//! `telemetry.read_token` (or a writer's token) once it is set; every write (thresholds, model)
+//! needs `Authorization: Bearer <token>` of a writer, whose name becomes the change's `by`, and is
+//! refused when no token is configured; a Host outside `telemetry.allowed_hosts` is refused (`auth`). Connections and live streams are
+//! capped and requests timed (`server`, `live`). Data never reaches HTML from here: the page
+//! renders JSON with `textContent` only, under a Content-Security-Policy that allows no inline
+//! script. No response may be framed or content-sniffed.
 
 mod auth;
 mod live;
+mod server;
 
 pub use auth::Writers;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{from_fn_with_state, map_response};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::config::Settings;
 use crate::control::{check_threshold, Change, Control, ThresholdRefusal};
@@ -42,29 +46,57 @@ pub struct ApiState {
     pub settings: Arc<Settings>,
 }
 
+/// Time to send a request body (the API's are small JSON documents).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) -> Result<()> {
-    axum::serve(listener, router(state)).await.context("http server")
+pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
+    let limits = &state.settings.telemetry;
+    let (max_connections, max_live_clients) = (limits.max_connections, limits.max_live_clients);
+    let panel = live::LivePanel::start(state.clone(), max_live_clients);
+    let probes_only = outer_layers(probes().fallback(too_busy), state.clone());
+    server::run(listener, outer_layers(router(state.clone(), panel), state), probes_only, max_connections).await
 }
 
-fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/", get(|| async { axum::response::Redirect::temporary("/ui") }))
-        .route("/ui", get(ui_page))
-        .route("/ui/app.js", get(ui_script))
+fn probes() -> Router<ApiState> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+}
+
+fn router(state: ApiState, panel: Arc<live::LivePanel>) -> Router<ApiState> {
+    let reads = Router::new()
         .route("/api/recent", get(recent))
         .route("/api/recent/{id}/thumbnail", get(thumbnail))
         .route("/api/scores", get(scores))
         .route("/api/live", get(live::stream))
         .route("/api/thresholds", get(thresholds))
+        .route("/api/model", get(model))
+        .route_layer(from_fn_with_state(state, auth::require_reader));
+    let writes = Router::new()
         .route("/api/thresholds/{class}", put(set_threshold))
-        .route("/api/model", get(model).post(load_model))
-        .route("/api/model/rollback", post(rollback_model))
+        .route("/api/model", post(load_model))
+        .route("/api/model/rollback", post(rollback_model));
+    probes()
+        .route("/metrics", get(metrics))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/ui") }))
+        .route("/ui", get(ui_page))
+        .route("/ui/app.js", get(ui_script))
+        .merge(reads)
+        .merge(writes)
+        .layer(Extension(panel))
+}
+
+/// On every response of both routers: the Host check, the body timeout, the security headers.
+fn outer_layers(routes: Router<ApiState>, state: ApiState) -> Router {
+    routes
+        .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
+        .layer(from_fn_with_state(state.clone(), auth::require_known_host))
         .with_state(state)
-        .layer(axum::middleware::map_response(security_headers))
+        .layer(map_response(security_headers))
+}
+
+/// What a connection past `telemetry.max_connections` gets for anything but a probe.
+async fn too_busy() -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::CONNECTION, "close"), (header::RETRY_AFTER, "10")], "too many connections\n").into_response()
 }
 
 /// On every response, errors and 404s included: no page of ours can be framed (clickjacking of
@@ -110,15 +142,16 @@ async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
 
-const PAGE_CSP: &str = "default-src 'self'; img-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
+/// Thumbnails are fetched with the read token and shown from `blob:` URLs.
+const PAGE_CSP: &str =
+    "default-src 'self'; img-src 'self' blob:; style-src 'self' 'unsafe-inline'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
 
 /// The page's headers: no inline script, nothing from elsewhere, never framed, never cached stale.
 fn page_headers(content_type: &'static str) -> [(header::HeaderName, &'static str); 3] {
     [(header::CONTENT_TYPE, content_type), (header::CONTENT_SECURITY_POLICY, PAGE_CSP), (header::CACHE_CONTROL, "no-cache")]
 }
 
-async fn ui_page(State(s): State<ApiState>) -> impl IntoResponse {
-    s.recent.watched();
+async fn ui_page() -> impl IntoResponse {
     (page_headers("text/html; charset=utf-8"), include_str!("ui/index.html"))
 }
 
@@ -138,9 +171,11 @@ async fn recent(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> impl Into
     Json(s.recent.list(q.get("class").map(String::as_str).filter(|c| !c.is_empty()), anomalies, limit))
 }
 
-async fn thumbnail(State(s): State<ApiState>, Path(id): Path<u64>) -> Response {
-    match s.recent.thumbnail(id) {
-        Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "max-age=3600")], jpeg).into_response(),
+/// An id names one image for good (`inspect`), so the browser may keep its thumbnail; only the
+/// browser (`private`): the response needed the read token.
+async fn thumbnail(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
+    match s.recent.thumbnail(&id) {
+        Some(jpeg) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "private, max-age=3600, immutable")], jpeg).into_response(),
         None => (StatusCode::NOT_FOUND, "no such thumbnail (it may have left the ring buffer)\n").into_response(),
     }
 }
@@ -281,6 +316,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn state() -> ApiState {
+        state_with(&[])
+    }
+
+    /// With settings from `DCAM__...` variables.
+    fn state_with(env: &[(&str, &str)]) -> ApiState {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         ApiState {
             metrics: Metrics::new(),
             health: Health::new(),
@@ -289,25 +330,124 @@ mod tests {
             thresholds: Arc::new(RuntimeThresholds::default()),
             control: None,
             writers: Arc::default(),
-            settings: Arc::new(Settings::load_with_env(None, std::iter::empty()).unwrap()),
+            settings: Arc::new(Settings::load_with_env(None, env).unwrap()),
         }
+    }
+
+    async fn start(state: ApiState) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (listener.local_addr().unwrap(), tokio::spawn(serve(listener, state)))
     }
 
     /// A GET's status line and header lines, lower-cased.
     async fn head(addr: std::net::SocketAddr, path: &str) -> Vec<String> {
+        get(addr, path, "127.0.0.1", None).await
+    }
+
+    /// A GET for `host`, with a bearer token if given: the status line and header lines, lower-cased.
+    async fn get(addr: std::net::SocketAddr, path: &str, host: &str, token: Option<&str>) -> Vec<String> {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.unwrap();
         let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
         text.split("\r\n\r\n").next().unwrap_or_default().lines().map(str::to_string).collect()
     }
 
+    fn status(lines: &[String]) -> u16 {
+        lines[0].split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn reads_need_the_read_token_and_every_request_a_known_host() {
+        let (addr, server) = start(state_with(&[("DCAM__TELEMETRY__READ_TOKEN", "r34d"), ("DCAM__TELEMETRY__ALLOWED_HOSTS", "dcam.example.com")])).await;
+        let host = "dcam.example.com";
+        for path in ["/api/recent", "/api/scores", "/api/thresholds", "/api/live", "/api/recent/0123-0/thumbnail"] {
+            assert_eq!(status(&get(addr, path, host, None).await), 401, "{path} without a token");
+            assert_eq!(status(&get(addr, path, host, Some("wrong")).await), 401, "{path} with a wrong token");
+        }
+        for path in ["/api/recent", "/api/scores", "/api/thresholds"] {
+            assert_eq!(status(&get(addr, path, host, Some("r34d")).await), 200, "{path} with the read token");
+        }
+        assert_eq!(status(&get(addr, "/api/recent/0123-0/thumbnail", host, Some("r34d")).await), 404, "no such image, but allowed to ask");
+        // The page's assets carry no data; the probes and metrics answer the kubelet and Prometheus by IP.
+        for path in ["/ui", "/ui/app.js"] {
+            assert_eq!(status(&get(addr, path, host, None).await), 200, "{path}");
+        }
+        for path in ["/healthz", "/metrics"] {
+            assert_eq!(status(&get(addr, path, "10.0.0.7:9464", None).await), 200, "{path}");
+        }
+        // A page on another site that rebinds its name to this server is refused, token or not.
+        let rebound = get(addr, "/api/recent", "evil.example:9464", Some("r34d")).await;
+        assert_eq!(status(&rebound), 421, "{rebound:?}");
+        assert!(rebound.iter().any(|h| h == "x-frame-options: deny"), "refusals carry the security headers too");
+        assert_eq!(status(&get(addr, "/ui", "evil.example", None).await), 421);
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn past_the_connection_cap_only_the_probes_answer_and_idle_connections_are_closed() {
+        let (addr, server) = start(state_with(&[("DCAM__TELEMETRY__MAX_CONNECTIONS", "4"), ("DCAM__TELEMETRY__MAX_LIVE_CLIENTS", "1")])).await;
+        let mut idle = Vec::new();
+        for _ in 0..4 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(status(&head(addr, "/healthz").await), 200, "the probes still answer");
+        let busy = head(addr, "/ui").await;
+        assert_eq!(status(&busy), 503, "{busy:?}");
+        // Connections that never send a request are closed after the head timeout.
+        let started = tokio::time::Instant::now();
+        for mut s in idle {
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await.expect("closed within 15 s");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        }
+        assert!(started.elapsed() >= Duration::from_secs(5), "not before the timeout: {:?}", started.elapsed());
+        assert_eq!(status(&head(addr, "/ui").await), 200, "seats free again");
+        server.abort();
+    }
+
+    /// Opens `/api/live` and returns the stream (kept open) with its status.
+    async fn live_client(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, u16) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /api/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.unwrap();
+        let code = String::from_utf8_lossy(&head[9..12]).parse().unwrap();
+        (s, code)
+    }
+
+    #[tokio::test]
+    async fn live_streams_beyond_the_cap_are_refused_until_a_seat_frees() {
+        let (addr, server) = start(state_with(&[("DCAM__TELEMETRY__MAX_LIVE_CLIENTS", "2")])).await;
+        let (first, a) = live_client(addr).await;
+        let (mut second, b) = live_client(addr).await;
+        let (_, c) = live_client(addr).await;
+        assert_eq!((a, b, c), (200, 200, 503));
+        // The streams get the panel that one task computes each second.
+        let mut text = Vec::new();
+        while !String::from_utf8_lossy(&text).contains("images_per_second") {
+            let mut buf = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf)).await.expect("an event within 5 s").unwrap();
+            text.extend_from_slice(&buf[..n]);
+        }
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if live_client(addr).await.1 == 200 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the closed stream's seat never came back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server.abort();
+    }
+
     #[tokio::test]
     async fn every_response_forbids_framing_and_sniffing() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(serve(listener, state()));
+        let (addr, server) = start(state()).await;
         let paths = [
             ("/ui", 200),
             ("/ui/app.js", 200),

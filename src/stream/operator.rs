@@ -82,11 +82,7 @@ impl RunningOperator {
                 writers: Arc::new(Writers::from_settings(&settings.telemetry)?),
                 settings: shared_settings.clone(),
             };
-            tokio::spawn(async move {
-                if let Err(e) = crate::api::serve(listener, state).await {
-                    tracing::error!(error = %e, "http server stopped");
-                }
-            })
+            tokio::spawn(crate::api::serve(listener, state))
         };
         let shutdown = Arc::new(AtomicBool::new(false));
         let reloader = (control.is_some() || !settings.model.watch_interval.is_zero())

@@ -425,21 +425,36 @@ def test_sasl_ssl_s3_values():
 
 
 def test_ui_ingress_and_api_token():
-    """The page is exposed through an Ingress to the `http` port; the token comes from a Secret."""
+    """The page is exposed through an Ingress to the `http` port: /ui and /api only, never /metrics
+    or the probes; both tokens come from Secrets; the operator answers only to the Ingress's host
+    and the Service's names."""
     values = yaml.safe_load((CHART / "ci" / "sasl-ssl-s3-values.yaml").read_text())
     docs = manifests(values)
     env = {e["name"]: e for e in container(docs)["env"]}
     assert env["DCAM__TELEMETRY__API_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dcam-ui-token", "key": "token"}
+    assert env["DCAM__TELEMETRY__READ_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "dcam-ui-read-token", "key": "token"}
     ingress = one(docs, "Ingress")
     rule = ingress["spec"]["rules"][0]
     assert rule["host"] == "dcam.example.com" and ingress["spec"]["ingressClassName"] == "nginx"
-    backend = rule["http"]["paths"][0]["backend"]["service"]
-    assert backend == {"name": one(docs, "Service")["metadata"]["name"], "port": {"name": "http"}}
+    service = one(docs, "Service")["metadata"]["name"]
+    paths = rule["http"]["paths"]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/ui", "Prefix"), ("/api", "Prefix")]
+    assert all(p["backend"]["service"] == {"name": service, "port": {"name": "http"}} for p in paths)
     assert ingress["spec"]["tls"][0]["secretName"] == "dcam-ui-tls"
-    # Off by default: no Ingress, no token (writes refused by the operator).
+    hosts = tomllib.loads(config_toml(docs))["telemetry"]["allowed_hosts"]
+    assert hosts == ["dcam.example.com", service, f"{service}.dcam", f"{service}.dcam.svc", f"{service}.dcam.svc.cluster.local"], hosts
+    # Off by default: no Ingress, no tokens (writes refused, reads open on the pod port), no Host check.
     defaults = manifests({})
     assert not [d for d in defaults if d["kind"] == "Ingress"]
-    assert "DCAM__TELEMETRY__API_TOKEN" not in {e["name"] for e in container(defaults).get("env", [])}
+    default_env = {e["name"] for e in container(defaults).get("env", [])}
+    assert not {"DCAM__TELEMETRY__API_TOKEN", "DCAM__TELEMETRY__READ_TOKEN"} & default_env
+    assert tomllib.loads(config_toml(defaults))["telemetry"]["allowed_hosts"] == []
+
+
+def test_ui_ingress_needs_a_read_token():
+    """An Ingress without the read token would publish images and scores: the chart refuses it."""
+    with pytest.raises(Exception, match="ui.readTokenSecret"):
+        manifests({"ui": {"ingress": {"enabled": True, "host": "dcam.example.com"}}})
 
 
 def test_control_signing_key_and_writers_come_from_mounted_secrets():
@@ -522,7 +537,8 @@ def test_chart_config_covers_default_toml():
     chart_managed = {"kafka.sasl_password", "kafka.ssl_key_password", "heatmap.s3.secret_access_key",
                      "heatmap.s3.access_key_id", "kafka.ssl_ca_location", "kafka.ssl_certificate_location",
                      "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id", "telemetry.api_token",
-                     "telemetry.tokens_file", "control.signing_key", "control.signing_key_file"}
+                     "telemetry.tokens_file", "control.signing_key", "control.signing_key_file",
+                     "telemetry.read_token"}
     missing = default_keys() - rendered - chart_managed
     assert not missing, f"values.yaml config lacks {sorted(missing)} (new operator keys?)"
 

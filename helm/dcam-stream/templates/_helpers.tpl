@@ -143,6 +143,13 @@ Returns YAML (include + fromYaml keeps it a dict).
 {{- if .Values.control.signingKeySecret }}
 {{- $_ := set $cfg "control" (dict "signing_key_file" (printf "%s/%s" (include "dcam-stream.controlKeyDir" .) .Values.control.signingKeyKey)) }}
 {{- end }}
+{{- /* The operator answers only to the Ingress's host and the Service's names (DNS rebinding) */}}
+{{- if and .Values.ui.ingress.enabled .Values.ui.ingress.host }}
+{{- $svc := include "dcam-stream.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $names := list .Values.ui.ingress.host $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) }}
+{{- $_ := set $cfg.telemetry "allowed_hosts" (concat $cfg.telemetry.allowed_hosts $names | uniq) }}
+{{- end }}
 {{- /* TensorRT engine cache */}}
 {{- if and (eq $cfg.engine.provider "tensorrt") .Values.trtEngineCache.enabled }}
 {{- $_ := set $cfg.engine "trt_engine_cache" .Values.trtEngineCache.mountPath }}
@@ -236,6 +243,9 @@ Cross-value checks that JSON schema cannot express (values.schema.json covers th
 {{- if and .Values.keda.enabled (eq .Values.config.kafka.sasl_mechanism "OAUTHBEARER") }}
 {{- fail "keda: the chart's TriggerAuthentication supports PLAIN and SCRAM only; bring your own ScaledObject for OAUTHBEARER" }}
 {{- end }}
+{{- if and .Values.ui.ingress.enabled (not .Values.ui.readTokenSecret) }}
+{{- fail "ui.ingress.enabled publishes images and scores: set ui.readTokenSecret (a Secret with the read token)" }}
+{{- end }}
 {{- $_ := include "dcam-stream.workloadKind" . }}
 {{- end }}
 
@@ -290,6 +300,13 @@ overrides, then extraEnv.
     secretKeyRef:
       name: {{ .Values.ui.tokenSecret }}
       key: {{ .Values.ui.tokenKey }}
+{{- end }}
+{{- if .Values.ui.readTokenSecret }}
+- name: DCAM__TELEMETRY__READ_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.ui.readTokenSecret }}
+      key: {{ .Values.ui.readTokenKey }}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}

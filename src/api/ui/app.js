@@ -1,5 +1,8 @@
 // The inspection page. Every value from the stream (image ids, classes, attributes) goes into
 // the page through textContent or an attribute set by the DOM API, never as HTML.
+// Reads carry the read token (typed into the page, like the write token; never stored) in an
+// Authorization header: thumbnails are fetched and shown from blob: URLs, the live panel's event
+// stream is read with fetch, so no token ever travels in a URL.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -18,16 +21,52 @@ const fmt = (x, digits = 3) => (x === null || x === undefined || Number.isNaN(x)
 let thresholds = {};
 let selected = null;
 
+/// The Authorization header for reads, when a read token was typed in.
+function readHeaders() {
+  const token = $("read-token").value;
+  return token ? { authorization: "Bearer " + token } : {};
+}
+
 async function getJson(path) {
-  const r = await fetch(path, { cache: "no-store" });
+  const r = await fetch(path, { cache: "no-store", headers: readHeaders() });
+  if (r.status === 401) $("read-note").textContent = "reads need the read token";
   if (!r.ok) throw new Error(path + ": " + r.status);
+  $("read-note").textContent = "";
   return r.json();
+}
+
+/// Thumbnails by image id, as promises of blob: URLs. An id names one image for good, so an
+/// overlay is fetched once; those no longer listed are freed.
+const thumbnails = new Map();
+function showThumbnail(img, id) {
+  if (!thumbnails.has(id)) {
+    thumbnails.set(id, fetch("/api/recent/" + encodeURIComponent(id) + "/thumbnail", { headers: readHeaders() }).then((r) => {
+      if (!r.ok) throw new Error("thumbnail: " + r.status);
+      return r.blob();
+    }).then((b) => URL.createObjectURL(b)));
+  }
+  // A failed fetch (e.g. another replica answered the list) is tried again on the next refresh.
+  thumbnails.get(id).then((url) => { img.src = url; }, () => thumbnails.delete(id));
+}
+function forgetThumbnails(keep) {
+  for (const [id, url] of thumbnails) {
+    if (!keep.has(id) && id !== selected) {
+      thumbnails.delete(id);
+      url.then(URL.revokeObjectURL, () => {});
+    }
+  }
 }
 
 function card(item) {
   const r = item.record;
   const c = el("div", { class: "card" + (r.is_anomaly ? " anomaly" : ""), "data-id": String(item.id) });
-  c.appendChild(item.has_thumbnail ? el("img", { src: "/api/recent/" + item.id + "/thumbnail", alt: "" }) : el("div", { class: "noimg" }));
+  if (item.has_thumbnail) {
+    const img = el("img", { alt: "" });
+    showThumbnail(img, item.id);
+    c.appendChild(img);
+  } else {
+    c.appendChild(el("div", { class: "noimg" }));
+  }
   c.appendChild(el("div", { class: "id", text: r.image_id, title: r.image_id }));
   c.appendChild(el("div", { class: "muted", text: (r.class || "no class") + " · score " + fmt(r.score) }));
   c.appendChild(el("div", { class: "muted", text: "raw " + fmt(r.raw_score) + " / threshold " + fmt(r.threshold) + " (" + r.threshold_source + ")" }));
@@ -40,7 +79,11 @@ function showDetail(item) {
   selected = item.id;
   const d = $("detail");
   d.replaceChildren(el("h2", { text: "Selected image" }));
-  if (item.has_thumbnail) d.appendChild(el("img", { src: "/api/recent/" + item.id + "/thumbnail", alt: "heatmap overlay" }));
+  if (item.has_thumbnail) {
+    const img = el("img", { alt: "heatmap overlay" });
+    showThumbnail(img, item.id);
+    d.appendChild(img);
+  }
   d.appendChild(el("pre", { text: JSON.stringify(item.record, null, 2) }));
 }
 
@@ -50,6 +93,7 @@ async function refreshGrid() {
   if (cls) params.set("class", cls);
   if ($("anomalies-only").checked) params.set("anomalies", "true");
   const items = await getJson("/api/recent?" + params);
+  forgetThumbnails(new Set(items.map((i) => i.id)));
   $("grid").replaceChildren(...items.map(card));
   $("grid-note").textContent = items.length ? "" : "nothing scored yet";
 }
@@ -153,33 +197,67 @@ function sparkline(canvas, values) {
   ctx.stroke();
 }
 
-function live() {
-  const source = new EventSource("/api/live");
-  source.addEventListener("stats", (e) => {
-    const s = JSON.parse(e.data);
-    for (const [key, value] of [["rate", s.images_per_second], ["p99", s.latency_ms.p99]]) {
-      history[key].push(value);
-      if (history[key].length > 300) history[key].shift();
+function showLive(s) {
+  for (const [key, value] of [["rate", s.images_per_second], ["p99", s.latency_ms.p99]]) {
+    history[key].push(value);
+    if (history[key].length > 300) history[key].shift();
+  }
+  sparkline($("rate-history"), history.rate);
+  sparkline($("p99-history"), history.p99);
+  $("rate").textContent = fmt(s.images_per_second, 1);
+  $("p50").textContent = fmt(s.latency_ms.p50, 0);
+  $("p99").textContent = fmt(s.latency_ms.p99, 0);
+  $("lag").textContent = String(s.consumer_lag);
+  const kinds = Object.entries(s.dead_letters);
+  $("dlq").textContent = kinds.length ? kinds.map(([k, n]) => k + " " + n).join(", ") : "0";
+}
+
+/// The live panel's server-sent events, read with fetch (EventSource cannot send the token);
+/// reconnects after an error, and starts over when the read token changes.
+let liveStream = null;
+async function live() {
+  if (liveStream) liveStream.abort();
+  const stream = (liveStream = new AbortController());
+  try {
+    const r = await fetch("/api/live", { headers: readHeaders(), signal: stream.signal });
+    if (!r.ok) throw new Error("/api/live: " + r.status);
+    const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+        const lines = buffer.slice(0, end).split("\n");
+        buffer = buffer.slice(end + 2);
+        const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+        if (lines.includes("event: stats") && data) showLive(JSON.parse(data));
+      }
     }
-    sparkline($("rate-history"), history.rate);
-    sparkline($("p99-history"), history.p99);
-    $("rate").textContent = fmt(s.images_per_second, 1);
-    $("p50").textContent = fmt(s.latency_ms.p50, 0);
-    $("p99").textContent = fmt(s.latency_ms.p99, 0);
-    $("lag").textContent = String(s.consumer_lag);
-    const kinds = Object.entries(s.dead_letters);
-    $("dlq").textContent = kinds.length ? kinds.map(([k, n]) => k + " " + n).join(", ") : "0";
-  });
+  } catch (e) {
+    if (stream.signal.aborted) return;
+    console.error(e);
+  }
+  if (!stream.signal.aborted) setTimeout(live, 3000);
+}
+
+async function refreshModel() {
+  const m = await getJson("/api/model").catch(() => null);
+  if (m) $("model").textContent = m.active.name + " " + m.active.version;
+}
+
+async function refreshAll() {
+  live();
+  await refreshModel();
+  await refreshScores().catch(console.error);
+  await refreshGrid().catch(console.error);
 }
 
 async function main() {
-  const m = await getJson("/api/model").catch(() => null);
-  if (m) $("model").textContent = m.active.name + " " + m.active.version;
   $("class-filter").addEventListener("change", refreshGrid);
   $("anomalies-only").addEventListener("change", refreshGrid);
-  live();
-  await refreshScores().catch(console.error);
-  await refreshGrid().catch(console.error);
+  $("read-token").addEventListener("change", refreshAll);
+  await refreshAll();
   setInterval(() => refreshGrid().catch(console.error), 2000);
   setInterval(() => refreshScores().catch(console.error), 10000);
 }
