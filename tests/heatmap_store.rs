@@ -63,8 +63,12 @@ fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
         let bytes = rt.block_on(async { client.get(&object_store::path::Path::from(key.as_str())).await.unwrap().bytes().await.unwrap() });
         let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).expect("the object is a PNG").to_rgb8();
         assert_eq!(png.dimensions(), (256, 256), "{key}");
+        // The map is coloured on the score's scale: an anomaly's hot region stands out; a normal image,
+        // whose every pixel is far below the threshold, may be one colour.
         let colours: HashSet<_> = png.pixels().map(|p| p.0).collect();
-        assert!(colours.len() > 10, "{key} is a colour-mapped heatmap, not a blank image");
+        if v["is_anomaly"].as_bool().unwrap() {
+            assert!(colours.len() > 10, "{key} is a colour-mapped heatmap, not a blank image");
+        }
         keys.insert(key);
     }
     assert_eq!(keys.len(), ids.len(), "one object per input");

@@ -11,13 +11,10 @@
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
-use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::ApiState;
 use crate::config::{Secret, TelemetrySettings};
 
 /// The writer name of `telemetry.api_token`.
@@ -67,7 +64,7 @@ impl Writers {
     }
 }
 
-fn refuse(code: StatusCode, message: &str) -> Response {
+pub(super) fn refuse(code: StatusCode, message: &str) -> Response {
     (code, Json(serde_json::json!({"error": message}))).into_response()
 }
 
@@ -95,23 +92,14 @@ pub(super) fn writer(writers: &Writers, headers: &HeaderMap) -> Result<String, R
 }
 
 /// Whether a read may go ahead: no read token configured, or the read token or a writer's given.
-fn may_read(read_token: &Secret, writers: &Writers, headers: &HeaderMap) -> bool {
+pub(super) fn may_read(read_token: &Secret, writers: &Writers, headers: &HeaderMap) -> bool {
     // `|` rather than `||`: every token is compared whatever matched first.
     read_token.expose().is_none() | holds(read_token, headers) | writers.0.iter().fold(false, |any, (_, t)| any | holds(t, headers))
 }
 
-/// Middleware on the API's reads.
-pub(super) async fn require_reader(State(s): State<ApiState>, request: Request, next: Next) -> Response {
-    if may_read(&s.settings.telemetry.read_token, &s.writers, request.headers()) {
-        next.run(request).await
-    } else {
-        refuse(StatusCode::UNAUTHORIZED, "a valid bearer token (telemetry.read_token) is required for reads")
-    }
-}
-
 /// Whether a request's Host header names this server: any host when `allowed` is empty, else
 /// one of `allowed`, an IP address or `localhost` (none of which a rebinding page can send).
-fn known_host(allowed: &[String], headers: &HeaderMap) -> bool {
+pub(super) fn known_host(allowed: &[String], headers: &HeaderMap) -> bool {
     if allowed.is_empty() {
         return true;
     }
@@ -122,15 +110,6 @@ fn known_host(allowed: &[String], headers: &HeaderMap) -> bool {
     host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok()
         || host.eq_ignore_ascii_case("localhost")
         || allowed.iter().any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(host))
-}
-
-/// Middleware on every route: a request for another host name is refused (421).
-pub(super) async fn require_known_host(State(s): State<ApiState>, request: Request, next: Next) -> Response {
-    if known_host(&s.settings.telemetry.allowed_hosts, request.headers()) {
-        next.run(request).await
-    } else {
-        refuse(StatusCode::MISDIRECTED_REQUEST, "this host name is not in telemetry.allowed_hosts")
-    }
 }
 
 /// Compares without an early exit, so the time taken says nothing about the token.

@@ -16,9 +16,9 @@ pub use auth::Writers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::middleware::{from_fn_with_state, map_response};
+use axum::middleware::{from_fn_with_state, map_response, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
@@ -70,7 +70,7 @@ fn router(state: ApiState, panel: Arc<live::LivePanel>) -> Router<ApiState> {
         .route("/api/live", get(live::stream))
         .route("/api/thresholds", get(thresholds))
         .route("/api/model", get(model))
-        .route_layer(from_fn_with_state(state, auth::require_reader));
+        .route_layer(from_fn_with_state(state, require_reader));
     let writes = Router::new()
         .route("/api/thresholds/{class}", put(set_threshold))
         .route("/api/model", post(load_model))
@@ -89,12 +89,30 @@ fn router(state: ApiState, panel: Arc<live::LivePanel>) -> Router<ApiState> {
 fn outer_layers(routes: Router<ApiState>, state: ApiState) -> Router {
     routes
         .layer(RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
-        .layer(from_fn_with_state(state.clone(), auth::require_known_host))
+        .layer(from_fn_with_state(state.clone(), require_known_host))
         .with_state(state)
         .layer(map_response(security_headers))
 }
 
 /// What a connection past `telemetry.max_connections` gets for anything but a probe.
+/// Middleware on the API's reads.
+async fn require_reader(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    if auth::may_read(&s.settings.telemetry.read_token, &s.writers, request.headers()) {
+        next.run(request).await
+    } else {
+        auth::refuse(StatusCode::UNAUTHORIZED, "a valid bearer token (telemetry.read_token) is required for reads")
+    }
+}
+
+/// Middleware on every route: a request for another host name is refused (421).
+async fn require_known_host(State(s): State<ApiState>, request: Request, next: Next) -> Response {
+    if auth::known_host(&s.settings.telemetry.allowed_hosts, request.headers()) {
+        next.run(request).await
+    } else {
+        auth::refuse(StatusCode::MISDIRECTED_REQUEST, "this host name is not in telemetry.allowed_hosts")
+    }
+}
+
 async fn too_busy() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::CONNECTION, "close"), (header::RETRY_AFTER, "10")], "too many connections\n").into_response()
 }
