@@ -459,8 +459,7 @@ def headers_of(msg) -> dict[str, str]:
 def api(op: Operator, method: str, path: str, body: Any = None, timeout: float = 120) -> Any:
     req = urllib.request.Request(f"http://127.0.0.1:{op.port}{path}", method=method,
                                  data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json",
-                                          "X-Dcam-User": "schema-test"})
+                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
@@ -618,7 +617,7 @@ def test_real_records_match_the_schemas(tmp_path):
             assert_valid("control", record, "a control record")
             key = m.key().decode()
             assert key == ("model" if record["kind"] == "model" else f"threshold/{record['model_version']}/{record['class']}")
-            assert record["by"] == "schema-test"
+            assert record["by"] == "operator"  # the writer telemetry.api_token names
 
         # The subscriber example, against the same topic: exit 0, the right table, heatmaps followed.
         sub = subprocess.run([sys.executable, str(REPO / "examples" / "subscriber.py"), "--brokers", broker.brokers,
