@@ -232,23 +232,17 @@ fn control_records_apply_only_when_signed_and_valid_and_the_api_names_and_audits
 /// like `_default`).
 fn model_with_new_class(dir: &Path, version: &str) -> PathBuf {
     let out = dir.join(format!("dcam-{version}.onnx"));
-    let script = r#"
-import json, sys, onnx
-m = onnx.load(sys.argv[1])
-props = {p.key: p for p in m.metadata_props}
-props["dcam.version"].value = sys.argv[3]
+    edited_model(
+        &out,
+        &format!(
+            r#"props["dcam.version"].value = "{version}"
 classes = json.loads(props["dcam.classes"].value)
 props["dcam.classes"].value = json.dumps(classes + ["screw"])
 cal = json.loads(props["dcam.calibration"].value)
 cal["screw"] = cal["_default"]
-props["dcam.calibration"].value = json.dumps(cal)
-onnx.save(m, sys.argv[2])
-"#;
-    let status = std::process::Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), version])
-        .status()
-        .expect("running the test environment's python (scripts/setup-python.sh)");
-    assert!(status.success(), "writing the model with a new class failed");
+props["dcam.calibration"].value = json.dumps(cal)"#
+        ),
+    );
     out
 }
 
@@ -307,26 +301,19 @@ fn writes_are_off_without_a_token() {
     assert!(op.terminate(Duration::from_secs(60)).success());
 }
 
-/// A copy of the committed model with another version and calibration (thresholds scaled),
-/// written with the `onnx` package of the test environment.
+/// A copy of the committed model with another version and calibration (thresholds scaled).
 fn recalibrated_model(dir: &Path, version: &str) -> PathBuf {
     let out = dir.join(format!("dcam-{version}.onnx"));
-    let script = r#"
-import json, sys, onnx
-m = onnx.load(sys.argv[1])
-props = {p.key: p for p in m.metadata_props}
-props["dcam.version"].value = sys.argv[3]
+    edited_model(
+        &out,
+        &format!(
+            r#"props["dcam.version"].value = "{version}"
 cal = json.loads(props["dcam.calibration"].value)
 for c in cal.values():
     c["threshold"] = c["threshold"] * 1.5
-props["dcam.calibration"].value = json.dumps(cal)
-onnx.save(m, sys.argv[2])
-"#;
-    let status = std::process::Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), version])
-        .status()
-        .expect("running the test environment's python (scripts/setup-python.sh)");
-    assert!(status.success(), "writing the second model failed");
+props["dcam.calibration"].value = json.dumps(cal)"#
+        ),
+    );
     out
 }
 

@@ -28,33 +28,27 @@ pub fn model_path() -> PathBuf {
     repo_root().join("models/dcam.onnx")
 }
 
-/// A copy of the committed model whose `image` input has a fixed batch dimension of `batch`,
-/// written with the `onnx` package of the test environment.
+/// A copy of the committed model whose `image` input has a fixed batch dimension of `batch`.
 pub fn fixed_batch_model(dir: &Path, batch: i64) -> PathBuf {
     let out = dir.join(format!("dcam-batch-{batch}.onnx"));
-    let script = r#"
-import sys, onnx
-m = onnx.load(sys.argv[1])
-image = next(i for i in m.graph.input if i.name == "image")
-image.type.tensor_type.shape.dim[0].dim_value = int(sys.argv[3])
-onnx.save(m, sys.argv[2])
-"#;
-    let status = Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), &batch.to_string()])
-        .status()
-        .expect("running the test environment's python (scripts/setup-python.sh)");
-    assert!(status.success(), "writing the fixed-batch model failed");
+    edited_model(
+        &out,
+        &format!(
+            r#"image = next(i for i in m.graph.input if i.name == "image")
+image.type.tensor_type.shape.dim[0].dim_value = {batch}"#
+        ),
+    );
     out
 }
 
 /// A copy of the committed model whose score is NaN for an all-black image (every other image
-/// scores as before), written with the `onnx` package of the test environment.
+/// scores as before).
 pub fn nan_on_black_model(dir: &Path) -> PathBuf {
     let out = dir.join("dcam-nan-on-black.onnx");
-    let script = r#"
-import sys, onnx
+    edited_model(
+        &out,
+        r#"
 from onnx import helper, TensorProto
-m = onnx.load(sys.argv[1])
 g = m.graph
 for n in g.node:
     for i, o in enumerate(n.output):
@@ -70,14 +64,21 @@ g.node.extend([
     helper.make_node("Where", ["black", "nan", "score_model"], ["score"]),
 ])
 onnx.checker.check_model(m)
-onnx.save(m, sys.argv[2])
-"#;
+"#,
+    );
+    out
+}
+
+/// Writes `out`: a copy of the committed model changed by `edit`, Python run with the `onnx`
+/// package of the test environment, where `m` is the loaded model and `props` its metadata by key.
+pub fn edited_model(out: &Path, edit: &str) {
+    let script =
+        format!("import json, sys, onnx\nm = onnx.load(sys.argv[1])\nprops = {{p.key: p for p in m.metadata_props}}\n{edit}\nonnx.save(m, sys.argv[2])\n");
     let status = Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string()])
+        .args(["-c", &script, &model_path().display().to_string(), &out.display().to_string()])
         .status()
         .expect("running the test environment's python (scripts/setup-python.sh)");
-    assert!(status.success(), "writing the NaN model failed");
-    out
+    assert!(status.success(), "writing {} failed", out.display());
 }
 
 pub fn free_port() -> u16 {
