@@ -7,7 +7,6 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -129,29 +128,6 @@ fn writes_are_off_without_a_token() {
     assert_eq!(http_send("POST", op.http_port, "/api/model", &auth(), r#"{"uri": "models/dcam.onnx"}"#).unwrap().0, 403);
     assert_eq!(http_get(op.http_port, "/api/thresholds").unwrap().0, 200, "reads stay open");
     assert!(op.terminate(Duration::from_secs(60)).success());
-}
-
-/// A copy of the committed model with another version and calibration (thresholds scaled),
-/// written with the `onnx` package of the test environment.
-fn recalibrated_model(dir: &Path, version: &str) -> PathBuf {
-    let out = dir.join(format!("dcam-{version}.onnx"));
-    let script = r#"
-import json, sys, onnx
-m = onnx.load(sys.argv[1])
-props = {p.key: p for p in m.metadata_props}
-props["dcam.version"].value = sys.argv[3]
-cal = json.loads(props["dcam.calibration"].value)
-for c in cal.values():
-    c["threshold"] = c["threshold"] * 1.5
-props["dcam.calibration"].value = json.dumps(cal)
-onnx.save(m, sys.argv[2])
-"#;
-    let status = std::process::Command::new(repo_root().join(".venv/bin/python"))
-        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), version])
-        .status()
-        .expect("running the test environment's python (scripts/setup-python.sh)");
-    assert!(status.success(), "writing the second model failed");
-    out
 }
 
 /// 2000 events streaming; the model is swapped through the API when about a quarter is scored,

@@ -47,6 +47,29 @@ onnx.save(m, sys.argv[2])
     out
 }
 
+/// A copy of the committed model with another version and calibration (thresholds scaled),
+/// written with the `onnx` package of the test environment.
+pub fn recalibrated_model(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("dcam-{version}.onnx"));
+    let script = r#"
+import json, sys, onnx
+m = onnx.load(sys.argv[1])
+props = {p.key: p for p in m.metadata_props}
+props["dcam.version"].value = sys.argv[3]
+cal = json.loads(props["dcam.calibration"].value)
+for c in cal.values():
+    c["threshold"] = c["threshold"] * 1.5
+props["dcam.calibration"].value = json.dumps(cal)
+onnx.save(m, sys.argv[2])
+"#;
+    let status = Command::new(repo_root().join(".venv/bin/python"))
+        .args(["-c", script, &model_path().display().to_string(), &out.display().to_string(), version])
+        .status()
+        .expect("running the test environment's python (scripts/setup-python.sh)");
+    assert!(status.success(), "writing the second model failed");
+    out
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
