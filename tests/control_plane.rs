@@ -150,6 +150,7 @@ fn swap_under_load(mode: &str) {
         .set("DCAM__HEATMAP__POLICY", "none")
         .set("DCAM__PIPELINE__MAX_IN_FLIGHT", "64")
         .set("DCAM__BATCH__MAX_BATCH", "16")
+        .set("DCAM__MODEL__ALLOWED_SOURCES", s.tmp.path().display().to_string())
         .spawn(mode);
     op.wait_ready(READY);
     let old_version = json(&http_get(op.http_port, "/api/model").unwrap().1)["active"]["version"].as_str().unwrap().to_string();
@@ -166,7 +167,7 @@ fn swap_under_load(mode: &str) {
     assert_eq!(code, 422, "a broken model is refused: {body}");
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, fixed.display())).unwrap();
     assert_eq!(code, 422, "a model fixed to batches of 4 is refused: {body}");
-    assert!(body.contains("fixed batch dimension of 4"), "{body}");
+    assert!(op.log_text().contains("fixed batch dimension of 4"), "the operator's log says why");
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, v2.display())).unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["active"]["version"], "9.9.9-recal");

@@ -61,7 +61,7 @@ impl RunningOperator {
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
         metrics.set_classes(&engine.info.classes);
         metrics.set_model(&engine.info.name, &engine.info.version);
-        let models = Arc::new(ModelSlot::new(ActiveModel::new(engine.clone(), &settings, &settings.model.path)?));
+        let models = Arc::new(ModelSlot::new(ActiveModel::new(engine.clone(), &settings, &settings.model.path)?, &settings));
 
         // Runtime thresholds and model announcements, read to the end before the first image.
         let thresholds = Arc::new(RuntimeThresholds::default());

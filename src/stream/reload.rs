@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Settings;
 use crate::control::{Change, ControlState};
-use crate::inference::active::{fetch_model, ModelSlot};
+use crate::inference::active::ModelSlot;
 use crate::telemetry::{InternalEvent, Metrics};
 
 pub struct Reloader {
@@ -41,7 +41,7 @@ impl Reloader {
             };
             if let Some(Change::Model { uri, by, .. }) = announced {
                 tracing::info!(uri, by, "model announced on the control topic");
-                self.load(&uri, false);
+                self.runtime.block_on(swap_in(&self.models, &self.metrics, &uri));
                 continue;
             }
             if !watch.is_zero() && last_check.elapsed() >= watch {
@@ -51,28 +51,30 @@ impl Reloader {
                 if now != seen && self.models.current().source == self.settings.model.path {
                     seen = now;
                     tracing::info!(path = %path.display(), "model file changed");
-                    self.load(&self.settings.model.path, true);
+                    self.runtime.block_on(swap_in(&self.models, &self.metrics, &self.settings.model.path));
                 }
             }
         }
     }
+}
 
-    /// Loads, checks and swaps in `uri`; on failure the active model keeps serving. Unless
-    /// `again` (a changed file), a URI that already serves is left alone.
-    fn load(&self, uri: &str, again: bool) {
-        if !again && self.models.current().source == uri {
-            // E.g. the announcement read again at a restart: it is what serves already.
-            tracing::debug!(uri, "announced model is already serving");
-            return;
+/// Loads, checks and swaps in `uri`, and reports it; false when it was refused (the active model
+/// keeps serving). The same bytes from the same URI are left alone: e.g. the announcement read
+/// again at a restart, or a file touched without changing.
+pub async fn swap_in(models: &ModelSlot, metrics: &Metrics, uri: &str) -> bool {
+    match models.load(uri).await {
+        Ok(Some(active)) => {
+            metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri });
+            metrics.set_classes(&active.engine.info.classes);
+            true
         }
-        let dir = std::env::temp_dir().join("dcam-models");
-        let result = self.runtime.block_on(fetch_model(uri, &self.settings, &dir)).and_then(|file| self.models.load_and_swap(&file, uri, &self.settings));
-        match result {
-            Ok(active) => {
-                self.metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri });
-                self.metrics.set_classes(&active.engine.info.classes);
-            }
-            Err(e) => self.metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") }),
+        Ok(None) => {
+            tracing::debug!(uri, "this model is already serving");
+            true
+        }
+        Err(e) => {
+            metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") });
+            false
         }
     }
 }
