@@ -1,7 +1,7 @@
 //! Loading models at runtime, against a real broker process, real `dcam-stream run` replicas and a
 //! real S3 server (docs/DESIGN.md §9): only allowed sources are read, every refusal looks the same
-//! from outside, a check leaves nothing behind, and new bytes under an old URI swap while the same
-//! bytes do not.
+//! from outside, a check leaves nothing behind, new bytes under an old URI swap while the same
+//! bytes do not, and a restarted replica scores with the announced model from its first record.
 
 mod common;
 
@@ -229,4 +229,41 @@ fn the_same_uri_with_new_bytes_swaps_and_the_same_bytes_do_not() {
     assert_eq!(reloads(&op.metrics(), "swapped"), swapped, "the same bytes are not loaded again");
     assert_eq!(active_model(op.http_port)["previous"]["version"], "2.0.0", "the rollback target stays");
     assert!(op.terminate(Duration::from_secs(60)).success());
+}
+
+/// Row 8: a replica restarted after a model was announced scores with that model from its first
+/// record, even when loading it takes a while; without the announced file it falls back to the
+/// configured model and says so.
+#[test]
+fn a_restarted_replica_scores_with_the_announced_model_from_the_first_record() {
+    let _serial = serial();
+    let s = Scenario::start(1);
+    let (allowed, configured) = model_dir(s.tmp.path());
+    let v2 = recalibrated_model(&allowed, "9.9.9-announced");
+    let cfg = operator(&s, &configured);
+    let mut a = cfg.spawn("a");
+    a.wait_ready(READY);
+    let configured_version = active_model(a.http_port)["active"]["version"].as_str().unwrap().to_string();
+    let (code, body) = post_model(a.http_port, &v2.display().to_string());
+    assert_eq!(code, 200, "{body}");
+    assert!(a.terminate(Duration::from_secs(60)).success());
+
+    let (records, ids) = small_image_records(24, "restart");
+    publish(&s.broker.producer(), &s.input, &records);
+    // Warm-up batches make loading the announced model slow, so scoring would start first.
+    let mut b = cfg.clone().set("DCAM__ENGINE__WARMUP_BATCHES", "12").spawn("b");
+    b.wait_ready(READY);
+    let out = read_topic(&s.broker.brokers, &s.scores, ids.len(), Duration::from_secs(300));
+    let versions: Vec<String> = out.iter().map(|r| r.json()["model"]["version"].as_str().unwrap().to_string()).collect();
+    assert!(versions.iter().all(|v| v == "9.9.9-announced"), "every record is scored by the announced model: {versions:?}");
+    assert!(b.terminate(Duration::from_secs(60)).success());
+
+    // The announced model is gone: the configured one serves, with a warning.
+    std::fs::remove_file(&v2).unwrap();
+    let mut c = cfg.spawn("c");
+    c.wait_ready(READY);
+    assert_eq!(active_model(c.http_port)["active"]["version"], configured_version.as_str());
+    let log = c.log_text();
+    assert!(log.contains("WARN") && log.contains("announced model"), "{log}");
+    assert!(c.terminate(Duration::from_secs(60)).success());
 }

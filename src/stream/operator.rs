@@ -20,7 +20,7 @@ use crate::inspect::Recent;
 use crate::kafka;
 use crate::store::BlobStore;
 use crate::stream::pipeline::Pipeline;
-use crate::stream::reload::Reloader;
+use crate::stream::reload::{AnnouncedModel, Reloader};
 use crate::stream::sink::{KafkaSink, Oversight, SinkSettings};
 use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
@@ -69,6 +69,8 @@ impl RunningOperator {
             Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone()).await?)),
             None => None,
         };
+        // The announced model loads while the rest starts, and serves before the first record.
+        let announced = control.as_ref().and_then(|c| AnnouncedModel::start(&c.state, models.clone(), metrics.clone(), &settings));
         let recent = Arc::new(Recent::new(settings.inspect.recent_bytes, settings.inspect.thumbnail_px));
         let shared_settings = Arc::new(settings.clone());
         let http = {
@@ -125,6 +127,9 @@ impl RunningOperator {
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         let lag = source::spawn_lag_reporter(lag_config, tracker, assignment, metrics.clone(), shutdown.clone())?;
+        if let Some(announced) = announced {
+            announced.wait().await;
+        }
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
             let opts = SourceOptions {

@@ -1,7 +1,8 @@
 //! Hot reload: a thread that swaps models in when one is announced on the control topic, or
 //! when the file at `model.path` changes (with `model.watch_interval_ms`). Loading, checking and
 //! warming up happen here, beside the serving model; the swap itself is one pointer write that
-//! the engine workers see at their next batch.
+//! the engine workers see at their next batch. At start-up, the announced model is loaded before
+//! the first record is read (`AnnouncedModel`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -75,6 +76,39 @@ pub async fn swap_in(models: &ModelSlot, metrics: &Metrics, uri: &str) -> bool {
         Err(e) => {
             metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") });
             false
+        }
+    }
+}
+
+/// The model announced on the control topic, loading at start-up. It is taken from the control
+/// state before the reloader starts (so it is loaded once), loads while the rest of the operator
+/// starts, and `wait` holds the first record back until it serves, for at most
+/// `model.announced_wait_ms` from the start.
+pub struct AnnouncedModel {
+    uri: String,
+    loading: tokio::task::JoinHandle<bool>,
+    deadline: tokio::time::Instant,
+}
+
+impl AnnouncedModel {
+    pub fn start(control: &ControlState, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &Settings) -> Option<Self> {
+        let Some(Change::Model { uri, .. }) = control.next_model(Duration::ZERO) else { return None };
+        tracing::info!(uri, "loading the model announced on the control topic before reading any record");
+        let loading = {
+            let uri = uri.clone();
+            tokio::spawn(async move { swap_in(&models, &metrics, &uri).await })
+        };
+        Some(Self { uri, loading, deadline: tokio::time::Instant::now() + settings.model.announced_wait })
+    }
+
+    /// Waits until the announced model serves, was refused, or the deadline passed (then it goes
+    /// on loading and swaps in when ready).
+    pub async fn wait(self) {
+        let uri = self.uri;
+        match tokio::time::timeout_at(self.deadline, self.loading).await {
+            Ok(Ok(true)) => {}
+            Ok(_) => tracing::warn!(uri, "the announced model could not be loaded; the configured model serves"),
+            Err(_) => tracing::warn!(uri, "the announced model is not loaded within model.announced_wait_ms; the configured model serves until it is"),
         }
     }
 }
