@@ -144,6 +144,58 @@ pub struct ModelSettings {
     pub watch_interval: Duration,
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
+    /// Where models may be loaded from at runtime (`POST /api/model`, the control topic, the
+    /// watched file): directories (a path, or `file:///dir`) and `s3://bucket/prefix`. Empty = the
+    /// directory of `path`. `path` itself is always allowed (the rollback target).
+    #[serde(default)]
+    pub allowed_sources: Vec<ModelSource>,
+    /// The largest model file or object read, in bytes; larger ones are refused before reading.
+    pub max_bytes: u64,
+    /// How long a starting replica waits for the model announced on the control topic before it
+    /// reads its first record; past it the configured model serves first and the announced one
+    /// swaps in when loaded.
+    #[serde(rename = "announced_wait_ms", with = "millis")]
+    pub announced_wait: Duration,
+}
+
+/// A place models may be loaded from (`model.allowed_sources`), written as a directory path,
+/// `file:///dir` or `s3://bucket/prefix`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ModelSource {
+    /// A directory on the pods; relative paths are relative to the working directory.
+    Dir(std::path::PathBuf),
+    /// Objects under `s3://bucket/prefix/` (the whole bucket when `prefix` is empty).
+    S3 { bucket: String, prefix: String },
+}
+
+impl TryFrom<String> for ModelSource {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        if let Some(rest) = text.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!("model.allowed_sources entry {text:?} names no bucket"));
+            }
+            return Ok(Self::S3 { bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
+        }
+        let path = match text.strip_prefix("file://") {
+            Some(_) => url::Url::parse(&text).ok().and_then(|u| u.to_file_path().ok()),
+            None if text.contains("://") => None,
+            None => Some(std::path::PathBuf::from(&text)).filter(|p| !p.as_os_str().is_empty()),
+        };
+        path.map(Self::Dir).ok_or_else(|| format!("model.allowed_sources entry {text:?} must be a directory, file:///dir or s3://bucket/prefix"))
+    }
+}
+
+impl From<ModelSource> for String {
+    fn from(source: ModelSource) -> String {
+        match source {
+            ModelSource::Dir(path) => path.display().to_string(),
+            ModelSource::S3 { bucket, prefix } => format!("s3://{bucket}/{prefix}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -480,6 +532,7 @@ impl Settings {
                 .list_separator(",")
                 .with_list_parse_key("kafka.input_topics")
                 .with_list_parse_key("telemetry.allowed_hosts")
+                .with_list_parse_key("model.allowed_sources")
                 .try_parsing(true)
                 .source(Some(env_map)),
         );
@@ -550,6 +603,8 @@ impl Settings {
             self.control.signing_key.expose().is_none_or(|k| k.len() >= MIN_SIGNING_KEY_BYTES),
             format!("control.signing_key must be at least {MIN_SIGNING_KEY_BYTES} bytes (e.g. openssl rand -hex 32)"),
         );
+        check(self.model.max_bytes >= 1 << 20, format!("model.max_bytes must be >= 1048576, got {}", self.model.max_bytes));
+        check(ms(self.model.announced_wait) <= 3_600_000, format!("model.announced_wait_ms must be <= 3600000, got {}", ms(self.model.announced_wait)));
         for (class, t) in &self.model.thresholds {
             check(t.is_finite(), format!("model.thresholds.{class} must be a finite number"));
         }
@@ -700,6 +755,24 @@ mod tests {
         assert_eq!(s.batch.max_batch, 32);
         assert_eq!(s.delivery.mode, DeliveryMode::AtLeastOnce);
         assert_eq!(s.heatmap.policy, HeatmapPolicy::Anomalies);
+    }
+
+    #[test]
+    fn model_sources_are_directories_or_s3_prefixes() {
+        let s = Settings::load_with_env(None, env(&[("DCAM__MODEL__ALLOWED_SOURCES", "/opt/models,file:///srv/m,s3://bucket/a/b/,s3://whole")])).unwrap();
+        assert_eq!(
+            s.model.allowed_sources,
+            vec![
+                ModelSource::Dir("/opt/models".into()),
+                ModelSource::Dir("/srv/m".into()),
+                ModelSource::S3 { bucket: "bucket".into(), prefix: "a/b".into() },
+                ModelSource::S3 { bucket: "whole".into(), prefix: String::new() },
+            ]
+        );
+        for bad in ["s3:///key", "https://example.com/m", "file://host/dir"] {
+            let err = Settings::load_with_env(None, env(&[("DCAM__MODEL__ALLOWED_SOURCES", bad)])).unwrap_err();
+            assert!(format!("{err:#}").contains("model.allowed_sources"), "{bad}: {err:#}");
+        }
     }
 
     #[test]

@@ -8,8 +8,8 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
 
 use common::*;
 
@@ -252,8 +252,13 @@ fn a_swapped_in_model_brings_its_classes_to_metrics_and_its_waiting_thresholds()
     let s = Scenario::start(1);
     let (broker, input, scores, group) = (&s.broker, &s.input, &s.scores, &s.group);
     let v2 = model_with_new_class(s.tmp.path(), "9.9.9-screw");
-    let mut op =
-        s.operator().set("DCAM__TELEMETRY__API_TOKEN", TOKEN).set("DCAM__CONTROL__SIGNING_KEY", SIGNING_KEY).set("DCAM__HEATMAP__POLICY", "none").spawn("op");
+    let mut op = s
+        .operator()
+        .set("DCAM__TELEMETRY__API_TOKEN", TOKEN)
+        .set("DCAM__CONTROL__SIGNING_KEY", SIGNING_KEY)
+        .set("DCAM__HEATMAP__POLICY", "none")
+        .set("DCAM__MODEL__ALLOWED_SOURCES", s.tmp.path().display().to_string())
+        .spawn("op");
     op.wait_ready(READY);
 
     // Thresholds for the model to come, signed, before it is announced: they wait for it.
@@ -301,22 +306,6 @@ fn writes_are_off_without_a_token() {
     assert!(op.terminate(Duration::from_secs(60)).success());
 }
 
-/// A copy of the committed model with another version and calibration (thresholds scaled).
-fn recalibrated_model(dir: &Path, version: &str) -> PathBuf {
-    let out = dir.join(format!("dcam-{version}.onnx"));
-    edited_model(
-        &out,
-        &format!(
-            r#"props["dcam.version"].value = "{version}"
-cal = json.loads(props["dcam.calibration"].value)
-for c in cal.values():
-    c["threshold"] = c["threshold"] * 1.5
-props["dcam.calibration"].value = json.dumps(cal)"#
-        ),
-    );
-    out
-}
-
 /// 2000 events streaming; the model is swapped through the API when about a quarter is scored,
 /// and a broken model is offered too. Every input has one score (exactly once) or at least one
 /// (at least once); per partition, the scores go old version → new version, never back.
@@ -337,6 +326,7 @@ fn swap_under_load(mode: &str) {
         .set("DCAM__HEATMAP__POLICY", "none")
         .set("DCAM__PIPELINE__MAX_IN_FLIGHT", "64")
         .set("DCAM__BATCH__MAX_BATCH", "16")
+        .set("DCAM__MODEL__ALLOWED_SOURCES", s.tmp.path().display().to_string())
         .spawn(mode);
     op.wait_ready(READY);
     let old_version = json(&http_get(op.http_port, "/api/model").unwrap().1)["active"]["version"].as_str().unwrap().to_string();
@@ -353,7 +343,7 @@ fn swap_under_load(mode: &str) {
     assert_eq!(code, 422, "a broken model is refused: {body}");
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, fixed.display())).unwrap();
     assert_eq!(code, 422, "a model fixed to batches of 4 is refused: {body}");
-    assert!(body.contains("fixed batch dimension of 4"), "{body}");
+    assert!(op.log_text().contains("fixed batch dimension of 4"), "the operator's log says why");
     let (code, body) = http_send("POST", op.http_port, "/api/model", &auth(), &format!(r#"{{"uri": "{}"}}"#, v2.display())).unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(json(&body)["active"]["version"], "9.9.9-recal");

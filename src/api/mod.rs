@@ -297,31 +297,28 @@ async fn rollback_model(State(s): State<ApiState>, headers: HeaderMap) -> Respon
 
 /// Checks the model here first (a broken file is refused before any replica sees it), then
 /// announces it on the control topic; every replica, this one included, loads and swaps it.
+/// Every refusal gets the same answer, so the API cannot be used to probe the host's files.
 async fn announce_model(s: &ApiState, uri: String, who: String) -> Response {
     let (Some(control), Some(models)) = (&s.control, &s.models) else {
         return error(StatusCode::CONFLICT, "runtime changes are off: topics.control is empty");
     };
-    let checked = async {
-        let file = active::fetch_model(&uri, &s.settings, &std::env::temp_dir().join("dcam-models")).await?;
-        let (settings, models, uri) = (s.settings.clone(), models.clone(), uri.clone());
-        tokio::task::spawn_blocking(move || active::validate(&file, &uri, &settings, &models.current()).map(|m| m.describe())).await?
-    }
-    .await;
-    if let Err(e) = checked {
-        s.metrics.emit(InternalEvent::ModelRejected { source: &uri, error: &format!("{e:#}") });
-        return error(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}"));
-    }
+    let sha256 = match models.check(&uri).await {
+        Ok(sha256) => sha256,
+        Err(e) => {
+            s.metrics.emit(InternalEvent::ModelRejected { source: &uri, error: &format!("{e:#}") });
+            return error(StatusCode::UNPROCESSABLE_ENTITY, active::REFUSED);
+        }
+    };
     let change = Change::Model { uri: uri.clone(), by: who, at: Change::now() };
     if let Err(e) = control.publish(&change).await {
         return error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}"));
     }
     s.metrics.emit(InternalEvent::ControlChange { kind: "model" });
-    // This replica loads it from the control topic; answer once it serves (or failed).
+    // This replica loads it from the control topic; answer once the bytes checked serve (or failed).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while tokio::time::Instant::now() < deadline {
-        let active = models.current();
-        if active.source == uri {
-            return Json(serde_json::json!({"announced": change, "active": active.describe()})).into_response();
+        if models.serves(&uri, &sha256) {
+            return Json(serde_json::json!({"announced": change, "active": models.current().describe()})).into_response();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -1,17 +1,19 @@
-//! The model that scores now, and hot reload: a new model is loaded and checked against the
-//! contract (docs/DESIGN.md §1) beside the active one, warmed up, then swapped in between
-//! batches. Engine workers read the active model once per batch, so every image of a batch is
-//! scored, and labelled, by one model; nothing is re-read or dropped by a swap.
+//! The model that scores now, and hot reload: a new model is read from an allowed source
+//! (`model_source`), loaded and checked against the contract (docs/DESIGN.md §1) beside the active
+//! one, warmed up, then swapped in between batches; the same bytes are not loaded twice. Engine
+//! workers read the active model once per batch, so every image of a batch is scored, and
+//! labelled, by one model; nothing is re-read or dropped by a swap.
 
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Context, Result};
+use tokio::sync::OwnedMutexGuard;
 
 use crate::config::Settings;
 use crate::event::ModelRef;
 use crate::inference::engine::Engine;
 use crate::inference::model::Scorer;
+use crate::inference::model_source::{ModelBytes, ModelSources};
 
 /// A loaded model with what scoring needs beside the sessions.
 pub struct ActiveModel {
@@ -33,21 +35,36 @@ impl ActiveModel {
     /// What `/readyz`, `/api/model` and logs show of it.
     pub fn describe(&self) -> serde_json::Value {
         let info = &self.engine.info;
-        serde_json::json!({"name": info.name, "version": info.version, "classes": info.classes, "input_size": info.input_size, "source": self.source, "provider": self.engine.provider})
+        serde_json::json!({"name": info.name, "version": info.version, "classes": info.classes, "input_size": info.input_size, "source": self.source, "sha256": self.engine.sha256, "provider": self.engine.provider})
     }
 }
 
-/// The active model and the one before it (for rollback).
+/// What `POST /api/model` answers for every refusal, whatever the reason (outside the allowed
+/// sources, missing, not a regular file, too big, not a valid model): a caller must not learn from
+/// it which files exist on the host. The operator's log says why.
+pub const REFUSED: &str = "model refused: not an allowed, readable model this operator can serve (the operator's log says why)";
+
+/// The active model and the one before it (for rollback), and loading new ones.
 pub struct ModelSlot {
     current: RwLock<Arc<ActiveModel>>,
     previous: Mutex<Option<Arc<ActiveModel>>>,
-    /// Serialises loads, so two announcements never race their swaps.
-    loading: Mutex<()>,
+    /// One check or load at a time (the API's checks and the reloader's loads alike), so at most
+    /// one candidate is resident beside the serving model and its predecessor, and two
+    /// announcements never race their swaps.
+    loading: Arc<tokio::sync::Mutex<()>>,
+    sources: ModelSources,
+    settings: Arc<Settings>,
 }
 
 impl ModelSlot {
-    pub fn new(active: ActiveModel) -> Self {
-        Self { current: RwLock::new(Arc::new(active)), previous: Mutex::new(None), loading: Mutex::new(()) }
+    pub fn new(active: ActiveModel, settings: &Settings) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(active)),
+            previous: Mutex::new(None),
+            loading: Arc::default(),
+            sources: ModelSources::from_settings(settings),
+            settings: Arc::new(settings.clone()),
+        }
     }
 
     /// The model to score the next batch with.
@@ -59,26 +76,56 @@ impl ModelSlot {
         self.previous.lock().expect("model slot").clone()
     }
 
-    /// Loads `source` (a file path; `s3://` URIs are fetched first by the caller), checks it
-    /// against the contract and the running pipeline, warms it up and swaps it in; `before_swap`
-    /// sees it once it passed every check, before its first batch. On any error the active model
-    /// keeps serving. Blocking: call off the executor.
-    pub fn load_and_swap(&self, file: &Path, source: &str, settings: &Settings, before_swap: impl FnOnce(&ActiveModel)) -> Result<Arc<ActiveModel>> {
-        let _one_at_a_time = self.loading.lock().expect("model slot");
-        let candidate = validate(file, source, settings, &self.current())?;
+    /// Whether `uri` serves now with exactly the bytes whose SHA-256 is `sha256`.
+    pub fn serves(&self, uri: &str, sha256: &str) -> bool {
+        let active = self.current();
+        active.source == uri && active.engine.sha256 == sha256
+    }
+
+    /// Checks that `uri` could be swapped in (read, contract, input size, warm-up) without
+    /// swapping it; returns its SHA-256.
+    pub async fn check(&self, uri: &str) -> Result<String> {
+        let one_at_a_time = self.loading.clone().lock_owned().await;
+        let model = self.sources.read(uri).await?;
+        let sha256 = model.sha256.clone();
+        if !self.serves(uri, &sha256) {
+            self.candidate(model, uri, one_at_a_time).await?;
+        }
+        Ok(sha256)
+    }
+
+    /// Reads, checks, warms up and swaps in `uri`; `None` when these very bytes already serve
+    /// from it. `before_swap` sees the candidate once it passed every check, before its first
+    /// batch. On any error the active model keeps serving.
+    pub async fn load(&self, uri: &str, before_swap: impl FnOnce(&ActiveModel)) -> Result<Option<Arc<ActiveModel>>> {
+        let one_at_a_time = self.loading.clone().lock_owned().await;
+        let model = self.sources.read(uri).await?;
+        if self.serves(uri, &model.sha256) {
+            return Ok(None);
+        }
+        let (candidate, _one_at_a_time) = self.candidate(model, uri, one_at_a_time).await?;
         before_swap(&candidate);
         let candidate = Arc::new(candidate);
         let old = std::mem::replace(&mut *self.current.write().expect("model slot"), candidate.clone());
         *self.previous.lock().expect("model slot") = Some(old);
-        Ok(candidate)
+        Ok(Some(candidate))
+    }
+
+    /// Builds and checks a candidate off the executor. The loading guard goes along and comes
+    /// back, so the lock is held for as long as the candidate exists, even when the caller gave
+    /// up waiting for it.
+    async fn candidate(&self, model: ModelBytes, uri: &str, guard: OwnedMutexGuard<()>) -> Result<(ActiveModel, OwnedMutexGuard<()>)> {
+        let (settings, active, uri) = (self.settings.clone(), self.current(), uri.to_string());
+        let (candidate, guard) = tokio::task::spawn_blocking(move || (validate(&model, &uri, &settings, &active), guard)).await?;
+        Ok((candidate?, guard))
     }
 }
 
 /// Loads a candidate and checks it can replace `active` without restarting anything: it follows
 /// the contract (checked while loading), has the same input size (the decoders resize to it)
 /// and answers a warm-up batch.
-pub fn validate(file: &Path, source: &str, settings: &Settings, active: &ActiveModel) -> Result<ActiveModel> {
-    let engine = Engine::load(file, &settings.engine).with_context(|| format!("model {source} was rejected"))?;
+fn validate(model: &ModelBytes, source: &str, settings: &Settings, active: &ActiveModel) -> Result<ActiveModel> {
+    let engine = Engine::from_bytes(model, source, &settings.engine).with_context(|| format!("model {source} was rejected"))?;
     let (new, old) = (engine.info.input_size, active.engine.info.input_size);
     if new != old {
         bail!("model {source} was rejected: its input size {new} differs from the active model's {old}; a different size needs a restart");
@@ -87,20 +134,4 @@ pub fn validate(file: &Path, source: &str, settings: &Settings, active: &ActiveM
         .warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches.max(1))
         .with_context(|| format!("model {source} failed its warm-up batch"))?;
     ActiveModel::new(Arc::new(engine), settings, source)
-}
-
-/// A model URI from the API or the control topic as a local file: a path as it is, an `s3://`
-/// object downloaded into `dir` (with the heatmap store's S3 settings).
-pub async fn fetch_model(uri: &str, settings: &Settings, dir: &Path) -> Result<PathBuf> {
-    let Some(rest) = uri.strip_prefix("s3://") else {
-        return Ok(PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri)));
-    };
-    let (bucket, key) = rest.split_once('/').with_context(|| format!("{uri} names no object"))?;
-    let client = crate::store::s3_client(&settings.heatmap.s3, bucket, std::time::Duration::from_secs(120))?;
-    use object_store::ObjectStore;
-    let bytes = client.get(&object_store::path::Path::from(key)).await.with_context(|| format!("fetching {uri}"))?.bytes().await?;
-    std::fs::create_dir_all(dir)?;
-    let file = dir.join(format!("model-{}.onnx", rand::random::<u64>()));
-    std::fs::write(&file, &bytes).with_context(|| format!("writing {}", file.display()))?;
-    Ok(file)
 }

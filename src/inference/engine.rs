@@ -10,6 +10,7 @@ use ort::value::TensorRef;
 
 use crate::config::{EngineSettings, Provider};
 use crate::inference::model::ModelInfo;
+use crate::inference::model_source::{read_file, ModelBytes};
 
 static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
 
@@ -49,18 +50,28 @@ pub struct Engine {
     pub info: ModelInfo,
     /// The execution provider that actually serves the sessions.
     pub provider: &'static str,
+    /// SHA-256 of the model file the sessions were built from.
+    pub sha256: String,
 }
 
 impl Engine {
+    /// Loads a model file as it is (the tools); the operator reads models with its limits first
+    /// (`from_bytes`).
     pub fn load(model_path: &Path, settings: &EngineSettings) -> Result<Self> {
-        let env = environment()?;
         if !model_path.exists() {
             bail!("model file {} does not exist", model_path.display());
         }
+        let bytes = std::fs::read(model_path).with_context(|| format!("reading {}", model_path.display()))?;
+        Self::from_bytes(&ModelBytes::new(bytes), &model_path.display().to_string(), settings)
+    }
+
+    /// Builds the sessions from a model already in memory; `name` says where it came from in errors.
+    pub fn from_bytes(model: &ModelBytes, name: &str, settings: &EngineSettings) -> Result<Self> {
+        let env = environment()?;
         let mut sessions = Vec::new();
         let mut provider = "cpu";
         for _ in 0..settings.sessions {
-            let (session, used) = build_session(env, model_path, settings)?;
+            let (session, used) = build_session(env, model, name, settings)?;
             provider = used;
             sessions.push(Mutex::new(session));
         }
@@ -68,9 +79,9 @@ impl Engine {
             let s = sessions[0].lock().expect("fresh mutex");
             check_signature(&s)?;
             let meta = s.metadata().map_err(|e| anyhow!("cannot read model metadata: {e}"))?;
-            ModelInfo::from_metadata(|k| meta.custom(k)).with_context(|| format!("model {} does not follow the contract", model_path.display()))?
+            ModelInfo::from_metadata(|k| meta.custom(k)).with_context(|| format!("model {name} does not follow the contract"))?
         };
-        Ok(Self { sessions, info, provider })
+        Ok(Self { sessions, info, provider, sha256: model.sha256.clone() })
     }
 
     pub fn session_count(&self) -> usize {
@@ -111,7 +122,7 @@ impl Engine {
     }
 }
 
-fn build_session(env: &ort::environment::Environment, path: &Path, settings: &EngineSettings) -> Result<(Session, &'static str)> {
+fn build_session(env: &ort::environment::Environment, model: &ModelBytes, name: &str, settings: &EngineSettings) -> Result<(Session, &'static str)> {
     // Builder errors are not Send: turn them into strings before `?`.
     let mut builder = Session::builder(env)
         .map_err(|e| anyhow!("session builder: {e}"))?
@@ -137,7 +148,7 @@ fn build_session(env: &ort::environment::Environment, path: &Path, settings: &En
             }
         }
     };
-    let session = builder.commit_from_file(path).map_err(|e| anyhow!("cannot load model {}: {e}", path.display()))?;
+    let session = builder.commit_from_memory(&model.bytes).map_err(|e| anyhow!("cannot load model {name}: {e}"))?;
     Ok((session, provider))
 }
 
@@ -201,9 +212,11 @@ fn check_dynamic_batch(session: &Session) -> Result<()> {
     Ok(())
 }
 
-/// Loads the model named in the settings and warms it up (blocking; call off the executor).
+/// Loads the model named in the settings, within `model.max_bytes`, and warms it up (blocking;
+/// call off the executor).
 pub fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
-    let engine = Engine::load(std::path::Path::new(&settings.model.path), &settings.engine)?;
+    let model = read_file(Path::new(&settings.model.path), settings.model.max_bytes).context("model.path")?;
+    let engine = Engine::from_bytes(&model, &settings.model.path, &settings.engine)?;
     engine.warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches)?;
     tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
     Ok(std::sync::Arc::new(engine))

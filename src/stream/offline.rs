@@ -41,7 +41,7 @@ pub fn score_files(
     heatmap_dir: Option<&Path>,
     mut on_result: impl FnMut(&FileScore),
 ) -> Result<Vec<FileScore>> {
-    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, settings, &settings.model.path)?));
+    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, settings, &settings.model.path)?, settings));
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
     let pipeline = Pipeline::start(models, settings, Metrics::new(), Arc::new(tx));
     let submit = pipeline.submitter();

@@ -20,7 +20,7 @@ use crate::inspect::Recent;
 use crate::kafka;
 use crate::store::BlobStore;
 use crate::stream::pipeline::Pipeline;
-use crate::stream::reload::Reloader;
+use crate::stream::reload::{AnnouncedModel, Reloader};
 use crate::stream::sink::{KafkaSink, Oversight, SinkSettings};
 use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
@@ -61,7 +61,7 @@ impl RunningOperator {
         metrics.provider.get_or_create(&ProviderLabels { provider: engine.provider.into() }).set(1);
         metrics.set_classes(&engine.info.classes);
         metrics.set_model(&engine.info.name, &engine.info.version);
-        let models = Arc::new(ModelSlot::new(ActiveModel::new(engine.clone(), &settings, &settings.model.path)?));
+        let models = Arc::new(ModelSlot::new(ActiveModel::new(engine.clone(), &settings, &settings.model.path)?, &settings));
 
         // Runtime thresholds and model announcements, read to the end before the first image.
         let thresholds = Arc::new(RuntimeThresholds::default());
@@ -69,6 +69,8 @@ impl RunningOperator {
             Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone(), metrics.clone(), &engine.info).await?)),
             None => None,
         };
+        // The announced model loads while the rest starts, and serves before the first record.
+        let announced = control.as_ref().and_then(|c| AnnouncedModel::start(&c.state, models.clone(), metrics.clone(), &settings));
         let recent = Arc::new(Recent::new(settings.inspect.recent_bytes, settings.inspect.thumbnail_px));
         let shared_settings = Arc::new(settings.clone());
         let http = {
@@ -121,6 +123,9 @@ impl RunningOperator {
         let topics: Vec<&str> = settings.kafka.input_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         let lag = source::spawn_lag_reporter(lag_config, tracker, assignment, metrics.clone(), shutdown.clone())?;
+        if let Some(announced) = announced {
+            announced.wait().await;
+        }
         let source = {
             let (submit, shutdown, metrics, health) = (pipeline.submitter(), shutdown.clone(), metrics.clone(), health.clone());
             let opts = SourceOptions {

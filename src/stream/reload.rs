@@ -1,7 +1,8 @@
 //! Hot reload: a thread that swaps models in when one is announced on the control topic, or
 //! when the file at `model.path` changes (with `model.watch_interval_ms`). Loading, checking and
 //! warming up happen here, beside the serving model; the swap itself is one pointer write that
-//! the engine workers see at their next batch.
+//! the engine workers see at their next batch. At start-up, the announced model is loaded before
+//! the first record is read (`AnnouncedModel`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Settings;
 use crate::control::{Change, ControlState};
-use crate::inference::active::{fetch_model, ActiveModel, ModelSlot};
+use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::telemetry::{InternalEvent, Metrics};
 
 pub struct Reloader {
@@ -41,7 +42,7 @@ impl Reloader {
             };
             if let Some(Change::Model { uri, by, .. }) = announced {
                 tracing::info!(uri, by, "model announced on the control topic");
-                self.load(&uri, false);
+                self.runtime.block_on(swap_in(&self.models, self.control.as_deref(), &self.metrics, &uri));
                 continue;
             }
             if !watch.is_zero() && last_check.elapsed() >= watch {
@@ -51,33 +52,69 @@ impl Reloader {
                 if now != seen && self.models.current().source == self.settings.model.path {
                     seen = now;
                     tracing::info!(path = %path.display(), "model file changed");
-                    self.load(&self.settings.model.path, true);
+                    self.runtime.block_on(swap_in(&self.models, self.control.as_deref(), &self.metrics, &self.settings.model.path));
                 }
             }
         }
     }
+}
 
-    /// Loads, checks and swaps in `uri`; on failure the active model keeps serving. Unless
-    /// `again` (a changed file), a URI that already serves is left alone.
-    fn load(&self, uri: &str, again: bool) {
-        if !again && self.models.current().source == uri {
-            // E.g. the announcement read again at a restart: it is what serves already.
-            tracing::debug!(uri, "announced model is already serving");
-            return;
+/// Loads, checks and swaps in `uri`, and reports it; false when it was refused (the active model
+/// keeps serving). The same bytes from the same URI are left alone: e.g. the announcement read
+/// again at a restart, or a file touched without changing.
+pub async fn swap_in(models: &ModelSlot, control: Option<&ControlState>, metrics: &Metrics, uri: &str) -> bool {
+    // Before its first batch: its runtime thresholds are in force and its classes are labels.
+    let before_swap = |candidate: &ActiveModel| {
+        if let Some(control) = control {
+            control.model_loaded(&candidate.engine.info);
         }
-        let dir = std::env::temp_dir().join("dcam-models");
-        // Before its first batch: its runtime thresholds are in force and its classes are labels.
-        let before_swap = |candidate: &ActiveModel| {
-            if let Some(control) = &self.control {
-                control.model_loaded(&candidate.engine.info);
-            }
-            self.metrics.set_classes(&candidate.engine.info.classes);
+        metrics.set_classes(&candidate.engine.info.classes);
+    };
+    match models.load(uri, before_swap).await {
+        Ok(Some(active)) => {
+            metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri });
+            true
+        }
+        Ok(None) => {
+            tracing::debug!(uri, "this model is already serving");
+            true
+        }
+        Err(e) => {
+            metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") });
+            false
+        }
+    }
+}
+
+/// The model announced on the control topic, loading at start-up. It is taken from the control
+/// state before the reloader starts (so it is loaded once), loads while the rest of the operator
+/// starts, and `wait` holds the first record back until it serves, for at most
+/// `model.announced_wait_ms` from the start.
+pub struct AnnouncedModel {
+    uri: String,
+    loading: tokio::task::JoinHandle<bool>,
+    deadline: tokio::time::Instant,
+}
+
+impl AnnouncedModel {
+    pub fn start(control: &Arc<ControlState>, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &Settings) -> Option<Self> {
+        let Some(Change::Model { uri, .. }) = control.next_model(Duration::ZERO) else { return None };
+        tracing::info!(uri, "loading the model announced on the control topic before reading any record");
+        let loading = {
+            let (uri, control) = (uri.clone(), control.clone());
+            tokio::spawn(async move { swap_in(&models, Some(&control), &metrics, &uri).await })
         };
-        let result =
-            self.runtime.block_on(fetch_model(uri, &self.settings, &dir)).and_then(|file| self.models.load_and_swap(&file, uri, &self.settings, before_swap));
-        match result {
-            Ok(active) => self.metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri }),
-            Err(e) => self.metrics.emit(InternalEvent::ModelRejected { source: uri, error: &format!("{e:#}") }),
+        Some(Self { uri, loading, deadline: tokio::time::Instant::now() + settings.model.announced_wait })
+    }
+
+    /// Waits until the announced model serves, was refused, or the deadline passed (then it goes
+    /// on loading and swaps in when ready).
+    pub async fn wait(self) {
+        let uri = self.uri;
+        match tokio::time::timeout_at(self.deadline, self.loading).await {
+            Ok(Ok(true)) => {}
+            Ok(_) => tracing::warn!(uri, "the announced model could not be loaded; the configured model serves"),
+            Err(_) => tracing::warn!(uri, "the announced model is not loaded within model.announced_wait_ms; the configured model serves until it is"),
         }
     }
 }

@@ -148,7 +148,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     let sink_settings = SinkSettings::for_replay(&settings, &req.output_topic, &dead_letter_topic, &id);
     // A replay judges with the model's calibration and the configured thresholds, not with
     // runtime changes: it answers "what would this model have said".
-    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?));
+    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?, &settings));
     let pipeline = assemble(&settings, models, sink_settings, Oversight::default(), delivery.clone(), metrics.clone())?.pipeline;
     let fatal = delivery.fatal().clone();
 

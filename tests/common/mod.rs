@@ -81,6 +81,22 @@ pub fn edited_model(out: &Path, edit: &str) {
     assert!(status.success(), "writing {} failed", out.display());
 }
 
+/// A copy of the committed model with another version and calibration (thresholds scaled).
+pub fn recalibrated_model(dir: &Path, version: &str) -> PathBuf {
+    let out = dir.join(format!("dcam-{version}.onnx"));
+    edited_model(
+        &out,
+        &format!(
+            r#"props["dcam.version"].value = "{version}"
+cal = json.loads(props["dcam.calibration"].value)
+for c in cal.values():
+    c["threshold"] = c["threshold"] * 1.5
+props["dcam.calibration"].value = json.dumps(cal)"#
+        ),
+    );
+    out
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
