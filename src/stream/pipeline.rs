@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 
 use crate::config::{BatchSettings, Settings};
 use crate::delivery::Ticket;
@@ -124,7 +124,8 @@ impl Pipeline {
         let workers = if decoder.settings().workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<(Job, Arc<ActiveModel>)>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
-        let (to_engine, batches) = bounded::<Vec<Decoded>>(sessions);
+        // Zero capacity: a batch is handed over only when a worker is free (see batch_loop).
+        let (to_engine, batches) = bounded::<Vec<Decoded>>(0);
         let decoder = Arc::new(decoder);
         let mut threads = Vec::new();
         for i in 0..workers {
@@ -205,9 +206,12 @@ fn decode_loop(jobs: Receiver<(Job, Arc<ActiveModel>)>, to_batch: Sender<Decoded
     }
 }
 
-/// Triton-style dynamic batching: a batch closes when full, `max_delay_ms` after its first item,
-/// or when an item stamped with another model arrives (one model per batch; that item opens the
-/// next batch).
+/// Triton-style dynamic batching, pulled by the engine: a batch closes when full, when an item
+/// stamped with another model arrives (one model per batch; that item opens the next batch), or
+/// when `max_delay_ms` after its first item passed and an engine worker is free to take it. While
+/// every worker is busy it keeps filling, so under a backlog batches come out full instead of
+/// alternating between what 10 ms gathered and what piled up behind it. `to_engine` must be a
+/// zero-capacity channel, so that a send completes only when a worker takes the batch.
 fn batch_loop<T>(decoded: Receiver<T>, to_engine: Sender<Vec<T>>, settings: &BatchSettings, metrics: &Metrics, same_model: impl Fn(&T, &T) -> bool) {
     let max_delay = settings.max_delay;
     let mut carried: Option<T> = None;
@@ -236,14 +240,45 @@ fn batch_loop<T>(decoded: Receiver<T>, to_engine: Sender<Vec<T>>, settings: &Bat
                 }
             }
         }
-        metrics.queue_depth.dec_by(batch.len() as i64);
-        metrics.batch_size.observe(batch.len() as f64);
-        metrics.batches.inc();
-        metrics.batched_images.inc_by(batch.len() as u64);
-        if to_engine.send(batch).is_err() || closed {
+        // Past the delay: hand the batch to the first free worker, taking more items meanwhile.
+        while carried.is_none() && !closed && batch.len() < settings.max_batch {
+            let mut ready = Select::new();
+            let send = ready.send(&to_engine);
+            ready.recv(&decoded);
+            let op = ready.select();
+            if op.index() == send {
+                let size = batch.len();
+                if op.send(&to_engine, batch).is_err() {
+                    return;
+                }
+                count_batch(metrics, size);
+                batch = Vec::new();
+                break;
+            }
+            match op.recv(&decoded) {
+                Ok(item) if same_model(&item, &batch[0]) => batch.push(item),
+                Ok(item) => carried = Some(item),
+                Err(_) => closed = true,
+            }
+        }
+        if !batch.is_empty() {
+            let size = batch.len();
+            if to_engine.send(batch).is_err() {
+                return;
+            }
+            count_batch(metrics, size);
+        }
+        if closed {
             return;
         }
     }
+}
+
+fn count_batch(metrics: &Metrics, size: usize) {
+    metrics.queue_depth.dec_by(size as i64);
+    metrics.batch_size.observe(size as f64);
+    metrics.batches.inc();
+    metrics.batched_images.inc_by(size as u64);
 }
 
 fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, sink: &dyn OutcomeSink, metrics: &Metrics) {
@@ -400,6 +435,29 @@ mod tests {
         let offsets: Vec<Vec<i32>> = got.iter().map(|b| b.iter().map(|i| i.0).collect()).collect();
         assert_eq!(offsets, vec![vec![0, 1, 2], vec![3, 4], vec![5], vec![6, 7, 8], vec![9]], "nothing lost, nothing reordered");
         assert!(got.iter().all(|b| b.iter().all(|i| i.1 == b[0].1)), "one model per batch: {got:?}");
+    }
+
+    /// While no worker is free the batch keeps filling past the delay; a free worker gets what
+    /// the delay gathered. Failed before the engine pulled: the batch closed 10 ms after item 0.
+    #[test]
+    fn a_batch_grows_while_the_engine_is_busy_and_goes_at_the_delay_when_it_is_free() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (to_engine, batches) = crossbeam_channel::bounded(0);
+        let settings = BatchSettings { max_batch: 4, max_delay: std::time::Duration::from_millis(10), queue_capacity: 16 };
+        let batcher = std::thread::spawn(move || batch_loop(rx, to_engine, &settings, &Metrics::new(), |_: &i32, _: &i32| true));
+        tx.send(0).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100)); // the engine is busy well past the delay
+        for i in 1..6 {
+            tx.send(i).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(batches.recv().unwrap(), vec![0, 1, 2, 3], "filled while no worker was free");
+        assert_eq!(batches.recv().unwrap(), vec![4, 5], "a free worker takes what the delay gathered");
+        tx.send(6).unwrap();
+        assert_eq!(batches.recv().unwrap(), vec![6]);
+        drop(tx);
+        batcher.join().unwrap();
+        assert!(batches.recv().is_err(), "nothing more");
     }
 
     #[test]
