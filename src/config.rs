@@ -219,6 +219,9 @@ pub struct EngineSettings {
     #[serde(default, with = "empty_is_none")]
     pub trt_engine_cache: Option<String>,
     pub warmup_batches: usize,
+    /// ONNX Runtime's CPU memory arena: kept at the largest batch shape seen (fast, but the
+    /// process keeps that peak); off, buffers go back to the allocator after each batch.
+    pub cpu_arena: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -135,7 +135,14 @@ fn build_session(env: &ort::environment::Environment, model: &ModelBytes, name: 
     // spinning, end-to-end throughput on 2 cores went up by a fifth to a half (scripts/bench.sh).
     builder = builder.with_intra_op_spinning(false).map_err(|e| anyhow!("intra-op spinning: {e}"))?;
     let provider = match settings.provider {
-        Provider::Cpu => "cpu",
+        Provider::Cpu => {
+            if !settings.cpu_arena {
+                // Without the arena, memory patterns would pre-plan buffers per shape all the same.
+                builder = builder.with_memory_pattern(false).map_err(|e| anyhow!("memory pattern: {e}"))?;
+                ep::CPU::default().with_arena_allocator(false).build().error_on_failure().register(&mut builder).map_err(|e| anyhow!("CPU provider: {e}"))?;
+            }
+            "cpu"
+        }
         Provider::Cuda | Provider::Tensorrt => {
             let (name, dispatch) = gpu_provider(settings);
             match dispatch.error_on_failure().register(&mut builder) {
