@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Benchmark tables through a real broker process (noida-db), in one run on the same images:
 # per-stage core-times and the limit they set, raw ONNX Runtime vs the end-to-end operator, then
-# a plain Python consumer (scripts/bench_python_consumer.py: confluent-kafka + Pillow + onnxruntime,
-# commit per batch) on the same events, and the ratio operator / Python.
+# the operator as its own process with the default config against a plain Python consumer
+# (scripts/bench_python_consumer.py: confluent-kafka + Pillow + onnxruntime, commit per batch) on
+# the same events, ROUNDS times each, alternating (scripts/bench_fair.py): throughput ratio
+# min/median/max, each side's own CPU per image, eta = stage sum / operator CPU per image.
 # Extra arguments go to `dcam-stream bench` (e.g. --images 192 --batches 1,8,32).
-#   PY_BATCH=32        the Python consumer's batch size (compared with the operator's row at it)
-#   SKIP_PYTHON=1      skip the Python consumer
+#   PY_BATCH=32        the Python consumer's batch size
+#   ROUNDS=3           runs of each side in the fair comparison
+#   SKIP_PYTHON=1      skip the fair comparison
 #   LARGE_JPEGS=16     bottle images re-encoded as 2048x2048 JPEG (q90) into a temp dir: decode + resize
 #                      per image, reduced-scale IDCT vs full decode vs Pillow (plain and draft()); 0 = off
 #   NO_SETUP=1         use the existing .ort and .venv as they are (no fetch-ort.sh / setup-python.sh)
@@ -63,28 +66,11 @@ PY
 fi
 [ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
 
-# The Python consumer on the same events (the bench published them to $export_topic too).
+# The operator (`dcam-stream run`, default config) and the Python consumer on the same events (the
+# bench published them to $export_topic too), each its own process, ROUNDS times each, alternating;
+# each side's own CPU per image, the broker's and the reader's apart (scripts/bench_fair.py).
 count=$(sed -n 's/^dcam-stream bench: \([0-9]*\) images.*/\1/p' "$data/bench.txt")
-py_batch=${PY_BATCH:-32}
 echo
-echo "Python consumer (confluent-kafka + Pillow + onnxruntime, batch $py_batch, commit per batch) on $count events:"
-.venv/bin/python scripts/bench_python_consumer.py --brokers "127.0.0.1:$port" --topic "$export_topic" \
-  --count "$count" --batch "$py_batch" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" | tee "$data/python.json"
-.venv/bin/python - "$data/bench.txt" "$data/python.json" "$py_batch" <<'PY'
-import json, sys
-bench, py, batch = open(sys.argv[1]).read().splitlines(), json.load(open(sys.argv[2])), int(sys.argv[3])
-rows = {}
-for line in bench:
-    cells = [c.strip() for c in line.strip().strip("|").split("|")]
-    if len(cells) >= 11 and cells[0].isdigit():
-        rows[int(cells[0])] = float(cells[4])
-same = rows.get(batch)
-best_batch = max(rows, key=rows.get)
-print(f"| consumer | img/s |\n|---|---:|\n| Python, batch {batch} | {py['img_s']:.1f} |")
-if same is not None:
-    print(f"| dcam-stream, batch {batch} | {same:.1f} |")
-print(f"| dcam-stream, best (batch {best_batch}) | {rows[best_batch]:.1f} |")
-if same is not None:
-    print(f"operator/python = {same / py['img_s']:.2f} (same batch {batch})")
-print(f"operator/python best = {rows[best_batch] / py['img_s']:.2f}")
-PY
+ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$export_topic" --count "$count" \
+  --bin "$DCAM_BIN" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --rounds "${ROUNDS:-3}" --py-batch "${PY_BATCH:-32}" \
+  --broker-pgid "$broker" --stages "$data/bench.txt" --logs "$data"

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""The operator against a plain Python consumer, each as its own process, measured the same way
+from outside (scripts/bench.sh runs it after `dcam-stream bench`):
+
+- `dcam-stream run` with the default configuration (control topic on; heatmaps off, as the Python
+  consumer writes none), and scripts/bench_python_consumer.py, read the same N events from the
+  same topic, ROUNDS times each, alternating (op, py, py, op, op, py, ...);
+- each process's own CPU time (utime + stime of every thread, /proc/PID/stat) is sampled every
+  50 ms, as is the broker's (every process of its process group) and this script's (the score
+  reader); nothing is charged to the side it does not belong to;
+- the window is steady state: from the first score record's timestamp to the last one's, and the
+  images in it are the records after the first (start-up, group join and the first batch fall
+  outside it, for both sides);
+- eta = sum of the single-thread stage costs (parse + decode + inference at the operator's batch,
+  from `dcam-stream bench`'s (c) table) / the operator's CPU per image; available cores = cores
+  minus what the broker and the reader used in the window; e2e / (available / stage sum).
+
+The last line is `efficiency = X.XX` (eta, median over the rounds).
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid):
+    """utime + stime of a live process, all its threads, in seconds (None when gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_cpu_s(pgid):
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                total += (int(fields[11]) + int(fields[12])) / TICK
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def self_cpu_s():
+    t = os.times()
+    return t.user + t.system
+
+
+def peak_rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Sampler(threading.Thread):
+    """(wall time, side's CPU, broker's CPU, reader's CPU) every 50 ms."""
+
+    def __init__(self, pid, broker_pgid):
+        super().__init__(daemon=True)
+        self.pid, self.broker_pgid = pid, broker_pgid
+        self.samples, self.stop = [], threading.Event()
+        self.peak_rss_mb = float("nan")
+
+    def run(self):
+        while not self.stop.is_set():
+            own = proc_cpu_s(self.pid)
+            if own is None:
+                break
+            broker = group_cpu_s(self.broker_pgid) if self.broker_pgid else 0.0
+            self.samples.append((time.time(), own, broker, self_cpu_s()))
+            self.peak_rss_mb = peak_rss_mb(self.pid)
+            self.stop.wait(0.05)
+
+    def at(self, t):
+        """The samples linearly interpolated at wall time t."""
+        s = self.samples
+        for a, b in zip(s, s[1:]):
+            if a[0] <= t <= b[0]:
+                w = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
+                return tuple(x + w * (y - x) for x, y in zip(a[1:], b[1:]))
+        return s[-1][1:] if t > s[-1][0] else s[0][1:]
+
+
+def read_scores(brokers, topic, count, timeout):
+    """Record timestamps (s) of the first `count` records of `topic`."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": brokers,
+            "group.id": f"fair-reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "topic.metadata.refresh.interval.ms": 1000,
+        }
+    )
+    consumer.subscribe([topic])
+    stamps, deadline = [], time.monotonic() + timeout
+    try:
+        while len(stamps) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            stamps.append(msg.timestamp()[1] / 1000.0)
+    finally:
+        consumer.close()
+    return stamps
+
+
+def measure(side, argv, env, scores_topic, args):
+    """Runs one side until it scored args.count events; its window figures."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.logs}/{scores_topic}.log", "w"), start_new_session=True)
+    sampler = Sampler(proc.pid, args.broker_pgid)
+    sampler.start()
+    try:
+        stamps = read_scores(args.brokers, scores_topic, args.count, args.timeout)
+    finally:
+        sampler.stop.set()
+        sampler.join()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if len(stamps) < args.count:
+        sys.exit(f"{side}: only {len(stamps)} of {args.count} scores within {args.timeout} s (log: {args.logs}/{scores_topic}.log)")
+    t0, t1 = min(stamps), max(stamps)
+    images = sum(1 for s in stamps if s > t0)
+    if images == 0:
+        sys.exit(f"{side}: every score has the same timestamp; too few events for a steady-state window (raise --count)")
+    (own0, broker0, reader0), (own1, broker1, reader1) = sampler.at(t0), sampler.at(t1)
+    window = t1 - t0
+    return {
+        "side": side,
+        "img_s": images / window,
+        "cpu_ms_per_image": (own1 - own0) * 1000 / images,
+        "cores_used": (own1 - own0) / window,
+        "broker_cores": (broker1 - broker0) / window,
+        "reader_cores": (reader1 - reader0) / window,
+        "window_s": window,
+        "peak_rss_mb": sampler.peak_rss_mb,
+    }
+
+
+def stage_sum_ms(bench_txt, batch):
+    """parse + decode + inference at `batch` (else the nearest batch measured), from (c)."""
+    text = open(bench_txt).read()
+    parse = float(re.search(r"\| parse \(event parser: envelope \+ base64\) \| ([0-9.]+) \|", text).group(1))
+    decode = float(re.search(r"\| decode \+ resize \(Decoder\) \| ([0-9.]+) \|", text).group(1))
+    infer = {int(b): float(ms) for b, ms in re.findall(r"\| inference, 1 intra-op thread, batch (\d+) \| ([0-9.]+) \|", text)}
+    at = min(infer, key=lambda b: abs(b - batch))
+    return parse, decode, at, infer[at]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--brokers", required=True)
+    p.add_argument("--topic", required=True, help="the events (published once, read by every run)")
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--bin", required=True, help="the dcam-stream binary")
+    p.add_argument("--model", default="models/dcam.onnx")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--py-batch", type=int, default=32)
+    p.add_argument("--op-batch", type=int, default=32, help="the operator's batch.max_batch (the default config's)")
+    p.add_argument("--op-set", nargs="*", default=[], metavar="DCAM__SECTION__KEY=VALUE",
+                   help="settings for the operator on top of the default config (to compare a policy)")
+    p.add_argument("--broker-pgid", type=int, default=0)
+    p.add_argument("--stages", help="`dcam-stream bench` output with the (c) table, for eta")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--logs", default="/tmp")
+    args = p.parse_args()
+
+    cores = os.cpu_count()
+    load = os.getloadavg()[0]
+    print(f"fair bench: {args.count} events, {args.rounds} rounds per side alternating, {cores} cores, load average before {load:.2f}")
+    if args.op_set:
+        print(f"operator settings over the default config: {' '.join(args.op_set)}")
+    runs = []
+    for r in range(args.rounds):
+        order = ("operator", "python") if r % 2 == 0 else ("python", "operator")
+        for side in order:
+            tag = f"fair-{side}-{r}-{uuid.uuid4().hex[:6]}"
+            if side == "operator":
+                env = dict(
+                    os.environ,
+                    DCAM__KAFKA__BROKERS=args.brokers,
+                    DCAM__KAFKA__INPUT_TOPICS=args.topic,
+                    DCAM__KAFKA__GROUP_ID=tag,
+                    DCAM__DELIVERY__INSTANCE_ID=tag,
+                    DCAM__TOPICS__SCORES=tag,
+                    DCAM__TOPICS__DEAD_LETTER=f"{tag}.dlq",
+                    DCAM__MODEL__PATH=args.model,
+                    DCAM__BATCH__MAX_BATCH=str(args.op_batch),
+                    DCAM__HEATMAP__POLICY="none",
+                    DCAM__TELEMETRY__HTTP_ADDR="127.0.0.1:0",
+                    DCAM__TELEMETRY__LOG_LEVEL="warn",
+                )
+                env.update(kv.split("=", 1) for kv in args.op_set)
+                argv = [args.bin, "run"]
+            else:
+                env = dict(os.environ)
+                argv = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_python_consumer.py"), "--brokers", args.brokers,
+                        "--topic", args.topic, "--scores", tag, "--group", tag, "--count", str(args.count), "--batch", str(args.py_batch),
+                        "--model", args.model]
+            run = measure(side, argv, env, tag, args)
+            run["round"] = r + 1
+            runs.append(run)
+            print(f"  round {r + 1} {side}: {run['img_s']:.1f} img/s", file=sys.stderr)
+
+    print("| round | side | img/s | CPU ms/image (own process) | cores used | broker cores | reader cores | peak RSS MB | window s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for x in runs:
+        print(f"| {x['round']} | {x['side']} | {x['img_s']:.1f} | {x['cpu_ms_per_image']:.1f} | {x['cores_used']:.2f} | {x['broker_cores']:.2f} "
+              f"| {x['reader_cores']:.2f} | {x['peak_rss_mb']:.0f} | {x['window_s']:.1f} |")
+    op = [x for x in runs if x["side"] == "operator"]
+    py = [x for x in runs if x["side"] == "python"]
+    ratios = sorted(o["img_s"] / q["img_s"] for o, q in zip(op, py))
+    cpu_ratios = sorted(q["cpu_ms_per_image"] / o["cpu_ms_per_image"] for o, q in zip(op, py))
+    print(f"\nthroughput operator / python, per round: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f}")
+    print(f"CPU per image python / operator, per round: min {cpu_ratios[0]:.2f}, median {statistics.median(cpu_ratios):.2f}, max {cpu_ratios[-1]:.2f}")
+    print(f"operator peak RSS: max {max(x['peak_rss_mb'] for x in op):.0f} MB")
+    if args.stages:
+        parse, decode, at, infer = stage_sum_ms(args.stages, args.op_batch)
+        stages = parse + decode + infer
+        cpu = statistics.median(x["cpu_ms_per_image"] for x in op)
+        eta = stages / cpu
+        avail = statistics.median(cores - x["broker_cores"] - x["reader_cores"] for x in op)
+        e2e = statistics.median(x["img_s"] for x in op)
+        print(f"stage sum = parse {parse:.2f} + decode {decode:.2f} + inference at batch {at} {infer:.2f} = {stages:.2f} ms/image")
+        print(f"operator CPU per image (median) = {cpu:.2f} ms; available cores (median) = {avail:.2f}")
+        print(f"e2e / (available cores / stage sum) = {e2e / (avail * 1000 / stages):.2f}")
+        print(f"efficiency = {eta:.2f}")
+
+
+if __name__ == "__main__":
+    main()
