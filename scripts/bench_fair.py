@@ -6,8 +6,9 @@ from outside (scripts/bench.sh runs it after `dcam-stream bench`):
   consumer writes none), and scripts/bench_python_consumer.py, read the same N events from the
   same topic, ROUNDS times each, alternating (op, py, py, op, op, py, ...);
 - each process's own CPU time (utime + stime of every thread, /proc/PID/stat) is sampled every
-  50 ms, as is the broker's (every process of its process group) and this script's (the score
-  reader); nothing is charged to the side it does not belong to;
+  100 ms, as is the broker's (every process of its process group) and this script's; nothing is
+  charged to the side it does not belong to. The scores are read back after each run (a reader
+  running beside it would spin against noida-db and take CPU from the side measured);
 - the window is steady state: from the first score record's timestamp to the last one's, and the
   images in it are the records after the first (start-up, group join and the first batch fall
   outside it, for both sides);
@@ -43,19 +44,18 @@ def proc_cpu_s(pid):
         return None
 
 
-def group_cpu_s(pgid):
-    total = 0.0
+def group_pids(pgid):
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += (int(fields[11]) + int(fields[12])) / TICK
+                if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
+                    pids.append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
-    return total
+    return pids
 
 
 def self_cpu_s():
@@ -75,11 +75,12 @@ def peak_rss_mb(pid):
 
 
 class Sampler(threading.Thread):
-    """(wall time, side's CPU, broker's CPU, reader's CPU) every 50 ms."""
+    """(wall time, side's CPU, broker's CPU, this script's CPU) every 100 ms."""
 
     def __init__(self, pid, broker_pgid):
         super().__init__(daemon=True)
-        self.pid, self.broker_pgid = pid, broker_pgid
+        # The broker's processes, listed once: scanning /proc every sample would cost the reader.
+        self.pid, self.broker_pids = pid, group_pids(broker_pgid) if broker_pgid else []
         self.samples, self.stop = [], threading.Event()
         self.peak_rss_mb = float("nan")
 
@@ -88,10 +89,10 @@ class Sampler(threading.Thread):
             own = proc_cpu_s(self.pid)
             if own is None:
                 break
-            broker = group_cpu_s(self.broker_pgid) if self.broker_pgid else 0.0
+            broker = sum(proc_cpu_s(p) or 0.0 for p in self.broker_pids)
             self.samples.append((time.time(), own, broker, self_cpu_s()))
             self.peak_rss_mb = peak_rss_mb(self.pid)
-            self.stop.wait(0.05)
+            self.stop.wait(0.1)
 
     def at(self, t):
         """The samples linearly interpolated at wall time t."""
@@ -104,7 +105,9 @@ class Sampler(threading.Thread):
 
 
 def read_scores(brokers, topic, count, timeout):
-    """Record timestamps (s) of the first `count` records of `topic`."""
+    """Record timestamps (s) of the first `count` records of `topic`, read after the run: a
+    consumer reading while the side runs would spin against noida-db (it answers an empty fetch at
+    once) and take a core's share from both sides."""
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -114,7 +117,6 @@ def read_scores(brokers, topic, count, timeout):
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
-            "topic.metadata.refresh.interval.ms": 1000,
         }
     )
     consumer.subscribe([topic])
@@ -130,13 +132,38 @@ def read_scores(brokers, topic, count, timeout):
     return stamps
 
 
-def measure(side, argv, env, scores_topic, args):
+def operator_done(port, count):
+    """Whether the operator's /metrics counts `count` input events with an outcome."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return False
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("dcam_images_total{")) >= count
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(side, argv, env, scores_topic, args, metrics_port=None):
     """Runs one side until it scored args.count events; its window figures."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.logs}/{scores_topic}.log", "w"), start_new_session=True)
     sampler = Sampler(proc.pid, args.broker_pgid)
     sampler.start()
+    deadline = time.monotonic() + args.timeout
     try:
-        stamps = read_scores(args.brokers, scores_topic, args.count, args.timeout)
+        # The Python consumer exits after --count; the operator is asked through /metrics (0.5 s).
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics_port and operator_done(metrics_port, args.count):
+                break
+            time.sleep(0.5)
     finally:
         sampler.stop.set()
         sampler.join()
@@ -147,6 +174,7 @@ def measure(side, argv, env, scores_topic, args):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    stamps = read_scores(args.brokers, scores_topic, args.count, 60)
     if len(stamps) < args.count:
         sys.exit(f"{side}: only {len(stamps)} of {args.count} scores within {args.timeout} s (log: {args.logs}/{scores_topic}.log)")
     t0, t1 = min(stamps), max(stamps)
@@ -185,6 +213,7 @@ def main():
     p.add_argument("--bin", required=True, help="the dcam-stream binary")
     p.add_argument("--model", default="models/dcam.onnx")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--operator-only", action="store_true", help="no Python runs (to compare operator settings quickly)")
     p.add_argument("--py-batch", type=int, default=32)
     p.add_argument("--op-batch", type=int, default=32, help="the operator's batch.max_batch (the default config's)")
     p.add_argument("--op-set", nargs="*", default=[], metavar="DCAM__SECTION__KEY=VALUE",
@@ -203,8 +232,10 @@ def main():
     runs = []
     for r in range(args.rounds):
         order = ("operator", "python") if r % 2 == 0 else ("python", "operator")
+        if args.operator_only:
+            order = ("operator",)
         for side in order:
-            tag = f"fair-{side}-{r}-{uuid.uuid4().hex[:6]}"
+            tag, port = f"fair-{side}-{r}-{uuid.uuid4().hex[:6]}", free_port()
             if side == "operator":
                 env = dict(
                     os.environ,
@@ -217,7 +248,7 @@ def main():
                     DCAM__MODEL__PATH=args.model,
                     DCAM__BATCH__MAX_BATCH=str(args.op_batch),
                     DCAM__HEATMAP__POLICY="none",
-                    DCAM__TELEMETRY__HTTP_ADDR="127.0.0.1:0",
+                    DCAM__TELEMETRY__HTTP_ADDR=f"127.0.0.1:{port}",
                     DCAM__TELEMETRY__LOG_LEVEL="warn",
                 )
                 env.update(kv.split("=", 1) for kv in args.op_set)
@@ -227,22 +258,24 @@ def main():
                 argv = [sys.executable, os.path.join(os.path.dirname(__file__), "bench_python_consumer.py"), "--brokers", args.brokers,
                         "--topic", args.topic, "--scores", tag, "--group", tag, "--count", str(args.count), "--batch", str(args.py_batch),
                         "--model", args.model]
-            run = measure(side, argv, env, tag, args)
+            run = measure(side, argv, env, tag, args, port if side == "operator" else None)
             run["round"] = r + 1
             runs.append(run)
             print(f"  round {r + 1} {side}: {run['img_s']:.1f} img/s", file=sys.stderr)
 
-    print("| round | side | img/s | CPU ms/image (own process) | cores used | broker cores | reader cores | peak RSS MB | window s |")
+    print("| round | side | img/s | CPU ms/image (own process) | cores used | broker cores | bench script cores | peak RSS MB | window s |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for x in runs:
         print(f"| {x['round']} | {x['side']} | {x['img_s']:.1f} | {x['cpu_ms_per_image']:.1f} | {x['cores_used']:.2f} | {x['broker_cores']:.2f} "
               f"| {x['reader_cores']:.2f} | {x['peak_rss_mb']:.0f} | {x['window_s']:.1f} |")
     op = [x for x in runs if x["side"] == "operator"]
     py = [x for x in runs if x["side"] == "python"]
-    ratios = sorted(o["img_s"] / q["img_s"] for o, q in zip(op, py))
-    cpu_ratios = sorted(q["cpu_ms_per_image"] / o["cpu_ms_per_image"] for o, q in zip(op, py))
-    print(f"\nthroughput operator / python, per round: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f}")
-    print(f"CPU per image python / operator, per round: min {cpu_ratios[0]:.2f}, median {statistics.median(cpu_ratios):.2f}, max {cpu_ratios[-1]:.2f}")
+    print()
+    if py:
+        ratios = sorted(o["img_s"] / q["img_s"] for o, q in zip(op, py))
+        cpu_ratios = sorted(q["cpu_ms_per_image"] / o["cpu_ms_per_image"] for o, q in zip(op, py))
+        print(f"throughput operator / python, per round: min {ratios[0]:.2f}, median {statistics.median(ratios):.2f}, max {ratios[-1]:.2f}")
+        print(f"CPU per image python / operator, per round: min {cpu_ratios[0]:.2f}, median {statistics.median(cpu_ratios):.2f}, max {cpu_ratios[-1]:.2f}")
     print(f"operator peak RSS: max {max(x['peak_rss_mb'] for x in op):.0f} MB")
     if args.stages:
         parse, decode, at, infer = stage_sum_ms(args.stages, args.op_batch)

@@ -212,7 +212,9 @@ pub struct EngineSettings {
     pub provider: Provider,
     pub device_id: i32,
     pub require_gpu: bool,
+    /// Parallel ONNX Runtime sessions; 0 = the policy (`Settings::apply_engine_policy`).
     pub sessions: usize,
+    /// Intra-op threads per session; 0 = the policy.
     pub intra_threads: usize,
     pub trt_fp16: bool,
     /// Where TensorRT keeps built engines; off when empty.
@@ -227,6 +229,7 @@ pub struct EngineSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSettings {
+    /// Largest batch; 0 = the policy (`Settings::apply_engine_policy`).
     pub max_batch: usize,
     /// A batch closes when full or this long after its first image.
     #[serde(rename = "max_delay_ms", with = "millis")]
@@ -391,6 +394,9 @@ const MASK: &str = "***";
 /// Shorter HMAC keys are guessable; 32 bytes is SHA-256's own size.
 pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
+/// The most CPU sessions the engine policy starts: each holds its own arena and model copy.
+const MAX_POLICY_CPU_SESSIONS: usize = 4;
+
 /// librdkafka properties whose values are secrets (`sasl.password`, `ssl.key.pem`,
 /// `sasl.oauthbearer.client.secret`, `ssl.keystore.password`, ...). Paths (`*.location`) are not.
 fn is_secret_property(key: &str) -> bool {
@@ -540,9 +546,30 @@ impl Settings {
                 .source(Some(env_map)),
         );
         let raw = builder.build().context("reading configuration")?;
-        let settings: Settings = raw.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let mut settings: Settings = raw.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        settings.apply_engine_policy();
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Fills `engine.sessions`, `engine.intra_threads` and `batch.max_batch` left at 0 from the
+    /// provider and the cores this process may use (its cgroup's CPU quota included). On CPU: one
+    /// single-threaded session per core (at most `MAX_POLICY_CPU_SESSIONS`, sharing the cores
+    /// between them beyond that) at batch 4. Measured on 2 cores against one session with a
+    /// thread per core at batch 32: 25 % more images per second, 18 % less CPU per image, 40 %
+    /// of the peak memory (README, Benchmark). A GPU: one session at batch 32.
+    pub fn apply_engine_policy(&mut self) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpu = self.engine.provider == Provider::Cpu;
+        if self.engine.sessions == 0 {
+            self.engine.sessions = if cpu { cores.min(MAX_POLICY_CPU_SESSIONS) } else { 1 };
+        }
+        if self.engine.intra_threads == 0 && cpu {
+            self.engine.intra_threads = (cores / self.engine.sessions).max(1);
+        }
+        if self.batch.max_batch == 0 {
+            self.batch.max_batch = if cpu { 4 } else { 32 };
+        }
     }
 
     /// Range and consistency checks that serde's types cannot express.
@@ -724,7 +751,8 @@ impl Settings {
             }
             *node = value.clone();
         }
-        let settings: Settings = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("invalid override: {e}"))?;
+        let mut settings: Settings = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("invalid override: {e}"))?;
+        settings.apply_engine_policy();
         settings.validate()?;
         Ok(settings)
     }
@@ -755,7 +783,10 @@ mod tests {
     #[test]
     fn defaults_load_and_validate() {
         let s = Settings::load_with_env(None, env(&[])).unwrap();
-        assert_eq!(s.batch.max_batch, 32);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(s.batch.max_batch, 4, "the CPU policy's batch");
+        assert_eq!(s.engine.sessions, cores.min(4), "a session per core, at most 4");
+        assert_eq!(s.engine.intra_threads, (cores / s.engine.sessions).max(1));
         assert_eq!(s.delivery.mode, DeliveryMode::AtLeastOnce);
         assert_eq!(s.heatmap.policy, HeatmapPolicy::Anomalies);
     }
@@ -811,7 +842,7 @@ mod tests {
 
     #[test]
     fn out_of_range_is_named() {
-        let f = write("[batch]\nmax_batch = 0\n");
+        let f = write("[batch]\nmax_batch = 2000\n");
         let err = Settings::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
         assert!(err.contains("batch.max_batch"), "{err}");
         let err = Settings::load_with_env(None, env(&[("DCAM__ENGINE__PROVIDER", "tpu")])).unwrap_err().to_string();
@@ -864,7 +895,11 @@ mod tests {
         let o = s.with_overrides(&[("batch.max_delay_ms", 9.into()), ("kafka.brokers", "b:1".into())]).unwrap();
         assert_eq!(o.kafka.sasl_password.expose(), Some("hunter2"));
         assert_eq!((o.batch.max_delay, o.kafka.brokers.as_str()), (Duration::from_millis(9), "b:1"));
-        assert!(s.with_overrides(&[("batch.max_batch", 0.into())]).unwrap_err().to_string().contains("batch.max_batch"), "overrides are validated");
+        assert!(s.with_overrides(&[("batch.max_batch", 2000.into())]).unwrap_err().to_string().contains("batch.max_batch"), "overrides are validated");
+        let gpu = s.with_overrides(&[("engine.provider", "cuda".into()), ("engine.sessions", 0.into()), ("batch.max_batch", 0.into())]).unwrap();
+        assert_eq!((gpu.engine.sessions, gpu.batch.max_batch), (1, 32), "the GPU policy, from an override");
+        let explicit = s.with_overrides(&[("engine.sessions", 1.into()), ("engine.intra_threads", 0.into()), ("batch.max_batch", 16.into())]).unwrap();
+        assert_eq!((explicit.engine.sessions, explicit.batch.max_batch), (1, 16), "set values stay");
         assert!(s.with_overrides(&[("batch.nope", 1.into())]).is_err());
     }
 

@@ -57,6 +57,13 @@ pub(super) struct Args {
 pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     let images = args.images;
     let max_delay_ms = settings.batch.max_delay.as_secs_f64() * 1000.0;
+    // What `dcam-stream run` would use with this configuration (the (b) rows set batch sizes and
+    // one session themselves; scripts/bench_fair.py runs the operator as configured).
+    let (e, cores) = (&settings.engine, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "engine policy of this configuration: provider {:?}, {} sessions x {} intra-op threads, max_batch {}, {cores} cores\n",
+        e.provider, e.sessions, e.intra_threads, settings.batch.max_batch
+    );
     let (rows, costs, paced, provider) = measure(settings, args).await?;
     print_costs(&costs);
     print_paced(&paced, max_delay_ms);
@@ -305,8 +312,11 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
     let (costs, inputs) = tokio::task::spawn_blocking(move || core_costs(&s2, &payloads, &batches, cost_images, &large)).await??;
     eprintln!("stage costs: done");
 
+    // (a) and (b) sweep batch sizes on one session with an intra-op thread per core (the
+    // policy's sessions are what scripts/bench_fair.py measures, with `dcam-stream run`).
     let mut engine_settings = settings.engine.clone();
     engine_settings.sessions = 1;
+    engine_settings.intra_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let model = std::path::PathBuf::from(&settings.model.path);
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model, &engine_settings)).await??);
 

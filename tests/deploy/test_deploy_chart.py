@@ -643,7 +643,7 @@ def test_schema_rejects_negative_batch_size(tmp_path):
     path = tmp_path / "negative-batch.yaml"
     path.write_text("config:\n  batch:\n    max_batch: -8\n")
     message = _schema_error(helm().values_from_yaml(path.read_text()))
-    assert "at '/config/batch/max_batch': minimum: got -8, want 1" in message
+    assert "at '/config/batch/max_batch': minimum: got -8, want 0" in message
 
 
 @pytest.mark.parametrize("values,expected", [
