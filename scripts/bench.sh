@@ -15,6 +15,8 @@
 #   DCAM_BIN=path      use this dcam-stream binary instead of building target/release/dcam-stream
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# README numbers need a quiet machine: the load average before anything starts is printed first.
+echo "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
 if [ "${NO_SETUP:-0}" != 1 ]; then
   scripts/fetch-ort.sh
   scripts/setup-python.sh
@@ -66,11 +68,12 @@ PY
 fi
 [ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
 
-# The operator (`dcam-stream run`, default config) and the Python consumer on the same events (the
-# bench published them to $export_topic too), each its own process, ROUNDS times each, alternating;
-# each side's own CPU per image, the broker's and the reader's apart (scripts/bench_fair.py).
-count=$(sed -n 's/^dcam-stream bench: \([0-9]*\) images.*/\1/p' "$data/bench.txt")
+# The operator (`dcam-stream run`, default config) and the Python consumer on the same events: every
+# test image of the datasets once, as JSON envelopes, each side its own process, ROUNDS times each,
+# alternating; each side's own CPU per image, the broker's apart (scripts/bench_fair.py).
+fair_topic="bench-fair-images-$RANDOM"
+count=$("$DCAM_BIN" produce "${DCAM_DATASETS:-../shared/datasets}" --topic "$fair_topic" --brokers "127.0.0.1:$port" | sed -n 's/^published \([0-9]*\) images.*/\1/p')
 echo
-ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$export_topic" --count "$count" \
+ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$fair_topic" --count "$count" \
   --bin "$DCAM_BIN" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --rounds "${ROUNDS:-3}" --py-batch "${PY_BATCH:-32}" \
   --broker-pgid "$broker" --stages "$data/bench.txt" --logs "$data"

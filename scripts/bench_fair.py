@@ -91,7 +91,9 @@ class Sampler(threading.Thread):
                 break
             broker = sum(proc_cpu_s(p) or 0.0 for p in self.broker_pids)
             self.samples.append((time.time(), own, broker, self_cpu_s()))
-            self.peak_rss_mb = peak_rss_mb(self.pid)
+            rss = peak_rss_mb(self.pid)
+            if rss == rss:  # NaN once the process is gone: keep the last reading
+                self.peak_rss_mb = rss
             self.stop.wait(0.1)
 
     def at(self, t):
@@ -196,8 +198,11 @@ def measure(side, argv, env, scores_topic, args, metrics_port=None):
 
 
 def stage_sum_ms(bench_txt, batch):
-    """parse + decode + inference at `batch` (else the nearest batch measured), from (c)."""
+    """parse + decode + inference at `batch` (default: the configuration's, from the bench's
+    policy line; else the nearest batch measured), from (c)."""
     text = open(bench_txt).read()
+    if batch is None:
+        batch = int(re.search(r"^engine policy of this configuration: .* max_batch (\d+)", text, re.M).group(1))
     parse = float(re.search(r"\| parse \(event parser: envelope \+ base64\) \| ([0-9.]+) \|", text).group(1))
     decode = float(re.search(r"\| decode \+ resize \(Decoder\) \| ([0-9.]+) \|", text).group(1))
     infer = {int(b): float(ms) for b, ms in re.findall(r"\| inference, 1 intra-op thread, batch (\d+) \| ([0-9.]+) \|", text)}
@@ -215,7 +220,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--operator-only", action="store_true", help="no Python runs (to compare operator settings quickly)")
     p.add_argument("--py-batch", type=int, default=32)
-    p.add_argument("--op-batch", type=int, default=32, help="the operator's batch.max_batch (the default config's)")
+    p.add_argument("--op-batch", type=int, help="the operator's batch.max_batch (default: the config's, which --stages names)")
     p.add_argument("--op-set", nargs="*", default=[], metavar="DCAM__SECTION__KEY=VALUE",
                    help="settings for the operator on top of the default config (to compare a policy)")
     p.add_argument("--broker-pgid", type=int, default=0)
@@ -246,11 +251,12 @@ def main():
                     DCAM__TOPICS__SCORES=tag,
                     DCAM__TOPICS__DEAD_LETTER=f"{tag}.dlq",
                     DCAM__MODEL__PATH=args.model,
-                    DCAM__BATCH__MAX_BATCH=str(args.op_batch),
                     DCAM__HEATMAP__POLICY="none",
                     DCAM__TELEMETRY__HTTP_ADDR=f"127.0.0.1:{port}",
                     DCAM__TELEMETRY__LOG_LEVEL="warn",
                 )
+                if args.op_batch:
+                    env["DCAM__BATCH__MAX_BATCH"] = str(args.op_batch)
                 env.update(kv.split("=", 1) for kv in args.op_set)
                 argv = [args.bin, "run"]
             else:
