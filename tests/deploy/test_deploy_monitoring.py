@@ -270,6 +270,8 @@ def test_every_queried_metric_is_exported(tmp_path):
             # exactly_once: the transaction counters exist; the token: the API may announce a model.
             "DCAM__DELIVERY__MODE": "exactly_once", "DCAM__DELIVERY__INSTANCE_ID": "metrics-0",
             "DCAM__TELEMETRY__API_TOKEN": "t0ken", "DCAM__HEATMAP__POLICY": "all",
+            # The broken model below is refused for being broken, not for its place.
+            "DCAM__MODEL__ALLOWED_SOURCES": str(tmp_path),
         })
         op.wait_ready()
         op.produce(broker.brokers, images(8))

@@ -575,6 +575,8 @@ def test_real_records_match_the_schemas(tmp_path):
             "DCAM__HEATMAP__STORE": f"file://{tmp_path / HEATMAP_DIR}",
             "DCAM__DECODE__FILE_URI_ROOT": str(claims),
             "DCAM__TELEMETRY__API_TOKEN": TOKEN, **s3_nowhere(),
+            # The announced model is a copy in tmp_path: models load only from allowed sources.
+            "DCAM__MODEL__ALLOWED_SOURCES": str(tmp_path),
         }, name="schemas")
         op.wait_ready(timeout=120)
 
