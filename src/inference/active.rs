@@ -28,7 +28,7 @@ pub struct ActiveModel {
 impl ActiveModel {
     pub fn new(engine: Arc<Engine>, settings: &Settings, source: &str) -> Result<Self> {
         let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
-        let model = ModelRef { name: engine.info.name.clone(), version: engine.info.version.clone() };
+        let model = engine.info.model_ref();
         Ok(Self { engine, scorer, model, source: source.to_string() })
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ort::ep::{self, ExecutionProvider as _};
+use ort::ep;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::TensorRef;
 
@@ -169,15 +169,6 @@ fn gpu_provider(settings: &EngineSettings) -> (&'static str, ep::ExecutionProvid
             ("tensorrt", trt.build())
         }
         _ => ("cuda", ep::CUDA::default().with_device_id(settings.device_id).build()),
-    }
-}
-
-/// Whether a provider is compiled into the loaded ONNX Runtime library.
-pub fn provider_available(provider: Provider) -> bool {
-    match provider {
-        Provider::Cpu => true,
-        Provider::Cuda => ep::CUDA::is_available().unwrap_or(false),
-        Provider::Tensorrt => ep::TensorRT::is_available().unwrap_or(false),
     }
 }
 
