@@ -103,6 +103,9 @@ struct Envelope {
 pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
 pub const HEADER_IMAGE_ID: &str = "dcam-image-id";
 pub const HEADER_CLASS: &str = "dcam-class";
+/// A dead letter's error kind and message (docs/DESIGN.md, dead-letter headers).
+pub const HEADER_ERROR_KIND: &str = "dcam-error-kind";
+pub const HEADER_ERROR: &str = "dcam-error";
 
 /// Checks an id against docs/DESIGN.md §2: 1–256 chars of `[A-Za-z0-9._:-]`.
 pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
@@ -286,8 +289,8 @@ pub(crate) fn is_dead_letter_header(name: &str) -> bool {
 /// Dead-letter headers: the originals (less stale dead-letter headers) plus the error description.
 pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
     let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
-    h.push(("dcam-error-kind".into(), rejection.kind.as_str().as_bytes().to_vec()));
-    h.push(("dcam-error".into(), rejection.message.as_bytes().to_vec()));
+    h.push((HEADER_ERROR_KIND.into(), rejection.kind.as_str().as_bytes().to_vec()));
+    h.push((HEADER_ERROR.into(), rejection.message.as_bytes().to_vec()));
     h.push(("dcam-source".into(), format!("{}/{}/{}", source.topic, source.partition, source.offset).into_bytes()));
     h
 }

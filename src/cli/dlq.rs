@@ -13,6 +13,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Settings;
+use crate::event::{HEADER_ERROR, HEADER_ERROR_KIND};
 use crate::kafka;
 
 #[derive(clap::Subcommand)]
@@ -66,7 +67,7 @@ impl Filter {
     }
 
     fn takes(&self, m: &BorrowedMessage<'_>) -> bool {
-        let kind_ok = self.kinds.is_empty() || header(m, "dcam-error-kind").is_some_and(|k| self.kinds.iter().any(|w| *w == k));
+        let kind_ok = self.kinds.is_empty() || header(m, HEADER_ERROR_KIND).is_some_and(|k| self.kinds.iter().any(|w| *w == k));
         let time_ok = self.since_ms.is_none_or(|since| m.timestamp().to_millis().is_some_and(|t| t >= since));
         kind_ok && time_ok
     }
@@ -115,7 +116,7 @@ fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
         if !filter.takes(m) {
             return Ok(());
         }
-        let kind = header(m, "dcam-error-kind").unwrap_or("(none)").to_string();
+        let kind = header(m, HEADER_ERROR_KIND).unwrap_or("(none)").to_string();
         let s = kinds.entry(kind).or_default();
         s.count += 1;
         if let Some(t) = m.timestamp().to_millis() {
@@ -123,7 +124,7 @@ fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
             s.last_ms = Some(s.last_ms.map_or(t, |l| l.max(t)));
         }
         if s.example.is_empty() {
-            s.example = header(m, "dcam-error").unwrap_or_default().chars().take(100).collect();
+            s.example = header(m, HEADER_ERROR).unwrap_or_default().chars().take(100).collect();
         }
         Ok(())
     })?;

@@ -5,6 +5,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
+use crate::event::{HEADER_ERROR, HEADER_ERROR_KIND};
+
 /// A record ready to publish.
 #[derive(Debug, Clone)]
 pub struct OutRecord {
@@ -27,7 +29,7 @@ impl OutRecord {
 
     /// Whether this is already a stand-in (refusing it too leaves nothing to publish).
     pub fn is_stand_in(&self) -> bool {
-        self.headers.iter().any(|(k, v)| k == "dcam-error-kind" && v == TOO_LARGE_OUTPUT.as_bytes())
+        self.headers.iter().any(|(k, v)| k == HEADER_ERROR_KIND && v == TOO_LARGE_OUTPUT.as_bytes())
     }
 
     /// The input it came from (`topic/partition/offset`), from its `dcam-source` header.
@@ -62,16 +64,16 @@ pub(crate) fn stand_in(record: &OutRecord, error: &dyn std::fmt::Display, dead_l
     let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(record.headers.len() + 3);
     for (k, v) in &record.headers {
         match k.as_str() {
-            "dcam-error-kind" => headers.push(("dcam-original-error-kind".into(), v.clone())),
-            "dcam-error" => headers.push(("dcam-original-error".into(), v.clone())),
+            HEADER_ERROR_KIND => headers.push(("dcam-original-error-kind".into(), v.clone())),
+            HEADER_ERROR => headers.push(("dcam-original-error".into(), v.clone())),
             _ => headers.push((k.clone(), v.clone())),
         }
     }
     let payload = record.payload.as_ref().map(|p| p[..p.len().min(STAND_IN_PAYLOAD_BYTES)].to_vec());
     let message =
         format!("{} refused the {} byte record: {error}; payload truncated to {} bytes", record.topic, record.size(), payload.as_ref().map_or(0, Vec::len));
-    headers.push(("dcam-error-kind".into(), TOO_LARGE_OUTPUT.as_bytes().to_vec()));
-    headers.push(("dcam-error".into(), message.into_bytes()));
+    headers.push((HEADER_ERROR_KIND.into(), TOO_LARGE_OUTPUT.as_bytes().to_vec()));
+    headers.push((HEADER_ERROR.into(), message.into_bytes()));
     OutRecord { topic: dead_letter_topic.to_string(), key: record.key.clone(), payload, headers }
 }
 
