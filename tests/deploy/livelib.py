@@ -270,6 +270,18 @@ class Prometheus(Process):
                           f"--storage.tsdb.path={tmp / 'tsdb'}", f"--web.listen-address=127.0.0.1:{self.port}"],
                          tmp / "prometheus.log")
         wait_port(self.port, 30, "prometheus", self.proc, self.log)
+        # The port opens before the TSDB and rules are loaded; until then the API answers 503.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # urllib's HTTPError (503) and connection errors
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prometheus not ready within 60 s:\n{tail(self.log)}")
+            time.sleep(0.2)
 
     def api(self, path: str) -> Any:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/{path}", timeout=5) as r:
