@@ -34,28 +34,23 @@ import uuid
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_s(pid):
-    """utime + stime of a live process, all its threads, in seconds (None when gone)."""
+def stat_fields(pid):
+    """/proc/PID/stat after the command name (fields 3 on; None when the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-    except (OSError, IndexError, ValueError):
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
 
 
+def proc_cpu_s(pid):
+    """utime + stime of a live process, all its threads, in seconds (None when gone)."""
+    fields = stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / TICK
+
+
 def group_pids(pgid):
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[2]) == pgid:
-                    pids.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (fields := stat_fields(p)) and int(fields[2]) == pgid]
 
 
 def self_cpu_s():

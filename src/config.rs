@@ -394,6 +394,12 @@ const MASK: &str = "***";
 /// Shorter HMAC keys are guessable; 32 bytes is SHA-256's own size.
 pub const MIN_SIGNING_KEY_BYTES: usize = 32;
 
+/// Cores this process may use (its cgroup's CPU quota included): what the engine policy, the
+/// decode pool and the bench size themselves by.
+pub fn usable_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The most CPU sessions the engine policy starts: each holds its own arena and model copy.
 const MAX_POLICY_CPU_SESSIONS: usize = 4;
 
@@ -559,7 +565,7 @@ impl Settings {
     /// thread per core at batch 32: 25 % more images per second, 18 % less CPU per image, 40 %
     /// of the peak memory (README, Benchmark). A GPU: one session at batch 32.
     pub fn apply_engine_policy(&mut self) {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = usable_cores();
         let cpu = self.engine.provider == Provider::Cpu;
         if self.engine.sessions == 0 {
             self.engine.sessions = if cpu { cores.min(MAX_POLICY_CPU_SESSIONS) } else { 1 };

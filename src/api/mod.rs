@@ -94,7 +94,6 @@ fn outer_layers(routes: Router<ApiState>, state: ApiState) -> Router {
         .layer(map_response(security_headers))
 }
 
-/// What a connection past `telemetry.max_connections` gets for anything but a probe.
 /// Middleware on the API's reads.
 async fn require_reader(State(s): State<ApiState>, request: Request, next: Next) -> Response {
     if auth::may_read(&s.settings.telemetry.read_token, &s.writers, request.headers()) {
@@ -113,6 +112,7 @@ async fn require_known_host(State(s): State<ApiState>, request: Request, next: N
     }
 }
 
+/// What a connection past `telemetry.max_connections` gets for anything but a probe.
 async fn too_busy() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::CONNECTION, "close"), (header::RETRY_AFTER, "10")], "too many connections\n").into_response()
 }

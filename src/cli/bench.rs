@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureProducer;
 
 use crate::cli::produce::{self, WireFormat};
-use crate::config::Settings;
+use crate::config::{usable_cores, Settings};
 use crate::dataset::{self, Split};
 use crate::event::ScoreRecord;
 use crate::inference::decode::Decoder;
@@ -59,7 +59,7 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     let max_delay_ms = settings.batch.max_delay.as_secs_f64() * 1000.0;
     // What `dcam-stream run` would use with this configuration (the (b) rows set batch sizes and
     // one session themselves; scripts/bench_fair.py runs the operator as configured).
-    let (e, cores) = (&settings.engine, std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let (e, cores) = (&settings.engine, usable_cores());
     println!(
         "engine policy of this configuration: provider {:?}, {} sessions x {} intra-op threads, max_batch {}, {cores} cores\n",
         e.provider, e.sessions, e.intra_threads, settings.batch.max_batch
@@ -260,7 +260,7 @@ fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost
         let calibration = scorer.calibration_for(payloads[i].class.as_deref());
         Ok(crate::inference::heatmap::render_png(&maps[i], size, &calibration, overlay.then_some(inputs[i].as_slice())).len())
     })?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = usable_cores();
     Ok((Costs { cores, images: payloads.len(), parse_ms, decode_ms, infer_ms, heatmap_ms, large_jpeg }, inputs))
 }
 
@@ -316,7 +316,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
     // policy's sessions are what scripts/bench_fair.py measures, with `dcam-stream run`).
     let mut engine_settings = settings.engine.clone();
     engine_settings.sessions = 1;
-    engine_settings.intra_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    engine_settings.intra_threads = usable_cores();
     let model = std::path::PathBuf::from(&settings.model.path);
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::load(&model, &engine_settings)).await??);
 

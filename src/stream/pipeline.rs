@@ -121,7 +121,7 @@ impl Pipeline {
     /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
     pub fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
         let sessions = models.current().engine.session_count();
-        let workers = if decoder.settings().workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { decoder.settings().workers };
+        let workers = if decoder.settings().workers == 0 { crate::config::usable_cores() } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<(Job, Arc<ActiveModel>)>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
         // Zero capacity: a batch is handed over only when a worker is free (see batch_loop).
