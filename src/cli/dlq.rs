@@ -15,6 +15,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use crate::config::Settings;
 use crate::event::{HEADER_ERROR, HEADER_ERROR_KIND};
 use crate::kafka;
+use crate::stream::replay::Progress;
 
 #[derive(clap::Subcommand)]
 pub(super) enum Command {
@@ -112,10 +113,12 @@ struct KindSummary {
 fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
     let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("dcam-dlq-inspect-{}", rand::random::<u32>())).create()?;
     let mut kinds: BTreeMap<String, KindSummary> = BTreeMap::new();
-    let read = read_to_end(&consumer, topic, Offset::Beginning, |m| {
+    let mut selected = 0usize;
+    let read = read_to_end(&consumer, topic, Offset::Beginning, "dlq inspect", |m| {
         if !filter.takes(m) {
-            return Ok(());
+            return Ok(format!("{selected} selected"));
         }
+        selected += 1;
         let kind = header(m, HEADER_ERROR_KIND).unwrap_or("(none)").to_string();
         let s = kinds.entry(kind).or_default();
         s.count += 1;
@@ -126,9 +129,9 @@ fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
         if s.example.is_empty() {
             s.example = header(m, HEADER_ERROR).unwrap_or_default().chars().take(100).collect();
         }
-        Ok(())
+        Ok(format!("{selected} selected"))
     })?;
-    println!("{topic}: {read} dead letters read, {} selected", kinds.values().map(|s| s.count).sum::<usize>());
+    println!("{topic}: {read} dead letters read, {selected} selected");
     println!("{:<20} {:>7}  {:<24} {:<24} example error", "kind", "count", "first", "last");
     let time = |ms: Option<i64>| {
         ms.and_then(chrono::DateTime::from_timestamp_millis).map_or("-".to_string(), |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
@@ -157,7 +160,6 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
     let timeout = settings.delivery.transaction_timeout;
     let (mut sent, mut in_txn, mut skipped) = (0usize, 0usize, 0usize);
     let mut positions: HashMap<i32, i64> = HashMap::new();
-    let mut last_report = Instant::now();
     let commit = |producer: &ThreadedProducer<DefaultProducerContext>, positions: &HashMap<i32, i64>| -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         for (p, next) in positions {
@@ -168,11 +170,12 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
         producer.commit_transaction(timeout)?;
         Ok(())
     };
-    let read = read_to_end(&consumer, topic, Offset::Stored, |m| {
+    let verb = if dry_run { "would redrive" } else { "redriven" };
+    let read = read_to_end(&consumer, topic, Offset::Stored, "dlq redrive", |m| {
         positions.insert(m.partition(), m.offset() + 1);
         if !filter.takes(m) {
             skipped += 1;
-            return Ok(());
+            return Ok(format!("{verb} {sent}, skipped {skipped}"));
         }
         if let Some(producer) = &producer {
             if in_txn == 0 {
@@ -201,11 +204,7 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
             }
         }
         sent += 1;
-        if last_report.elapsed() > Duration::from_secs(1) {
-            eprint!("\rredriven {sent}, skipped {skipped}");
-            last_report = Instant::now();
-        }
-        Ok(())
+        Ok(format!("{verb} {sent}, skipped {skipped}"))
     })?;
     if let Some(producer) = &producer {
         // The offsets of skipped records are committed too, so a rerun does not look at them again.
@@ -216,17 +215,23 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
             commit(producer, &positions)?;
         }
     }
-    let verb = if dry_run { "would redrive" } else { "redriven" };
-    eprintln!("\r{topic} → {to}: {read} dead letters read (group {group}), {verb} {sent}, skipped {skipped} (other kinds or older)");
+    eprintln!("{topic} → {to}: {read} dead letters read (group {group}), {verb} {sent}, skipped {skipped} (other kinds or older)");
     println!("{sent}");
     Ok(())
 }
 
 /// Assigns every partition of `topic` from `start` (Beginning, or Stored: the group's committed
-/// offsets) and calls `each` on every record below the end
-/// offsets seen at the start; returns how many were read. Gives up (with an error) when nothing
-/// arrives for 30 s before the end (an open transaction on the topic, or the broker gone).
-fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<()>) -> Result<usize> {
+/// offsets) and calls `each` on every record below the end offsets seen at the start; returns how
+/// many were read. `progress` (a bar on a terminal) gets the number to read once it is known. Gives
+/// up (with an error) when nothing arrives for 30 s before the end (an open transaction on the
+/// topic, or the broker gone).
+fn read_to_end(
+    consumer: &BaseConsumer,
+    topic: &str,
+    start: Offset,
+    what: &'static str,
+    mut each: impl FnMut(&BorrowedMessage<'_>) -> Result<String>,
+) -> Result<usize> {
     let timeout = Duration::from_secs(15);
     let md = consumer.fetch_metadata(Some(topic), timeout).with_context(|| format!("metadata of {topic}"))?;
     let partitions: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
@@ -248,6 +253,8 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: im
     }
     let mut tpl = TopicPartitionList::new();
     let mut ends = BTreeMap::new();
+    // Upper bound on what is to read: offsets below the ends, transaction markers included.
+    let mut to_read = 0u64;
     for (p, from) in starts {
         tpl.add_partition_offset(topic, p, from)?;
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
@@ -257,10 +264,13 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: im
         };
         if high > first {
             ends.insert(p, high);
+            to_read += (high - first) as u64;
         }
     }
     consumer.assign(&tpl)?;
-    let mut read = 0;
+    let progress = Progress::new(to_read, what);
+    let (mut read, mut offsets_passed) = (0, 0u64);
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_progress = Instant::now();
     while !ends.is_empty() {
         let Some(result) = consumer.poll(Duration::from_millis(200)) else {
@@ -276,11 +286,17 @@ fn read_to_end(consumer: &BaseConsumer, topic: &str, start: Offset, mut each: im
         if m.offset() >= end {
             continue;
         }
-        each(&m)?;
+        let status = each(&m)?;
         read += 1;
+        // Count offsets, not records, so skipped transaction markers still move the bar.
+        let before = next.insert(m.partition(), m.offset() + 1).unwrap_or(m.offset());
+        offsets_passed += (m.offset() + 1 - before) as u64;
+        progress.tick(offsets_passed.min(to_read), || status);
         if m.offset() + 1 >= end {
             ends.remove(&m.partition());
         }
     }
+    progress.tick(to_read, String::new);
+    progress.finish();
     Ok(read)
 }

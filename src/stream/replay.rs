@@ -160,7 +160,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
         }
     }
     let submit = pipeline.submitter();
-    let progress = Progress::new(total as u64);
+    let progress = Progress::new(total as u64, "replay");
     let consumed = tokio::task::block_in_place(|| -> Result<u64> {
         consumer.assign(&tpl).context("assigning replay partitions")?;
         let mut open: BTreeMap<i32, i64> = ranges.iter().filter(|(_, (s, e))| e > s).map(|(p, (_, e))| (*p, *e)).collect();
@@ -198,7 +198,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
                 drop(m);
                 submit.send(job).map_err(|_| anyhow!("pipeline stopped"))?;
                 consumed += 1;
-                progress.tick(consumed, &metrics);
+                progress.tick(consumed, || anomalies(&metrics));
             }
             if offset + 1 >= end {
                 open.remove(&p);
@@ -232,15 +232,17 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     })
 }
 
-/// A progress bar on a terminal, periodic log lines otherwise.
+/// A progress bar on a terminal, periodic log lines otherwise (replay, `dlq redrive`).
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: u64,
+    what: &'static str,
     last_log: std::sync::Mutex<Instant>,
 }
 
 impl Progress {
-    pub fn new(total: u64) -> Self {
+    /// `what` names the work in the log lines written when stderr is not a terminal.
+    pub fn new(total: u64, what: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -249,19 +251,20 @@ impl Progress {
             );
             b
         });
-        Self { bar, total, last_log: std::sync::Mutex::new(Instant::now()) }
+        Self { bar, total, what, last_log: std::sync::Mutex::new(Instant::now()) }
     }
 
-    pub fn tick(&self, done: u64, metrics: &Metrics) {
+    /// `message` is shown beside the bar (e.g. "3 anomalies"); built only when shown.
+    pub fn tick(&self, done: u64, message: impl FnOnce() -> String) {
         if let Some(b) = &self.bar {
             b.set_position(done);
-            b.set_message(format!("{} anomalies", metrics.totals.anomalies.load(Ordering::Relaxed)));
+            b.set_message(message());
             return;
         }
         let mut last = self.last_log.lock().expect("progress");
         if last.elapsed() >= Duration::from_secs(5) {
             *last = Instant::now();
-            tracing::info!(done, total = self.total, "replay progress");
+            tracing::info!(done, total = self.total, detail = message(), "{} progress", self.what);
         }
     }
 
@@ -270,6 +273,10 @@ impl Progress {
             b.finish();
         }
     }
+}
+
+fn anomalies(metrics: &Metrics) -> String {
+    format!("{} anomalies", metrics.totals.anomalies.load(Ordering::Relaxed))
 }
 
 /// `replay --dir`: scores files in file order without Kafka; JSON lines to `output` or stdout.
@@ -282,7 +289,7 @@ pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::p
         Some(p) => Box::new(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)),
         None => Box::new(std::io::stdout().lock()),
     };
-    let progress = Progress::new(files.len() as u64);
+    let progress = Progress::new(files.len() as u64, "replay");
     let metrics = Metrics::new();
     let mut summary = ReplaySummary::default();
     let mut write_err = None;
@@ -298,7 +305,7 @@ pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::p
         if let Err(e) = writeln!(out, "{}", serde_json::to_string(r).expect("json")) {
             write_err.get_or_insert(e);
         }
-        progress.tick(summary.records, &metrics);
+        progress.tick(summary.records, || anomalies(&metrics));
     })?;
     progress.finish();
     if let Some(e) = write_err {
