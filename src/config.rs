@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_with::{serde_as, DurationMilliSeconds};
 
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -27,6 +28,7 @@ pub struct Settings {
     pub control: ControlSettings,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
@@ -50,10 +52,12 @@ pub struct KafkaSettings {
     #[serde(default)]
     pub ssl_key_password: Secret,
     /// How long the broker waits for a heartbeat before evicting this member.
-    #[serde(rename = "session_timeout_ms", with = "millis")]
+    #[serde(rename = "session_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub session_timeout: Duration,
     /// Longest gap between polls before the member leaves the group; drains stay below half of it.
-    #[serde(rename = "max_poll_interval_ms", with = "millis")]
+    #[serde(rename = "max_poll_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub max_poll_interval: Duration,
     pub auto_offset_reset: OffsetReset,
     /// How partitions move between members on a rebalance: `cooperative` (KIP-429, only the
@@ -117,6 +121,7 @@ pub enum OffsetReset {
     Latest,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSettings {
@@ -135,12 +140,14 @@ pub struct TopicSettings {
     pub control_audit: Option<String>,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub path: String,
     /// How often `path` is checked for a new file to hot-reload; 0 = never.
-    #[serde(rename = "watch_interval_ms", with = "millis")]
+    #[serde(rename = "watch_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub watch_interval: Duration,
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
@@ -154,7 +161,8 @@ pub struct ModelSettings {
     /// How long a starting replica waits for the model announced on the control topic before it
     /// reads its first record; past it the configured model serves first and the announced one
     /// swaps in when loaded.
-    #[serde(rename = "announced_wait_ms", with = "millis")]
+    #[serde(rename = "announced_wait_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub announced_wait: Duration,
 }
 
@@ -206,6 +214,7 @@ pub enum Provider {
     Tensorrt,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
@@ -220,23 +229,27 @@ pub struct EngineSettings {
     /// Where TensorRT keeps built engines; off when empty.
     #[serde(default, with = "empty_is_none")]
     pub trt_engine_cache: Option<String>,
+    /// Dummy batches each session runs before the model serves (at least 1 runs: it checks the model answers).
     pub warmup_batches: usize,
     /// ONNX Runtime's CPU memory arena: kept at the largest batch shape seen (fast, but the
     /// process keeps that peak); off, buffers go back to the allocator after each batch.
     pub cpu_arena: bool,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSettings {
     /// Largest batch; 0 = the policy (`Settings::apply_engine_policy`).
     pub max_batch: usize,
     /// A batch closes when full or this long after its first image.
-    #[serde(rename = "max_delay_ms", with = "millis")]
+    #[serde(rename = "max_delay_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub max_delay: Duration,
     pub queue_capacity: usize,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeSettings {
@@ -249,20 +262,24 @@ pub struct DecodeSettings {
     pub max_decode_bytes: u64,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
     /// A partition whose oldest record waits longer makes `/readyz` fail.
-    #[serde(rename = "stuck_after_ms", with = "millis")]
+    #[serde(rename = "stuck_after_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub stuck_after: Duration,
     /// After a stop request the process exits within this, whatever hangs.
-    #[serde(rename = "shutdown_timeout_ms", with = "millis")]
+    #[serde(rename = "shutdown_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub shutdown_timeout: Duration,
     /// Consumer lag with no input finished for this long makes the process exit with an error,
     /// so the orchestrator restarts it instead of it idling forever; 0 = never.
-    #[serde(rename = "restart_stalled_after_ms", with = "millis")]
+    #[serde(rename = "restart_stalled_after_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub restart_stalled_after: Duration,
 }
 
@@ -274,6 +291,18 @@ pub enum HeatmapPolicy {
     None,
 }
 
+impl HeatmapPolicy {
+    /// Whether an image with this verdict gets a heatmap.
+    pub fn wants(self, is_anomaly: bool) -> bool {
+        match self {
+            Self::All => true,
+            Self::Anomalies => is_anomaly,
+            Self::None => false,
+        }
+    }
+}
+
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeatmapSettings {
@@ -281,11 +310,13 @@ pub struct HeatmapSettings {
     pub store: String,
     pub overlay: bool,
     /// A heatmap write (retries included) that takes longer is given up; the score goes out.
-    #[serde(rename = "write_timeout_ms", with = "millis")]
+    #[serde(rename = "write_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub write_timeout: Duration,
     pub s3: S3Settings,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Settings {
@@ -300,10 +331,12 @@ pub struct S3Settings {
     #[serde(default)]
     pub secret_access_key: Secret,
     /// TCP/TLS connect timeout of the S3 client.
-    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    #[serde(rename = "connect_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub connect_timeout: Duration,
     /// Timeout of one S3 request.
-    #[serde(rename = "request_timeout_ms", with = "millis")]
+    #[serde(rename = "request_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub request_timeout: Duration,
 }
 
@@ -314,6 +347,7 @@ pub enum DeliveryMode {
     ExactlyOnce,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
@@ -322,10 +356,12 @@ pub struct DeliverySettings {
     #[serde(default, with = "empty_is_none")]
     pub instance_id: Option<String>,
     /// Kafka transaction timeout (exactly-once).
-    #[serde(rename = "transaction_timeout_ms", with = "millis")]
+    #[serde(rename = "transaction_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub transaction_timeout: Duration,
     /// How often finished offsets (or a transaction) are committed.
-    #[serde(rename = "commit_interval_ms", with = "millis")]
+    #[serde(rename = "commit_interval_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub commit_interval: Duration,
 }
 
@@ -336,6 +372,7 @@ pub enum LogFormat {
     Json,
 }
 
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
@@ -367,6 +404,7 @@ pub struct TelemetrySettings {
 }
 
 /// Who may change the control topic: records must carry an HMAC-SHA256 under this key.
+#[serde_as]
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSettings {
@@ -490,22 +528,9 @@ impl Serialize for Secret {
     }
 }
 
-/// Durations are written in milliseconds (`*_ms` keys) and typed `Duration` in code.
-mod millis {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        u64::deserialize(d).map(Duration::from_millis)
-    }
-}
-
 /// Optional strings are written as `""` when off (TOML has no null, env vars cannot unset).
+/// Not serde_with's `NoneAsEmptyString`: it refuses an env value that `try_parsing` turned into
+/// a number (`DCAM__DELIVERY__INSTANCE_ID=123`), where this reads it as the string it was.
 mod empty_is_none {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -697,7 +722,7 @@ impl Settings {
             format!("delivery.commit_interval_ms must be in 10..=60000, got {}", ms(self.delivery.commit_interval)),
         );
         check(
-            self.delivery.instance_id.as_deref().unwrap_or_default().chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+            self.delivery.instance_id.as_deref().unwrap_or_default().chars().all(|c| crate::event::is_safe_char(c, crate::event::NAME_PUNCTUATION)),
             format!("delivery.instance_id may only hold [A-Za-z0-9._-], got {:?}", self.delivery.instance_id),
         );
         check(
@@ -834,6 +859,15 @@ mod tests {
             assert!(!text.contains(&format!("pw{n}")), "pw{n} leaked:\n{text}");
         }
         assert!(text.contains("/etc/ks.p12") && text.contains("52428800") && text.contains("collector:4317"), "{text}");
+    }
+
+    #[test]
+    fn optional_strings_from_env_keep_numbers_and_empty_is_off() {
+        let s = Settings::load_with_env(None, env(&[("DCAM__DELIVERY__INSTANCE_ID", "123"), ("DCAM__TOPICS__ANOMALIES", "")])).unwrap();
+        assert_eq!(s.delivery.instance_id.as_deref(), Some("123"));
+        assert_eq!(s.topics.anomalies, None);
+        let s = Settings::load_with_env(None, env(&[("DCAM__PIPELINE__STUCK_AFTER_MS", "45000")])).unwrap();
+        assert_eq!(s.pipeline.stuck_after, Duration::from_millis(45_000));
     }
 
     #[test]

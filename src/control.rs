@@ -23,6 +23,7 @@ use crate::config::{ControlSettings, Settings, MIN_SIGNING_KEY_BYTES};
 use crate::delivery::record::OutRecord;
 use crate::inference::model::{ModelInfo, RuntimeThresholds, DEFAULT_CLASS};
 use crate::kafka;
+use crate::shutdown::Shutdown;
 use crate::telemetry::{InternalEvent, Metrics};
 
 /// One record on the control topic.
@@ -289,10 +290,10 @@ impl ControlState {
     }
 }
 
-/// What the reader thread is told from outside: stop, or look for new records now.
-#[derive(Default)]
+/// What the reader thread is told from outside: stop (with the run, or when `Control` is
+/// dropped), or look for new records now.
 struct ReaderSignals {
-    stop: AtomicBool,
+    stop: Shutdown,
     wake: AtomicBool,
 }
 
@@ -315,7 +316,14 @@ impl Control {
     /// topic to the end (so the first image is already judged with the current values), then
     /// follows it on a thread of its own. Threshold records are checked against `model` (the one
     /// serving) and the models loaded later (`ControlState::model_loaded`).
-    pub async fn start(settings: &Settings, topic: &str, thresholds: Arc<RuntimeThresholds>, metrics: Arc<Metrics>, model: &ModelInfo) -> Result<Self> {
+    pub async fn start(
+        settings: &Settings,
+        topic: &str,
+        thresholds: Arc<RuntimeThresholds>,
+        metrics: Arc<Metrics>,
+        model: &ModelInfo,
+        shutdown: &Shutdown,
+    ) -> Result<Self> {
         let signing_key = SigningKey::from_settings(&settings.control)?.map(Arc::new);
         if signing_key.is_none() {
             tracing::warn!(
@@ -328,7 +336,7 @@ impl Control {
             ensure_topic(settings, audit, "delete").await?;
         }
         let state = Arc::new(ControlState::new(thresholds, metrics, model));
-        let signals = Arc::new(ReaderSignals::default());
+        let signals = Arc::new(ReaderSignals { stop: shutdown.child(), wake: AtomicBool::new(false) });
         let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("{}-control-{}", settings.kafka.group_id, rand::random::<u32>()))
             .set("isolation.level", "read_uncommitted")
             // A change should reach every replica well within a second.
@@ -389,7 +397,7 @@ impl Control {
     }
 
     pub fn stop(&self) {
-        self.signals.stop.store(true, Ordering::SeqCst);
+        self.signals.stop.request();
         if let Some(reader) = self.reader.lock().expect("control").take() {
             let _ = reader.join();
         }
@@ -439,7 +447,7 @@ fn read_loop(
     let mut paused = false;
     let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     let mut last_check = Instant::now();
-    while !signals.stop.load(Ordering::SeqCst) {
+    while !signals.stop.is_requested() {
         if ends.is_empty() {
             if !reported {
                 reported = true;
@@ -454,7 +462,7 @@ fn read_loop(
                 handle_record(result, state, key, &mut next, &mut ends);
             }
             if last_check.elapsed() < GROWTH_CHECK_INTERVAL && !signals.wake.swap(false, Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(20));
+                signals.stop.sleep(Duration::from_millis(20));
                 continue;
             }
             last_check = Instant::now();
@@ -546,41 +554,15 @@ fn grown_partitions(consumer: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i
 /// Creates `topic` with `cleanup.policy` (`compact` for the control topic, `delete` for its audit
 /// topic) unless it exists.
 async fn ensure_topic(settings: &Settings, topic: &str, cleanup_policy: &str) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    // An existing topic needs no admin call (some brokers, like librdkafka's in-process one used by
-    // the demo, do not answer CreateTopics). A consumer's metadata request never auto-creates.
-    let probe: BaseConsumer = kafka::base_config(&settings.kafka).create().context("creating a metadata client")?;
-    let name = topic.to_string();
-    let exists = tokio::task::spawn_blocking(move || {
-        probe
-            .fetch_metadata(Some(&name), Duration::from_secs(10))
-            .ok()
-            .and_then(|md| md.topics().first().map(|t| t.error().is_none() && !t.partitions().is_empty()))
-    })
-    .await?
-    .unwrap_or(false);
-    if exists {
-        return Ok(());
-    }
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::base_config(&settings.kafka).create()?;
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    // The broker's default replication first (KIP-464); brokers without it get a single replica.
-    let mut last_error = None;
-    for replication in [-1, 1] {
-        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(replication)).set("cleanup.policy", cleanup_policy);
-        match admin.create_topics(&[new], &options).await.with_context(|| format!("creating the topic {topic}"))?.remove(0) {
-            Ok(_) => {
-                tracing::info!(topic, replication, cleanup_policy, "created a control-plane topic");
-                return Ok(());
+    match kafka::ensure_topic(&settings.kafka, topic, &[("cleanup.policy", cleanup_policy)]).await {
+        Ok(created) => {
+            if created {
+                tracing::info!(topic, cleanup_policy, "created a control-plane topic");
             }
-            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(()),
-            Err((_, e)) => last_error = Some(e),
+            Ok(())
         }
+        Err(e) => Err(e.context(format!("create it with cleanup.policy={cleanup_policy}, or set topics.control = \"\" to turn runtime control off"))),
     }
-    bail!(
-        "cannot create the topic {topic}: {} (create it with cleanup.policy={cleanup_policy}, or set topics.control = \"\" to turn runtime control off)",
-        last_error.map_or_else(String::new, |e| e.to_string())
-    )
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ fn is_image(p: &Path) -> bool {
 }
 
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "._:-".contains(c) { c } else { '_' }).collect()
+    crate::event::replace_unsafe(s, crate::event::ID_PUNCTUATION)
 }
 
 /// Which split of an MVTec-layout dataset to list.

@@ -68,6 +68,11 @@ pub struct SourceRef {
     pub timestamp: Option<i64>,
 }
 
+/// `topic/partition/offset`: how a record is named in the `dcam-source` header and in logs.
+pub fn record_name(topic: &str, partition: i32, offset: i64) -> String {
+    format!("{topic}/{partition}/{offset}")
+}
+
 /// Where the image bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
@@ -107,10 +112,25 @@ pub const HEADER_CLASS: &str = "dcam-class";
 pub const HEADER_ERROR_KIND: &str = "dcam-error-kind";
 pub const HEADER_ERROR: &str = "dcam-error";
 
+/// What an image id may hold besides ASCII letters and digits (docs/DESIGN.md §2).
+pub const ID_PUNCTUATION: &str = "._:-";
+/// What a heatmap key segment, group or transactional id may hold besides letters and digits.
+pub const NAME_PUNCTUATION: &str = "._-";
+
+/// An ASCII letter or digit, or one of `punctuation`.
+pub fn is_safe_char(c: char, punctuation: &str) -> bool {
+    c.is_ascii_alphanumeric() || punctuation.contains(c)
+}
+
+/// `s` with every character that is not safe (`is_safe_char`) replaced by `_`.
+pub fn replace_unsafe(s: &str, punctuation: &str) -> String {
+    s.chars().map(|c| if is_safe_char(c, punctuation) { c } else { '_' }).collect()
+}
+
 /// Checks an id against docs/DESIGN.md §2: 1–256 chars of `[A-Za-z0-9._:-]`.
 pub fn validate_image_id(id: &str) -> Result<(), Rejection> {
     let ok_len = (1..=256).contains(&id.len());
-    let ok_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
+    let ok_chars = id.chars().all(|c| is_safe_char(c, ID_PUNCTUATION));
     if ok_len && ok_chars {
         Ok(())
     } else {
@@ -291,7 +311,7 @@ pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &S
     let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
     h.push((HEADER_ERROR_KIND.into(), rejection.kind.as_str().as_bytes().to_vec()));
     h.push((HEADER_ERROR.into(), rejection.message.as_bytes().to_vec()));
-    h.push(("dcam-source".into(), format!("{}/{}/{}", source.topic, source.partition, source.offset).into_bytes()));
+    h.push(("dcam-source".into(), record_name(&source.topic, source.partition, source.offset).into_bytes()));
     h
 }
 

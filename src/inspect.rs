@@ -163,7 +163,8 @@ impl Recent {
     }
 
     /// Bytes held now (records and thumbnails).
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    fn bytes(&self) -> usize {
         self.inner.lock().expect("recent").bytes
     }
 }
@@ -189,9 +190,16 @@ impl LatencyWindow {
             return None;
         }
         ms.sort_by(f64::total_cmp);
-        let at = |q: f64| ms[((ms.len() - 1) as f64 * q).round() as usize];
-        Some((at(0.5), at(0.99)))
+        Some((percentile(&ms, 0.5), percentile(&ms, 0.99)))
     }
+}
+
+/// The nearest-rank `q` quantile of sorted values (NaN when there are none).
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// Where a record's score is kept: under its class when the model knows it, else under one

@@ -1,5 +1,10 @@
 //! librdkafka client configuration shared by the consumer, the producers and the tools.
 
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
 use crate::config::{KafkaSettings, OffsetReset, Settings};
@@ -29,6 +34,41 @@ pub fn apply_auth(k: &KafkaSettings, c: &mut ClientConfig) {
             c.set(key, v);
         }
     }
+}
+
+/// Creates `topic` (one partition, `configs`) unless it exists; true when this call created it.
+/// The broker's default replication first (KIP-464); brokers without it get a single replica.
+pub async fn ensure_topic(k: &KafkaSettings, topic: &str, configs: &[(&str, &str)]) -> Result<bool> {
+    // An existing topic needs no admin call (some brokers, like librdkafka's in-process one used by
+    // the demo, do not answer CreateTopics). A consumer's metadata request never auto-creates.
+    let probe: BaseConsumer = base_config(k).create().context("creating a metadata client")?;
+    let name = topic.to_string();
+    let exists = tokio::task::spawn_blocking(move || {
+        probe
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .ok()
+            .and_then(|md| md.topics().first().map(|t| t.error().is_none() && !t.partitions().is_empty()))
+    })
+    .await?
+    .unwrap_or(false);
+    if exists {
+        return Ok(false);
+    }
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = base_config(k).create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let mut last_error = None;
+    for replication in [-1, 1] {
+        let mut new = NewTopic::new(topic, 1, TopicReplication::Fixed(replication));
+        for (key, value) in configs {
+            new = new.set(key, value);
+        }
+        match admin.create_topics(&[new], &options).await.with_context(|| format!("creating the topic {topic}"))?.remove(0) {
+            Ok(_) => return Ok(true),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
+            Err((_, e)) => last_error = Some(e),
+        }
+    }
+    bail!("cannot create the topic {topic}: {}", last_error.map_or_else(String::new, |e| e.to_string()))
 }
 
 fn apply_extra(mut c: ClientConfig, k: &KafkaSettings) -> ClientConfig {

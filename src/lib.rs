@@ -16,7 +16,7 @@
 //! - `inference/`: `decode`, `engine` (ONNX Runtime), `model` (contract, calibration), `heatmap`.
 //! - `config` (typed settings), `event` (wire formats), `kafka` (client settings), `store`
 //!   (heatmap blobs), `telemetry` (metrics, health, tracing), `dataset` (image folders),
-//!   `memory` (byte budgets).
+//!   `memory` (byte budgets), `shutdown` (the one stop signal every thread and task waits on).
 //!
 //! # Threads
 //!
@@ -37,7 +37,9 @@ pub mod inference;
 pub mod inspect;
 pub mod kafka;
 pub mod memory;
+pub mod shutdown;
 pub mod store;
 pub mod stream;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;

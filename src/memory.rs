@@ -40,6 +40,7 @@ impl MemoryBudget {
         Some(Reservation { budget: self, bytes })
     }
 
+    #[cfg(any(test, feature = "testing"))]
     pub fn in_use(&self) -> u64 {
         *self.used.lock().expect("memory budget")
     }

@@ -1,4 +1,4 @@
-//! Test inputs shared by unit tests, integration tests and `produce --malformed`.
+//! Test inputs shared by unit and integration tests (feature `testing`; not in the binary).
 
 /// A syntactically valid PNG header + IHDR claiming `w`×`h` pixels, with no image data:
 /// a decompression bomb as far as a naive decoder is concerned.
@@ -12,19 +12,8 @@ pub fn png_header_claiming(w: u32, h: u32) -> Vec<u8> {
     chunk.extend_from_slice(&ihdr);
     out.extend_from_slice(&(ihdr.len() as u32).to_be_bytes());
     out.extend_from_slice(&chunk);
-    out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(&chunk).to_be_bytes());
     out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 pub use crate::inference::heatmap::encode_png;

@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use subtle::ConstantTimeEq;
 
 use crate::config::{Secret, TelemetrySettings};
 
@@ -44,7 +45,7 @@ impl Writers {
             let Some((name, token)) = line.split_once(':').map(|(n, t)| (n.trim(), t.trim())) else {
                 bail!("line {n} is not name:token");
             };
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._@-".contains(c)) {
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| crate::event::is_safe_char(c, "._@-")) {
                 bail!("line {n}: a writer name is 1-64 of [A-Za-z0-9._@-]");
             }
             if token.is_empty() {
@@ -73,7 +74,8 @@ fn bearer(headers: &HeaderMap) -> &str {
 }
 
 fn holds(token: &Secret, headers: &HeaderMap) -> bool {
-    token.expose().is_some_and(|expected| constant_time_eq(bearer(headers).as_bytes(), expected.as_bytes()))
+    // Compared without an early exit, so the time taken says nothing about the token.
+    token.expose().is_some_and(|expected| bool::from(bearer(headers).as_bytes().ct_eq(expected.as_bytes())))
 }
 
 /// The name of the writer whose bearer token the request carries, or the refusal to send.
@@ -110,15 +112,6 @@ pub(super) fn known_host(allowed: &[String], headers: &HeaderMap) -> bool {
     host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().is_ok()
         || host.eq_ignore_ascii_case("localhost")
         || allowed.iter().any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(host))
-}
-
-/// Compares without an early exit, so the time taken says nothing about the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8;
-    for (i, x) in a.iter().enumerate() {
-        diff |= x ^ b.get(i).copied().unwrap_or(0);
-    }
-    diff == 0 && a.len() == b.len()
 }
 
 #[cfg(test)]

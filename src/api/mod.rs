@@ -16,7 +16,7 @@ pub use auth::Writers;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{from_fn_with_state, map_response, Next};
 use axum::response::{IntoResponse, Response};
@@ -38,7 +38,7 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub recent: Arc<Recent>,
-    pub models: Option<Arc<ModelSlot>>,
+    pub models: Arc<ModelSlot>,
     pub thresholds: Arc<RuntimeThresholds>,
     /// Off (`None`) when `topics.control` is empty: then nothing can be changed at runtime.
     pub control: Option<Arc<Control>>,
@@ -154,8 +154,8 @@ async fn healthz(State(s): State<ApiState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<ApiState>) -> impl IntoResponse {
     let (ready, mut body) = s.health.report();
-    if let (Some(models), serde_json::Value::Object(o)) = (&s.models, &mut body) {
-        o.insert("model".into(), models.current().describe());
+    if let serde_json::Value::Object(o) = &mut body {
+        o.insert("model".into(), s.models.current().describe());
     }
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
 }
@@ -177,16 +177,19 @@ async fn ui_script() -> impl IntoResponse {
     (page_headers("text/javascript; charset=utf-8"), include_str!("ui/app.js"))
 }
 
-fn query(raw: &Option<String>) -> std::collections::HashMap<String, String> {
-    url::form_urlencoded::parse(raw.as_deref().unwrap_or_default().as_bytes()).into_owned().collect()
+/// `GET /api/recent?class=&anomalies=&limit=`; values that do not parse fall back to the default.
+#[derive(serde::Deserialize)]
+struct RecentQuery {
+    class: Option<String>,
+    anomalies: Option<String>,
+    limit: Option<String>,
 }
 
-async fn recent(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> impl IntoResponse {
+async fn recent(State(s): State<ApiState>, Query(q): Query<RecentQuery>) -> impl IntoResponse {
     s.recent.watched();
-    let q = query(&raw);
-    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(60).min(500);
-    let anomalies = q.get("anomalies").is_some_and(|a| a == "true" || a == "1");
-    Json(s.recent.list(q.get("class").map(String::as_str).filter(|c| !c.is_empty()), anomalies, limit))
+    let limit = q.limit.and_then(|l| l.parse().ok()).unwrap_or(60).min(500);
+    let anomalies = q.anomalies.is_some_and(|a| a == "true" || a == "1");
+    Json(s.recent.list(q.class.as_deref().filter(|c| !c.is_empty()), anomalies, limit))
 }
 
 /// An id names one image for good (`inspect`), so the browser may keep its thumbnail; only the
@@ -205,8 +208,7 @@ async fn scores(State(s): State<ApiState>) -> impl IntoResponse {
 }
 
 fn threshold_table(s: &ApiState) -> serde_json::Value {
-    let Some(models) = &s.models else { return serde_json::json!({}) };
-    let active = models.current();
+    let active = s.models.current();
     let mut classes = active.engine.info.classes.clone();
     classes.push(crate::inference::model::DEFAULT_CLASS.into());
     let table: serde_json::Map<String, serde_json::Value> = classes
@@ -238,13 +240,13 @@ async fn set_threshold(State(s): State<ApiState>, headers: HeaderMap, Path(class
         Ok(who) => who,
         Err(refusal) => return refusal,
     };
-    let (Some(control), Some(models)) = (&s.control, &s.models) else {
+    let Some(control) = &s.control else {
         return error(StatusCode::CONFLICT, "runtime changes are off: topics.control is empty");
     };
     let Some(Json(request)) = body else {
         return error(StatusCode::BAD_REQUEST, "body must be JSON: {\"threshold\": <number or null>}");
     };
-    let active = models.current();
+    let active = s.models.current();
     // The checks every replica makes again when it reads the change from the control topic.
     match check_threshold(&active.engine.info.classes, &class, request.threshold) {
         Ok(()) => {}
@@ -265,8 +267,7 @@ async fn set_threshold(State(s): State<ApiState>, headers: HeaderMap, Path(class
 }
 
 async fn model(State(s): State<ApiState>) -> Response {
-    let Some(models) = &s.models else { return error(StatusCode::NOT_FOUND, "no model in this process") };
-    Json(serde_json::json!({"active": models.current().describe(), "previous": models.previous().map(|p| p.describe())})).into_response()
+    Json(serde_json::json!({"active": s.models.current().describe(), "previous": s.models.previous().map(|p| p.describe())})).into_response()
 }
 
 #[derive(Deserialize)]
@@ -289,7 +290,7 @@ async fn rollback_model(State(s): State<ApiState>, headers: HeaderMap) -> Respon
         Ok(who) => who,
         Err(refusal) => return refusal,
     };
-    let Some(previous) = s.models.as_ref().and_then(|m| m.previous()) else {
+    let Some(previous) = s.models.previous() else {
         return error(StatusCode::CONFLICT, "there is no previous model to roll back to");
     };
     announce_model(&s, previous.source.clone(), format!("{who} (rollback)")).await
@@ -299,10 +300,10 @@ async fn rollback_model(State(s): State<ApiState>, headers: HeaderMap) -> Respon
 /// announces it on the control topic; every replica, this one included, loads and swaps it.
 /// Every refusal gets the same answer, so the API cannot be used to probe the host's files.
 async fn announce_model(s: &ApiState, uri: String, who: String) -> Response {
-    let (Some(control), Some(models)) = (&s.control, &s.models) else {
+    let Some(control) = &s.control else {
         return error(StatusCode::CONFLICT, "runtime changes are off: topics.control is empty");
     };
-    let sha256 = match models.check(&uri).await {
+    let sha256 = match s.models.check(&uri).await {
         Ok(sha256) => sha256,
         Err(e) => {
             s.metrics.emit(InternalEvent::ModelRejected { source: &uri, error: &format!("{e:#}") });
@@ -317,8 +318,8 @@ async fn announce_model(s: &ApiState, uri: String, who: String) -> Response {
     // This replica loads it from the control topic; answer once the bytes checked serve (or failed).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while tokio::time::Instant::now() < deadline {
-        if models.serves(&uri, &sha256) {
-            return Json(serde_json::json!({"announced": change, "active": models.current().describe()})).into_response();
+        if s.models.serves(&uri, &sha256) {
+            return Json(serde_json::json!({"announced": change, "active": s.models.current().describe()})).into_response();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -337,15 +338,18 @@ mod tests {
     /// With settings from `DCAM__...` variables.
     fn state_with(env: &[(&str, &str)]) -> ApiState {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let settings = Settings::load_with_env(None, env).unwrap();
+        let engine = crate::inference::engine::load_configured(&settings).unwrap();
+        let active = crate::inference::active::ActiveModel::new(engine, &settings, &settings.model.path).unwrap();
         ApiState {
             metrics: Metrics::new(),
             health: Health::new(),
             recent: Arc::new(Recent::new(1 << 20, 64)),
-            models: None,
+            models: Arc::new(ModelSlot::new(active, &settings)),
             thresholds: Arc::new(RuntimeThresholds::default()),
             control: None,
             writers: Arc::default(),
-            settings: Arc::new(Settings::load_with_env(None, env).unwrap()),
+            settings: Arc::new(settings),
         }
     }
 
@@ -468,7 +472,7 @@ mod tests {
             ("/ui/app.js", 200),
             ("/api/recent", 200),
             ("/api/thresholds", 200),
-            ("/api/model", 404),
+            ("/api/model", 200),
             ("/healthz", 200),
             ("/metrics", 200),
             ("/no-such-page", 404),

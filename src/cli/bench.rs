@@ -18,6 +18,7 @@ use crate::dataset::{self, Split};
 use crate::event::ScoreRecord;
 use crate::inference::decode::Decoder;
 use crate::inference::engine::Engine;
+use crate::inspect::percentile;
 use crate::kafka;
 use crate::stream::operator::RunningOperator;
 
@@ -161,13 +162,6 @@ fn scoring_window_ms(records: &[ScoreRecord]) -> Option<(f64, f64)> {
         last = last.max(scored);
     }
     (last > first).then_some((first, last))
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// (a): batches of already-decoded images straight into the session. Latency is per batch.
@@ -490,15 +484,8 @@ async fn create_run_topics(
 
 /// Creates topics up front, so readers never wait for a metadata refresh to find them.
 async fn create_topics(settings: &Settings, names: &[&str]) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = kafka::base_config(&settings.kafka).create()?;
-    let topics: Vec<NewTopic<'_>> = names.iter().map(|n| NewTopic::new(n, 1, TopicReplication::Fixed(1))).collect();
-    for r in admin.create_topics(&topics, &AdminOptions::new()).await? {
-        if let Err((t, e)) = r {
-            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                bail!("creating topic {t}: {e}");
-            }
-        }
+    for name in names {
+        kafka::ensure_topic(&settings.kafka, name, &[]).await?;
     }
     Ok(())
 }

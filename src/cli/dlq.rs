@@ -181,7 +181,7 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
             if in_txn == 0 {
                 producer.begin_transaction()?;
             }
-            let source = format!("{}/{}/{}", m.topic(), m.partition(), m.offset());
+            let source = crate::event::record_name(m.topic(), m.partition(), m.offset());
             let mut headers = rdkafka::message::OwnedHeaders::new();
             for h in m.headers().into_iter().flat_map(|h| h.iter()) {
                 if !crate::event::is_dead_letter_header(h.key) {

@@ -8,7 +8,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureProducer;
 
 use crate::delivery::record::{is_permanent, OutRecord};
-use crate::telemetry::{InternalEvent, Metrics, PublishRetryLabels};
+use crate::telemetry::{InternalEvent, Metrics};
 
 /// The at-least-once producer. librdkafka declares an idempotent producer dead on a fatal error
 /// (e.g. an out-of-order sequence after a broker restart lost its producer state); it is then
@@ -102,8 +102,7 @@ async fn publish_while_wanted(
                     producer.renew(generation);
                 }
                 let reason = e.rdkafka_error_code().map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-                metrics.publish_retries.get_or_create(&PublishRetryLabels { topic: record.topic.clone(), reason }).inc();
-                tracing::warn!(topic = %record.topic, error = %e, "publish failed, retrying");
+                metrics.emit(InternalEvent::PublishRetried { topic: &record.topic, reason: &reason, error: &e.to_string() });
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

@@ -21,7 +21,7 @@ pub struct Ticket {
 impl std::fmt::Display for Ticket {
     /// `topic/partition/offset`, as in the `dcam-source` header.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+        f.write_str(&crate::event::record_name(&self.topic, self.partition, self.offset))
     }
 }
 

@@ -17,7 +17,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::delivery::offsets::{OffsetTracker, PartitionKey, Ticket};
 use crate::delivery::record::{is_permanent, OutRecord};
-use crate::telemetry::{KindLabels, Metrics};
+use crate::telemetry::{InternalEvent, Metrics};
 
 /// Finished outputs per partition and offset, waiting for the next transaction.
 pub struct TxnBuffer {
@@ -112,12 +112,9 @@ impl TxnBuffer {
         (inner.inputs, inner.bytes)
     }
 
-    pub fn len(&self) -> usize {
-        self.size().0
-    }
-
+    #[cfg(any(test, feature = "testing"))]
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.size().0 == 0
     }
 }
 
@@ -197,8 +194,7 @@ impl Transactions {
             e => TxnError::Reset(format!("init_transactions: {e}")),
         })?;
         *self.producer.write().expect("producer") = producer;
-        self.metrics.transactions.get_or_create(&KindLabels { kind: "producer_renewed".into() }).inc();
-        tracing::warn!("a new transactional producer took over; uncommitted work is read again from the committed offsets");
+        self.metrics.emit(InternalEvent::ProducerRenewed);
         Ok(())
     }
 
@@ -217,11 +213,11 @@ impl Transactions {
         match self.run_transaction(consumer, &records, &positions) {
             Ok(()) => {
                 self.tracker.mark_committed(&positions);
-                self.metrics.transactions.get_or_create(&KindLabels { kind: "committed".into() }).inc();
+                self.metrics.emit(InternalEvent::TransactionCommitted { records: count });
                 Ok(count)
             }
             Err(e) => {
-                self.metrics.transactions.get_or_create(&KindLabels { kind: "aborted".into() }).inc();
+                self.metrics.emit(InternalEvent::TransactionAborted);
                 Err(e)
             }
         }

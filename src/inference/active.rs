@@ -130,8 +130,6 @@ fn validate(model: &ModelBytes, source: &str, settings: &Settings, active: &Acti
     if new != old {
         bail!("model {source} was rejected: its input size {new} differs from the active model's {old}; a different size needs a restart");
     }
-    engine
-        .warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches.max(1))
-        .with_context(|| format!("model {source} failed its warm-up batch"))?;
+    engine.warm_up(settings).with_context(|| format!("model {source} failed its warm-up batch"))?;
     ActiveModel::new(Arc::new(engine), settings, source)
 }

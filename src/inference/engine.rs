@@ -109,12 +109,15 @@ impl Engine {
         Ok(BatchOutput { maps: maps.to_vec(), scores: scores.to_vec() })
     }
 
-    /// Runs `batches` dummy batches of `batch` images so the first real request is not slow.
-    pub fn warm_up(&self, batch: usize, batches: usize) -> Result<()> {
+    /// Runs `engine.warmup_batches` dummy batches (at least one: a model that cannot answer a
+    /// batch is refused before it serves) of up to 8 images on every session, so the first real
+    /// request is not slow.
+    pub fn warm_up(&self, settings: &crate::config::Settings) -> Result<()> {
+        let batch = settings.batch.max_batch.clamp(1, 8);
         let s = self.info.input_size as usize;
         let zeros = vec![127u8; batch * s * s * 3];
         for slot in 0..self.sessions.len() {
-            for _ in 0..batches {
+            for _ in 0..settings.engine.warmup_batches.max(1) {
                 self.run(slot, &zeros, batch)?;
             }
         }
@@ -215,7 +218,7 @@ fn check_dynamic_batch(session: &Session) -> Result<()> {
 pub fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
     let model = read_file(Path::new(&settings.model.path), settings.model.max_bytes).context("model.path")?;
     let engine = Engine::from_bytes(&model, &settings.model.path, &settings.engine)?;
-    engine.warm_up(settings.batch.max_batch.min(8), settings.engine.warmup_batches)?;
+    engine.warm_up(settings)?;
     tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
     Ok(std::sync::Arc::new(engine))
 }

@@ -59,7 +59,7 @@ pub fn key(prefix: &str, model_version: &str, topic: &str, partition: i32, offse
 /// One path segment of a key: safe characters only, and never empty, `.` or `..` (a model
 /// version or topic from outside must not move a key out of its store root).
 fn sanitize(s: &str) -> String {
-    let safe: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    let safe = crate::event::replace_unsafe(s, crate::event::NAME_PUNCTUATION);
     if safe.chars().all(|c| c == '.') {
         format!("_{safe}")
     } else {

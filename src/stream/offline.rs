@@ -86,11 +86,7 @@ pub fn score_files(
         match outcome {
             Outcome::Scored(s) => {
                 let v = s.model.scorer.judge(f.class.as_deref(), s.raw_score);
-                let wanted = match settings.heatmap.policy {
-                    crate::config::HeatmapPolicy::All => true,
-                    crate::config::HeatmapPolicy::Anomalies => v.is_anomaly,
-                    crate::config::HeatmapPolicy::None => false,
-                };
+                let wanted = settings.heatmap.policy.wants(v.is_anomaly);
                 if let (true, Some(dir)) = (wanted, heatmap_dir) {
                     let path = dir.join(format!("{}.png", f.image_id));
                     let png = heatmap::render_png(&s.map, s.input.size, &v.calibration, settings.heatmap.overlay.then_some(s.input.rgb.as_slice()));

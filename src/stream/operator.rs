@@ -2,7 +2,6 @@
 //! order. `assemble` is the part `replay` shares.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use crate::inference::engine::Engine;
 use crate::inference::model::RuntimeThresholds;
 use crate::inspect::Recent;
 use crate::kafka;
+use crate::shutdown::Shutdown;
 use crate::store::BlobStore;
 use crate::stream::pipeline::Pipeline;
 use crate::stream::reload::{AnnouncedModel, Reloader};
@@ -26,7 +26,7 @@ use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
 
 pub struct RunningOperator {
-    shutdown: Arc<AtomicBool>,
+    shutdown: Shutdown,
     source: Option<std::thread::JoinHandle<Result<()>>>,
     lag: Option<std::thread::JoinHandle<()>>,
     reloader: Option<std::thread::JoinHandle<()>>,
@@ -39,12 +39,12 @@ pub struct RunningOperator {
     pub health: Arc<Health>,
     /// The serving model; hot reload swaps it.
     pub models: Arc<ModelSlot>,
-    pub heatmap_store: Option<String>,
 }
 
 impl RunningOperator {
     /// Starts everything; returns once the consumer is subscribed and `/readyz` is ready.
     pub async fn start(settings: Settings, engine: Option<Arc<Engine>>) -> Result<Self> {
+        let shutdown = Shutdown::new(settings.pipeline.shutdown_timeout);
         let metrics = Metrics::new();
         let health = Health::new();
         let listener = tokio::net::TcpListener::bind(&settings.telemetry.http_addr)
@@ -66,7 +66,7 @@ impl RunningOperator {
         // Runtime thresholds and model announcements, read to the end before the first image.
         let thresholds = Arc::new(RuntimeThresholds::default());
         let control = match &settings.topics.control {
-            Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone(), metrics.clone(), &engine.info).await?)),
+            Some(topic) => Some(Arc::new(Control::start(&settings, topic, thresholds.clone(), metrics.clone(), &engine.info, &shutdown).await?)),
             None => None,
         };
         // The announced model loads while the rest starts, and serves before the first record.
@@ -78,7 +78,7 @@ impl RunningOperator {
                 metrics: metrics.clone(),
                 health: health.clone(),
                 recent: recent.clone(),
-                models: Some(models.clone()),
+                models: models.clone(),
                 thresholds: thresholds.clone(),
                 control: control.clone(),
                 writers: Arc::new(Writers::from_settings(&settings.telemetry)?),
@@ -86,7 +86,6 @@ impl RunningOperator {
             };
             tokio::spawn(crate::api::serve(listener, state))
         };
-        let shutdown = Arc::new(AtomicBool::new(false));
         let reloader = (control.is_some() || !settings.model.watch_interval.is_zero())
             .then(|| {
                 Reloader {
@@ -107,8 +106,6 @@ impl RunningOperator {
         };
         let oversight = Oversight { thresholds, recent: Some(recent) };
         let pipeline = assemble(&settings, models.clone(), SinkSettings::from_settings(&settings), oversight, delivery.clone(), metrics.clone())?;
-        let heatmap_store = pipeline.heatmap_store.clone();
-        let pipeline = pipeline.pipeline;
 
         // The lag reporter uses a client of its own that reads the group's committed offsets
         // without joining the group.
@@ -164,18 +161,17 @@ impl RunningOperator {
             metrics,
             health,
             models,
-            heatmap_store,
         })
     }
 
-    /// The flag that asks the operator to stop (for signal handlers and watchdogs).
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
+    /// The operator's stop signal (for signal handlers and the shutdown deadline).
+    pub fn shutdown(&self) -> Shutdown {
         self.shutdown.clone()
     }
 
     /// Asks the operator to stop; `wait` then drains and commits.
     pub fn request_stop(&self) {
-        self.shutdown.store(true, Ordering::SeqCst);
+        self.shutdown.request();
     }
 
     /// Runs until a stop request (or a fatal source error), then shuts down in order:
@@ -185,7 +181,7 @@ impl RunningOperator {
         let shutdown = self.shutdown.clone();
         let result = tokio::task::spawn_blocking(move || {
             let r = source.join().map_err(|_| anyhow!("source thread panicked")).and_then(|r| r);
-            shutdown.store(true, Ordering::SeqCst);
+            shutdown.request();
             r
         })
         .await?;
@@ -217,12 +213,6 @@ impl RunningOperator {
     }
 }
 
-/// What `assemble` built: the running stages and where heatmaps go.
-pub struct Assembled {
-    pub pipeline: Pipeline,
-    pub heatmap_store: Option<String>,
-}
-
 /// The stages every scoring run shares, `run` and `replay` alike: heatmap store, sink and
 /// pipeline, scoring with `models` and delivering through `delivery`. Each caller brings its own
 /// sink settings (topics, heatmap prefix), oversight (runtime thresholds, the page's buffer)
@@ -234,13 +224,15 @@ pub fn assemble(
     oversight: Oversight,
     delivery: Arc<Delivery>,
     metrics: Arc<Metrics>,
-) -> Result<Assembled> {
+) -> Result<Pipeline> {
     let store = match settings.heatmap.policy {
         HeatmapPolicy::None => None,
         _ => Some(BlobStore::from_settings(&settings.heatmap)?),
     };
-    let heatmap_store = store.as_ref().map(BlobStore::describe);
+    if let Some(store) = &store {
+        tracing::info!(store = %store.describe(), "heatmaps go to the store");
+    }
     let sink = KafkaSink::new(sink_settings, oversight, store, delivery, metrics.clone(), tokio::runtime::Handle::current());
     let pipeline = Pipeline::start(models, settings, metrics, Arc::new(sink));
-    Ok(Assembled { pipeline, heatmap_store })
+    Ok(pipeline)
 }

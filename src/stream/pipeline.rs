@@ -185,8 +185,7 @@ pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput),
 /// pending forever or take a worker thread down.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let message =
-            panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into());
+        let message = super::panic_message(panic.as_ref());
         tracing::error!(what, %message, "panic caught; dead-lettering the input");
         Err(Rejection::new(ErrorKind::Internal, format!("{what} panicked: {message}")))
     })

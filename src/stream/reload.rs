@@ -5,13 +5,13 @@
 //! the first record is read (`AnnouncedModel`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::Settings;
 use crate::control::{Change, ControlState};
 use crate::inference::active::{ActiveModel, ModelSlot};
+use crate::shutdown::Shutdown;
 use crate::telemetry::{InternalEvent, Metrics};
 
 pub struct Reloader {
@@ -23,20 +23,20 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn spawn(self, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub fn spawn(self, stop: Shutdown) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("model-reload".into()).spawn(move || self.run(&stop))
     }
 
-    fn run(&self, stop: &AtomicBool) {
+    fn run(&self, stop: &Shutdown) {
         let watch = self.settings.model.watch_interval;
         let path = Path::new(&self.settings.model.path).to_path_buf();
         let mut seen = modified(&path);
         let mut last_check = Instant::now();
-        while !stop.load(Ordering::SeqCst) {
+        while !stop.is_requested() {
             let announced = match &self.control {
                 Some(state) => state.next_model(Duration::from_millis(200)),
                 None => {
-                    std::thread::sleep(Duration::from_millis(200));
+                    stop.sleep(Duration::from_millis(200));
                     None
                 }
             };
@@ -64,17 +64,17 @@ impl Reloader {
 /// again at a restart, or a file touched without changing.
 pub async fn swap_in(models: &ModelSlot, control: Option<&ControlState>, metrics: &Metrics, uri: &str) -> bool {
     // Before its first batch: its runtime thresholds are in force and its classes are labels.
+    // The swap is reported here too (nothing can fail between this and the swap), so whoever
+    // sees the new model serve (`GET /api/model`) also sees it in the metrics.
     let before_swap = |candidate: &ActiveModel| {
         if let Some(control) = control {
             control.model_loaded(&candidate.engine.info);
         }
         metrics.set_classes(&candidate.engine.info.classes);
+        metrics.emit(InternalEvent::ModelSwapped { name: &candidate.model.name, version: &candidate.model.version, source: uri });
     };
     match models.load(uri, before_swap).await {
-        Ok(Some(active)) => {
-            metrics.emit(InternalEvent::ModelSwapped { name: &active.model.name, version: &active.model.version, source: uri });
-            true
-        }
+        Ok(Some(_)) => true,
         Ok(None) => {
             tracing::debug!(uri, "this model is already serving");
             true

@@ -71,10 +71,8 @@ impl std::fmt::Display for ReplaySummary {
 pub fn replay_id(req: &ReplayRequest, model_version: &str) -> String {
     let to = req.to.map_or("end".to_string(), |t| t.timestamp_millis().to_string());
     let parts = req.partitions.as_ref().map_or("all".to_string(), |p| p.iter().map(i32::to_string).collect::<Vec<_>>().join("."));
-    format!("{}-{}-{to}-{parts}-{}", req.input_topic, req.from.timestamp_millis(), model_version)
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
-        .collect()
+    let id = format!("{}-{}-{to}-{parts}-{}", req.input_topic, req.from.timestamp_millis(), model_version);
+    crate::event::replace_unsafe(&id, crate::event::NAME_PUNCTUATION)
 }
 
 /// Resolves [start, end) offsets per partition for the time range.
@@ -149,7 +147,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
     // A replay judges with the model's calibration and the configured thresholds, not with
     // runtime changes: it answers "what would this model have said".
     let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?, &settings));
-    let pipeline = assemble(&settings, models, sink_settings, Oversight::default(), delivery.clone(), metrics.clone())?.pipeline;
+    let pipeline = assemble(&settings, models, sink_settings, Oversight::default(), delivery.clone(), metrics.clone())?;
     let fatal = delivery.fatal().clone();
 
     let mut tpl = TopicPartitionList::new();

@@ -13,7 +13,7 @@ use crate::inference::model::RuntimeThresholds;
 use crate::inspect::Recent;
 use crate::store::BlobStore;
 use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
-use crate::telemetry::{InternalEvent, KindLabels, Metrics};
+use crate::telemetry::{InternalEvent, Metrics};
 
 /// What the sink needs to build records.
 pub struct SinkSettings {
@@ -97,7 +97,7 @@ impl OutcomeSink for KafkaSink {
             // A panic here would leave the input unfinished for good: stop the instance instead,
             // so nothing is committed past it and a restart scores it again.
             if let Err(panic) = std::panic::AssertUnwindSafe(inner.handle(outcome)).catch_unwind().await {
-                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+                let what = super::panic_message(panic.as_ref());
                 inner.delivery.fatal().set(format!("a sink task panicked: {what}"));
             }
         });
@@ -141,11 +141,7 @@ impl Inner {
         let class = event.class.as_deref();
         let runtime = self.oversight.thresholds.get(&model.model.version, model.scorer.class_key(class));
         let verdict = model.scorer.judge_with(class, raw_score, runtime);
-        let wants_heatmap = match self.settings.heatmap_policy {
-            HeatmapPolicy::All => true,
-            HeatmapPolicy::Anomalies => verdict.is_anomaly,
-            HeatmapPolicy::None => false,
-        } && self.store.is_some();
+        let wants_heatmap = self.settings.heatmap_policy.wants(verdict.is_anomaly) && self.store.is_some();
         let thumbnail_px = self.oversight.recent.as_ref().filter(|r| r.wants_thumbnail(verdict.is_anomaly)).map(|r| r.thumbnail_px());
         // Rendering is CPU work: off the async executor, both images in one go.
         let (png, thumbnail) = if wants_heatmap || thumbnail_px.is_some() {
@@ -163,12 +159,18 @@ impl Inner {
         if let (Some(png), Some(store)) = (png, &self.store) {
             let key = heatmap::key(&self.settings.heatmap_prefix, &model.model.version, &job.ticket.topic, job.ticket.partition, job.ticket.offset);
             let timeout = self.settings.heatmap_write_timeout;
-            heatmap_uri = tokio::time::timeout(timeout, put_with_retries(store, &key, png)).await.unwrap_or_else(|_| {
-                tracing::error!(key, ?timeout, "heatmap write timed out (heatmap.write_timeout_ms); publishing the score without it");
-                None
-            });
-            let result = if heatmap_uri.is_some() { "written" } else { "failed" };
-            self.metrics.heatmaps.get_or_create(&KindLabels { kind: result.into() }).inc();
+            // Best effort: the score still goes out, with `heatmap_uri: null`. Transient S3 errors
+            // are retried by the object_store client (`store::s3_client`) within the timeout; a
+            // failed local write (disk full, permissions) does not heal in milliseconds.
+            let failure = match tokio::time::timeout(timeout, store.put(&key, png)).await {
+                Ok(Ok(uri)) => {
+                    heatmap_uri = Some(uri);
+                    None
+                }
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some(format!("timed out after {timeout:?} (heatmap.write_timeout_ms)")),
+            };
+            self.metrics.emit(InternalEvent::HeatmapStored { key: &key, failure: failure.as_deref() });
         }
         let queue_ms = job.timestamp.map_or(0.0, |ts| {
             let consumed_wall = chrono::Utc::now().timestamp_millis() as f64 - job.consumed_at.elapsed().as_secs_f64() * 1000.0;
@@ -197,7 +199,7 @@ impl Inner {
         let payload = serde_json::to_vec(&record).expect("score record serialises");
         let mut headers: Vec<(String, Vec<u8>)> =
             crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-        headers.push(("dcam-source".into(), format!("{}/{}/{}", job.ticket.topic, job.ticket.partition, job.ticket.offset).into_bytes()));
+        headers.push(("dcam-source".into(), job.ticket.to_string().into_bytes()));
         let score = OutRecord { topic: self.settings.scores_topic.clone(), key: Some(event.image_id.clone().into_bytes()), payload: Some(payload), headers };
         let mut out = vec![score.clone()];
         if let (true, Some(topic)) = (verdict.is_anomaly, &self.settings.anomalies_topic) {
@@ -205,23 +207,4 @@ impl Inner {
         }
         out
     }
-}
-
-/// A heatmap is best effort after retries: the score still goes out, with `heatmap_uri: null`.
-async fn put_with_retries(store: &BlobStore, key: &str, png: Vec<u8>) -> Option<String> {
-    let mut delay = Duration::from_millis(100);
-    for attempt in 1..=5 {
-        match store.put(key, png.clone()).await {
-            Ok(uri) => return Some(uri),
-            Err(e) if attempt == 5 => {
-                tracing::error!(key, error = %format!("{e:#}"), "heatmap write failed; publishing the score without it");
-            }
-            Err(e) => {
-                tracing::warn!(key, attempt, error = %format!("{e:#}"), "heatmap write failed, retrying");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-        }
-    }
-    None
 }

@@ -3,7 +3,7 @@
 //! finished offsets (or runs the transaction step), and drains before letting partitions go.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::delivery::transaction::TxnError;
 use crate::delivery::{Delivery, OffsetTracker, PartitionKey};
+use crate::shutdown::Shutdown;
 use crate::stream::pipeline::{Job, Submitter};
 use crate::telemetry::{Health, Metrics, PartitionLabels};
 
@@ -150,7 +151,7 @@ pub fn run(
     consumer: &BaseConsumer<SourceContext>,
     submit: &Submitter,
     opts: &SourceOptions,
-    shutdown: &AtomicBool,
+    shutdown: &Shutdown,
     metrics: &Metrics,
     health: &Health,
 ) -> Result<()> {
@@ -161,7 +162,7 @@ pub fn run(
     let mut last_pause_check = Instant::now();
     let mut last_stuck_check = Instant::now();
     let mut progress = ProgressWatch::new(Instant::now());
-    while !shutdown.load(Ordering::SeqCst) {
+    while !shutdown.is_requested() {
         health.beat();
         if ctx.delivery.recovery_due() {
             recover(consumer, shutdown, health)?;
@@ -289,28 +290,28 @@ pub fn handle_commit(consumer: &BaseConsumer<SourceContext>, mode: CommitMode) -
 /// rewind could not reach the broker: every partition is paused and the loop keeps polling, so
 /// this member stays in its group; once the broker answers, a new producer takes over and the
 /// consumer goes back to the committed offsets. Err only when another instance fenced this one.
-fn recover(consumer: &BaseConsumer<SourceContext>, shutdown: &AtomicBool, health: &Health) -> Result<()> {
+fn recover(consumer: &BaseConsumer<SourceContext>, shutdown: &Shutdown, health: &Health) -> Result<()> {
     let delivery = &consumer.context().delivery;
     pause_all(consumer);
     let mut delay = Duration::from_millis(200);
     let mut wait = |what: &str, error: &dyn std::fmt::Display| {
         tracing::warn!(%error, "{what} failed; retrying in {delay:?}");
         let until = Instant::now() + delay;
-        while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+        while Instant::now() < until && !shutdown.is_requested() {
             health.beat();
             // Records polled here are dropped on purpose: the rewind below reads them again.
             let _ = consumer.poll(Duration::from_millis(50));
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     };
-    while !shutdown.load(Ordering::SeqCst) {
+    while !shutdown.is_requested() {
         match delivery.renew() {
             Ok(()) => break,
             Err(TxnError::Fatal(e)) => return Err(anyhow!("{e}")),
             Err(e) => wait("replacing the transactional producer", &e),
         }
     }
-    while !shutdown.load(Ordering::SeqCst) {
+    while !shutdown.is_requested() {
         match rewind(consumer) {
             Ok(()) => {
                 delivery.rewound();
@@ -381,12 +382,12 @@ pub fn spawn_lag_reporter(
     tracker: Arc<OffsetTracker>,
     assignment: Arc<Mutex<BTreeSet<PartitionKey>>>,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
 ) -> Result<std::thread::JoinHandle<()>> {
     let client: BaseConsumer = config.create().map_err(|e| anyhow!("lag reporter client: {e}"))?;
     Ok(std::thread::Builder::new().name("lag".into()).spawn(move || {
         let mut reported: BTreeSet<PartitionKey> = BTreeSet::new();
-        while !stop.load(Ordering::SeqCst) {
+        while !stop.is_requested() {
             let owned = assignment.lock().expect("assignment").clone();
             let read: std::collections::HashMap<_, _> = tracker.positions(None).into_iter().collect();
             let committed = committed_positions(&client, owned.iter().filter(|k| !read.contains_key(*k)));
@@ -406,11 +407,8 @@ pub fn spawn_lag_reporter(
             }
             reported = owned;
             metrics.total_lag.store(total, Ordering::Relaxed);
-            for _ in 0..50 {
-                if stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
+            if stop.sleep(Duration::from_secs(5)) {
+                return;
             }
         }
     })?)

@@ -1,21 +1,15 @@
-//! Telemetry: logs (text/JSON), OpenTelemetry traces (OTLP, off by default), Prometheus
-//! metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! The Prometheus registry: every metric the operator exports, and the internal events that
+//! move them together with their log lines.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use anyhow::{Context, Result};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-
-use crate::config::{LogFormat, TelemetrySettings};
 
 /// Things that happen inside the operator that users count and read about. Each is one
 /// `Metrics::emit` call, which writes its log line and moves its counters together, so the two
@@ -32,6 +26,16 @@ pub enum InternalEvent<'a> {
     ModelRejected { source: &'a str, error: &'a str },
     /// An input was scored (`source` = `topic/partition/offset`).
     Scored { anomaly: bool, class: Option<&'a str>, source: &'a str },
+    /// A new transactional producer replaced one that failed for good.
+    ProducerRenewed,
+    /// An exactly-once transaction committed `records` outputs with their offsets.
+    TransactionCommitted { records: usize },
+    /// An exactly-once transaction aborted (the caller rewinds and logs what follows).
+    TransactionAborted,
+    /// A publish failed for a reason that may pass and is tried again.
+    PublishRetried { topic: &'a str, reason: &'a str, error: &'a str },
+    /// A heatmap was stored (`uri`) or not (`failure`: why; the score goes out without it).
+    HeatmapStored { key: &'a str, failure: Option<&'a str> },
     /// An input went to the dead-letter topic.
     DeadLettered { kind: &'a str, error: &'a str, class: Option<&'a str>, source: &'a str },
     /// The broker refused an output for good; its stand-in dead letter goes instead.
@@ -296,151 +300,34 @@ impl Metrics {
                 tracing::error!(source, error, "model rejected; the active model keeps serving");
                 self.model_reloads.get_or_create(&KindLabels { kind: "rejected".into() }).inc();
             }
+            InternalEvent::ProducerRenewed => {
+                tracing::warn!("a new transactional producer took over; uncommitted work is read again from the committed offsets");
+                self.transactions.get_or_create(&KindLabels { kind: "producer_renewed".into() }).inc();
+            }
+            InternalEvent::TransactionCommitted { records } => {
+                tracing::debug!(records, "transaction committed");
+                self.transactions.get_or_create(&KindLabels { kind: "committed".into() }).inc();
+            }
+            InternalEvent::TransactionAborted => {
+                self.transactions.get_or_create(&KindLabels { kind: "aborted".into() }).inc();
+            }
+            InternalEvent::PublishRetried { topic, reason, error } => {
+                tracing::warn!(topic, reason, error, "publish failed, retrying");
+                self.publish_retries.get_or_create(&PublishRetryLabels { topic: topic.into(), reason: reason.into() }).inc();
+            }
+            InternalEvent::HeatmapStored { key, failure } => {
+                if let Some(error) = failure {
+                    tracing::error!(key, error, "heatmap not stored; publishing the score without it");
+                }
+                let kind = if failure.is_none() { "written" } else { "failed" };
+                self.heatmaps.get_or_create(&KindLabels { kind: kind.into() }).inc();
+            }
             InternalEvent::OutputRefused { topic, bytes, error } => {
                 tracing::error!(topic, bytes, error, "the broker refused an output for good; publishing a truncated dead letter instead");
                 self.dead_letters.get_or_create(&KindLabels { kind: crate::event::TOO_LARGE_OUTPUT.into() }).inc();
             }
         }
     }
-}
-
-/// What `/readyz` reports, and the heartbeat behind `/healthz`.
-#[derive(Default)]
-pub struct Health {
-    pub ready: AtomicBool,
-    pub details: Mutex<serde_json::Value>,
-    pub started: std::sync::OnceLock<Instant>,
-    /// Milliseconds since `started` of the source loop's last turn; 0 = not running yet.
-    heartbeat_ms: std::sync::atomic::AtomicU64,
-    /// Partitions whose oldest record has waited too long (`pipeline.stuck_after_ms`).
-    stuck: Mutex<Vec<String>>,
-    /// Lag with no input finished for longer than `pipeline.stuck_after_ms`: why, if so.
-    stalled: Mutex<Option<String>>,
-}
-
-/// A source loop silent for longer than this is stuck: `/healthz` fails so the pod restarts.
-pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
-
-impl Health {
-    pub fn new() -> Arc<Self> {
-        let h = Self::default();
-        let _ = h.started.set(Instant::now());
-        Arc::new(h)
-    }
-
-    pub fn set_ready(&self, ready: bool, details: serde_json::Value) {
-        *self.details.lock().expect("health") = details;
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-
-    /// Ready: started, no partition stuck and not stalled.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.stuck.lock().expect("health").is_empty() && self.stalled.lock().expect("health").is_none()
-    }
-
-    pub fn set_stalled(&self, why: Option<String>) {
-        let mut stalled = self.stalled.lock().expect("health");
-        match (&*stalled, &why) {
-            (None, Some(why)) => tracing::warn!(%why, "stalled: not ready until inputs finish again"),
-            (Some(_), None) => tracing::info!("progress again: ready"),
-            _ => {}
-        }
-        *stalled = why;
-    }
-
-    pub fn set_stuck(&self, partitions: Vec<String>) {
-        let mut stuck = self.stuck.lock().expect("health");
-        if partitions.len() > stuck.len() {
-            tracing::warn!(?partitions, "partitions stuck: not ready until they move");
-        }
-        *stuck = partitions;
-    }
-
-    /// `/readyz`: whether ready, and the details with the stuck partitions.
-    pub fn report(&self) -> (bool, serde_json::Value) {
-        let ready = self.is_ready();
-        let mut body = self.details.lock().expect("health").clone();
-        if let serde_json::Value::Object(ref mut o) = body {
-            o.insert("ready".into(), ready.into());
-            o.insert("stuck_partitions".into(), self.stuck.lock().expect("health").clone().into());
-            o.insert("stalled".into(), self.stalled.lock().expect("health").clone().into());
-        } else {
-            body = serde_json::json!({ "ready": ready });
-        }
-        (ready, body)
-    }
-
-    /// Called by the source loop on every turn.
-    pub fn beat(&self) {
-        let ms = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64).max(1);
-        self.heartbeat_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Alive unless the source loop has started and then stopped turning.
-    pub fn is_alive(&self) -> bool {
-        let last = self.heartbeat_ms.load(Ordering::Relaxed);
-        let now = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64);
-        last == 0 || now.saturating_sub(last) < HEARTBEAT_TIMEOUT.as_millis() as u64
-    }
-}
-
-/// Installs the log subscriber, plus an OTLP trace exporter when configured.
-/// Returns the tracer provider so the caller can flush it on exit.
-pub fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
-    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
-    let (provider, otel_layer) = if let Some(endpoint) = &settings.otlp_endpoint {
-        use opentelemetry::trace::TracerProvider as _;
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build().context("building the OTLP exporter")?;
-        let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
-        let tracer = provider.tracer("dcam-stream");
-        opentelemetry::global::set_tracer_provider(provider.clone());
-        (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer)))
-    } else {
-        (None, None)
-    };
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
-    let result = match settings.log_format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
-    };
-    // A second init (tests, demo) keeps the first subscriber.
-    let _ = result;
-    Ok(provider)
-}
-
-struct HeaderExtractor<'a>(&'a crate::event::Headers);
-
-impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        crate::event::header_str(self.0, key)
-    }
-    fn keys(&self) -> Vec<&str> {
-        self.0.iter().map(|(k, _)| k.as_str()).collect()
-    }
-}
-
-/// A span for one input, continuing the W3C trace from its headers.
-pub fn image_span(headers: &crate::event::Headers, topic: &str, partition: i32, offset: i64) -> tracing::Span {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
-    let span = tracing::info_span!("score_image", topic, partition, offset);
-    let _ = span.set_parent(parent);
-    span
-}
-
-/// Trace headers for an output: the span's context when tracing is on, else the input's own.
-pub fn output_trace_headers(span: &tracing::Span, input: &crate::event::Headers) -> Vec<(String, String)> {
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let mut injected = std::collections::HashMap::new();
-    let cx = span.context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut injected));
-    if injected.contains_key("traceparent") {
-        return injected.into_iter().collect();
-    }
-    crate::event::trace_headers(input).into_iter().collect()
 }
 
 #[cfg(test)]
