@@ -32,23 +32,35 @@ pub struct Settings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
+    /// Bootstrap servers, `host:port[,host:port...]`.
     pub brokers: String,
+    /// Consumer group every replica joins; also the prefix of the transactional id.
     pub group_id: String,
+    /// Topics of image events to score (env: comma-separated).
     pub input_topics: Vec<String>,
+    /// librdkafka `client.id` (broker logs and quotas).
     pub client_id: String,
+    /// `plaintext` | `ssl` | `sasl_plaintext` | `sasl_ssl`.
     pub security_protocol: SecurityProtocol,
+    /// `PLAIN` | `SCRAM-SHA-256` | `SCRAM-SHA-512` | `OAUTHBEARER` (only with `sasl_*`); empty = none.
     #[serde(default, with = "empty_is_none")]
     pub sasl_mechanism: Option<String>,
+    /// SASL user name; empty = none.
     #[serde(default, with = "empty_is_none")]
     pub sasl_username: Option<String>,
+    /// SASL password (masked in output); set it from a Secret.
     #[serde(default)]
     pub sasl_password: Secret,
+    /// CA certificate file for the brokers' TLS; empty = the system store.
     #[serde(default, with = "empty_is_none")]
     pub ssl_ca_location: Option<String>,
+    /// Client certificate file (mutual TLS); empty = none.
     #[serde(default, with = "empty_is_none")]
     pub ssl_certificate_location: Option<String>,
+    /// Client key file (mutual TLS); empty = none.
     #[serde(default, with = "empty_is_none")]
     pub ssl_key_location: Option<String>,
+    /// Password of the client key (masked in output).
     #[serde(default)]
     pub ssl_key_password: Secret,
     /// How long the broker waits for a heartbeat before evicting this member.
@@ -59,6 +71,7 @@ pub struct KafkaSettings {
     #[serde(rename = "max_poll_interval_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub max_poll_interval: Duration,
+    /// Where a new group starts reading: `earliest` | `latest`.
     pub auto_offset_reset: OffsetReset,
     /// How partitions move between members on a rebalance: `cooperative` (KIP-429, only the
     /// partitions that change owner stop) or `eager` (every member lets go of everything).
@@ -68,8 +81,8 @@ pub struct KafkaSettings {
     /// member that leaves for good (scale-in) keeps its partitions until the broker's session
     /// timeout evicts it. Off: every stop leaves the group at once.
     pub static_membership: bool,
-    /// librdkafka properties. The config crate splits dotted keys into tables, so they are
-    /// flattened back to `a.b.c` here.
+    /// Free-form librdkafka properties, applied last to every client (`"fetch.max.bytes" = "52428800"`).
+    // The config crate splits dotted keys into tables; `flatten_dotted` joins them back to `a.b.c`.
     #[serde(default, deserialize_with = "flatten_dotted")]
     pub extra: BTreeMap<String, String>,
 }
@@ -125,10 +138,12 @@ pub enum OffsetReset {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSettings {
+    /// Where every score record goes.
     pub scores: String,
     /// Anomalies only, for alerting consumers; off when empty.
     #[serde(default, with = "empty_is_none")]
     pub anomalies: Option<String>,
+    /// Where inputs that cannot be scored go, as they came, with `dcam-error*` headers.
     pub dead_letter: String,
     /// The compacted control topic (runtime thresholds, model announcements) every replica reads;
     /// runtime changes are off when empty.
@@ -144,11 +159,13 @@ pub struct TopicSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
+    /// The ONNX model served at start-up (the model contract, docs/DESIGN.md §1).
     pub path: String,
     /// How often `path` is checked for a new file to hot-reload; 0 = never.
     #[serde(rename = "watch_interval_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub watch_interval: Duration,
+    /// Per-class raw-score threshold overrides (`bottle = 0.42`); they win over the model's calibration.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
     /// Where models may be loaded from at runtime (`POST /api/model`, the control topic, the
@@ -218,13 +235,17 @@ pub enum Provider {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
+    /// ONNX Runtime execution provider: `cpu` | `cuda` | `tensorrt`.
     pub provider: Provider,
+    /// GPU index for `cuda` / `tensorrt`.
     pub device_id: i32,
+    /// Fail at start-up instead of falling back to CPU when the GPU provider is unavailable.
     pub require_gpu: bool,
     /// Parallel ONNX Runtime sessions; 0 = the policy (`Settings::apply_engine_policy`).
     pub sessions: usize,
     /// Intra-op threads per session; 0 = the policy.
     pub intra_threads: usize,
+    /// Let TensorRT build FP16 engines.
     pub trt_fp16: bool,
     /// Where TensorRT keeps built engines; off when empty.
     #[serde(default, with = "empty_is_none")]
@@ -246,6 +267,7 @@ pub struct BatchSettings {
     #[serde(rename = "max_delay_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub max_delay: Duration,
+    /// Decoded images waiting for a batch.
     pub queue_capacity: usize,
 }
 
@@ -253,12 +275,16 @@ pub struct BatchSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeSettings {
+    /// Largest image payload (inline or fetched); larger inputs are dead-lettered as `too_large`.
     pub max_payload_bytes: usize,
+    /// Largest image in pixels, read from the header before decoding (decompression bombs).
     pub max_pixels: u64,
+    /// Decode worker threads; 0 = number of cores.
     pub workers: usize,
     /// `file://` image URIs are read only under this folder; off when empty.
     #[serde(default, with = "empty_is_none")]
     pub file_uri_root: Option<String>,
+    /// Memory all decode workers together may hold for decoded pixels; 0 = a quarter of the memory limit.
     pub max_decode_bytes: u64,
 }
 
@@ -266,7 +292,9 @@ pub struct DecodeSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
+    /// Events consumed but not yet committed; partitions are paused when reached.
     pub max_in_flight: usize,
+    /// Payload bytes of those events (plus buffered outputs in exactly_once); partitions are paused when reached.
     pub max_in_flight_bytes: usize,
     /// A partition whose oldest record waits longer makes `/readyz` fail.
     #[serde(rename = "stuck_after_ms")]
@@ -306,13 +334,17 @@ impl HeatmapPolicy {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeatmapSettings {
+    /// Which images get a heatmap: `all` | `anomalies` | `none`.
     pub policy: HeatmapPolicy,
+    /// Where heatmaps go: `file:///path` or `s3://bucket/prefix`.
     pub store: String,
+    /// Blend the colour map over the input image instead of the bare map.
     pub overlay: bool,
     /// A heatmap write (retries included) that takes longer is given up; the score goes out.
     #[serde(rename = "write_timeout_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub write_timeout: Duration,
+    /// The S3 client for `s3://` heatmap stores, model sources and image URIs.
     pub s3: S3Settings,
 }
 
@@ -323,11 +355,14 @@ pub struct S3Settings {
     /// A non-AWS endpoint (MinIO, moto); AWS when empty.
     #[serde(default, with = "empty_is_none")]
     pub endpoint: Option<String>,
+    /// S3 region.
     pub region: String,
+    /// Allow a plain-HTTP endpoint (e.g. MinIO in a test cluster).
     pub allow_http: bool,
     /// Static credentials; the AWS default chain when empty.
     #[serde(default, with = "empty_is_none")]
     pub access_key_id: Option<String>,
+    /// Secret key (masked in output); else the usual `AWS_*` environment.
     #[serde(default)]
     pub secret_access_key: Secret,
     /// TCP/TLS connect timeout of the S3 client.
@@ -351,6 +386,7 @@ pub enum DeliveryMode {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
+    /// `at_least_once` | `exactly_once` (Kafka transactions; docs/DESIGN.md §4).
     pub mode: DeliveryMode,
     /// This instance's stable identity (transactional id, static membership); the hostname when empty.
     #[serde(default, with = "empty_is_none")]
@@ -376,12 +412,16 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
+    /// Serves /metrics, /healthz, /readyz, the inspection page (/ui) and its API (/api).
     pub http_addr: String,
+    /// `text` | `json`.
     pub log_format: LogFormat,
+    /// A `tracing` filter: `info`, `debug`, `dcam_stream=debug,rdkafka=warn`, ...
     pub log_level: String,
     /// OTLP/gRPC collector for traces; off when empty.
     #[serde(default, with = "empty_is_none")]
     pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported traces.
     pub service_name: String,
     /// Bearer token for the HTTP API's writes (thresholds, model); writes are off when empty.
     #[serde(default)]

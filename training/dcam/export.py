@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import torch
 
+from . import __version__
 from .torch_model import DistillModel
 
 FORMAT_VERSION = "1"
@@ -18,7 +19,7 @@ REQUIRED_METADATA = ("dcam.format", "dcam.input_size", "dcam.classes", "dcam.cal
 
 
 def export_onnx(model: DistillModel, path: str | Path, classes: list[str], calibration: dict, metrics: dict,
-                train_config: dict, model_name: str = "dcam", version: str = "0.1.0") -> Path:
+                train_config: dict, model_name: str = "dcam", version: str = __version__) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The graph is the model's eval forward (normalisation, teacher + student, blurred map, the heads if
