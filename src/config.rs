@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_with::{serde_as, DurationMilliSeconds};
 
-pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -470,11 +470,11 @@ pub struct InspectSettings {
 const MASK: &str = "***";
 
 /// Shorter HMAC keys are guessable; 32 bytes is SHA-256's own size.
-pub const MIN_SIGNING_KEY_BYTES: usize = 32;
+pub(crate) const MIN_SIGNING_KEY_BYTES: usize = 32;
 
 /// Cores this process may use (its cgroup's CPU quota included): what the engine policy, the
 /// decode pool and the bench size themselves by.
-pub fn usable_cores() -> usize {
+pub(crate) fn usable_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -574,11 +574,11 @@ impl Serialize for Secret {
 mod empty_is_none {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(v.as_deref().unwrap_or_default())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
         Option::<String>::deserialize(d).map(|v| v.filter(|s| !s.trim().is_empty()))
     }
 }

@@ -29,7 +29,7 @@ use crate::telemetry::{InternalEvent, Metrics};
 /// One record on the control topic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-pub enum Change {
+pub(crate) enum Change {
     /// A class's threshold (raw score units) for one model version; `threshold: null` goes back
     /// to the model's calibration. Thresholds belong to a model version: a new model's scores
     /// are on its own scale, so it starts from its own calibration.
@@ -40,21 +40,21 @@ pub enum Change {
 
 impl Change {
     /// The compaction key: one live record per class and model version, one for the model.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         match self {
             Change::Threshold { class, model_version, .. } => format!("threshold/{model_version}/{class}"),
             Change::Model { .. } => "model".into(),
         }
     }
 
-    pub fn now() -> String {
+    pub(crate) fn now() -> String {
         chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
     }
 }
 
 /// Why a threshold change is refused: the same checks at the API and on every replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThresholdRefusal {
+pub(crate) enum ThresholdRefusal {
     /// Not a finite number (e.g. `1e39`, which is +inf as an `f32`).
     NotFinite,
     /// Not a class of the model (nor `_default`).
@@ -63,7 +63,7 @@ pub enum ThresholdRefusal {
 
 /// Checks a threshold change against the model it is for (`classes`): a finite number, or `null`
 /// for the model's calibration, for one of its classes or `_default`.
-pub fn check_threshold(classes: &[String], class: &str, threshold: Option<f32>) -> Result<(), ThresholdRefusal> {
+pub(crate) fn check_threshold(classes: &[String], class: &str, threshold: Option<f32>) -> Result<(), ThresholdRefusal> {
     if threshold.is_some_and(|t| !t.is_finite()) {
         return Err(ThresholdRefusal::NotFinite);
     }
@@ -75,12 +75,12 @@ pub fn check_threshold(classes: &[String], class: &str, threshold: Option<f32>) 
 
 /// The Kafka header that carries a control record's signature: the hex HMAC-SHA256 of
 /// `signed_message` under `control.signing_key`.
-pub const SIGNATURE_HEADER: &str = "dcam-signature";
+pub(crate) const SIGNATURE_HEADER: &str = "dcam-signature";
 
 /// What a control record's signature covers: the record key's length (4 bytes, big-endian), the
 /// key, then the value (the JSON record: every field that is applied). The length pins the
 /// boundary, so no bytes can move from the key to the value.
-pub fn signed_message(key: &[u8], value: &[u8]) -> Vec<u8> {
+pub(crate) fn signed_message(key: &[u8], value: &[u8]) -> Vec<u8> {
     let mut message = Vec::with_capacity(4 + key.len() + value.len());
     message.extend_from_slice(&(key.len() as u32).to_be_bytes());
     message.extend_from_slice(key);
@@ -89,15 +89,15 @@ pub fn signed_message(key: &[u8], value: &[u8]) -> Vec<u8> {
 }
 
 /// The key the API signs control records with and every replica checks them with.
-pub struct SigningKey(ring::hmac::Key);
+pub(crate) struct SigningKey(ring::hmac::Key);
 
 impl SigningKey {
-    pub fn new(secret: &[u8]) -> Self {
+    pub(crate) fn new(secret: &[u8]) -> Self {
         Self(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret))
     }
 
     /// `control.signing_key`, or the content of `control.signing_key_file`; `None` when neither is set.
-    pub fn from_settings(c: &ControlSettings) -> Result<Option<Self>> {
+    pub(crate) fn from_settings(c: &ControlSettings) -> Result<Option<Self>> {
         let secret = match (&c.signing_key_file, c.signing_key.expose()) {
             (Some(path), _) => std::fs::read_to_string(path).with_context(|| format!("reading control.signing_key_file {path}"))?.trim().to_string(),
             (None, Some(inline)) => inline.to_string(),
@@ -110,7 +110,7 @@ impl SigningKey {
     }
 
     /// The signature header value for a record with this key and value.
-    pub fn sign(&self, key: &[u8], value: &[u8]) -> String {
+    pub(crate) fn sign(&self, key: &[u8], value: &[u8]) -> String {
         ring::hmac::sign(&self.0, &signed_message(key, value)).as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 
@@ -175,7 +175,7 @@ struct Catalogue {
 }
 
 /// What a replica has applied from the control topic.
-pub struct ControlState {
+pub(crate) struct ControlState {
     pub thresholds: Arc<RuntimeThresholds>,
     metrics: Arc<Metrics>,
     catalogue: Mutex<Catalogue>,
@@ -204,7 +204,7 @@ impl ControlState {
 
     /// Called once a model is loaded, before it serves: its thresholds waiting in the catalogue
     /// are applied (those for classes it lacks are dropped and counted).
-    pub fn model_loaded(&self, model: &ModelInfo) {
+    pub(crate) fn model_loaded(&self, model: &ModelInfo) {
         let mut catalogue = self.catalogue.lock().expect("control");
         catalogue.models.insert(model.version.clone(), model.classes.clone());
         let waiting: Vec<_> = catalogue.pending.keys().filter(|(version, _)| *version == model.version).cloned().collect();
@@ -267,7 +267,7 @@ impl ControlState {
     }
 
     /// Waits until this replica has applied the record at `partition`/`offset`.
-    pub fn wait_applied(&self, partition: i32, offset: i64, timeout: Duration) -> bool {
+    pub(crate) fn wait_applied(&self, partition: i32, offset: i64, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let mut applied = self.applied.lock().expect("control");
         while applied.get(&partition).is_none_or(|o| *o < offset) {
@@ -281,7 +281,7 @@ impl ControlState {
     }
 
     /// Takes the model announcement not yet handled, waiting up to `timeout` for one.
-    pub fn next_model(&self, timeout: Duration) -> Option<Change> {
+    pub(crate) fn next_model(&self, timeout: Duration) -> Option<Change> {
         let mut model = self.model.lock().expect("control");
         if model.is_none() {
             model = self.model_changed.wait_timeout(model, timeout).expect("control").0;
@@ -298,7 +298,7 @@ struct ReaderSignals {
 }
 
 /// A replica's control-plane client: the reader thread and the publisher.
-pub struct Control {
+pub(crate) struct Control {
     pub topic: String,
     /// Where each change made through the API is appended too (`topics.control_audit`).
     audit_topic: Option<String>,
@@ -316,7 +316,7 @@ impl Control {
     /// topic to the end (so the first image is already judged with the current values), then
     /// follows it on a thread of its own. Threshold records are checked against `model` (the one
     /// serving) and the models loaded later (`ControlState::model_loaded`).
-    pub async fn start(
+    pub(crate) async fn start(
         settings: &Settings,
         topic: &str,
         thresholds: Arc<RuntimeThresholds>,
@@ -372,7 +372,7 @@ impl Control {
 
     /// Publishes a change (signed, when there is a key) and waits until this replica has applied
     /// it (read-your-writes). The audit record goes first: no change is applied without one.
-    pub async fn publish(&self, change: &Change) -> Result<()> {
+    pub(crate) async fn publish(&self, change: &Change) -> Result<()> {
         let key = change.key().into_bytes();
         let payload = serde_json::to_vec(change).expect("control record serialises");
         let headers = self.signing_key.iter().map(|k| (SIGNATURE_HEADER.to_string(), k.sign(&key, &payload).into_bytes())).collect();
@@ -396,7 +396,7 @@ impl Control {
         Ok(())
     }
 
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.signals.stop.request();
         if let Some(reader) = self.reader.lock().expect("control").take() {
             let _ = reader.join();

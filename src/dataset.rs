@@ -222,7 +222,7 @@ mod tests {
 }
 
 /// The MIME type of an image file, from its extension.
-pub fn content_type(path: &std::path::Path) -> &'static str {
+pub(crate) fn content_type(path: &std::path::Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
         Some("png") => "image/png",
         Some("jpg" | "jpeg") => "image/jpeg",

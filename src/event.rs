@@ -69,7 +69,7 @@ pub struct SourceRef {
 }
 
 /// `topic/partition/offset`: how a record is named in the `dcam-source` header and in logs.
-pub fn record_name(topic: &str, partition: i32, offset: i64) -> String {
+pub(crate) fn record_name(topic: &str, partition: i32, offset: i64) -> String {
     format!("{topic}/{partition}/{offset}")
 }
 
@@ -105,25 +105,25 @@ struct Envelope {
 }
 
 /// `dcam-error-kind` of a dead letter that replaces an output the broker refused.
-pub const TOO_LARGE_OUTPUT: &str = "too_large_output";
-pub const HEADER_IMAGE_ID: &str = "dcam-image-id";
-pub const HEADER_CLASS: &str = "dcam-class";
+pub(crate) const TOO_LARGE_OUTPUT: &str = "too_large_output";
+pub(crate) const HEADER_IMAGE_ID: &str = "dcam-image-id";
+pub(crate) const HEADER_CLASS: &str = "dcam-class";
 /// A dead letter's error kind and message (docs/DESIGN.md, dead-letter headers).
-pub const HEADER_ERROR_KIND: &str = "dcam-error-kind";
-pub const HEADER_ERROR: &str = "dcam-error";
+pub(crate) const HEADER_ERROR_KIND: &str = "dcam-error-kind";
+pub(crate) const HEADER_ERROR: &str = "dcam-error";
 
 /// What an image id may hold besides ASCII letters and digits (docs/DESIGN.md §2).
-pub const ID_PUNCTUATION: &str = "._:-";
+pub(crate) const ID_PUNCTUATION: &str = "._:-";
 /// What a heatmap key segment, group or transactional id may hold besides letters and digits.
-pub const NAME_PUNCTUATION: &str = "._-";
+pub(crate) const NAME_PUNCTUATION: &str = "._-";
 
 /// An ASCII letter or digit, or one of `punctuation`.
-pub fn is_safe_char(c: char, punctuation: &str) -> bool {
+pub(crate) fn is_safe_char(c: char, punctuation: &str) -> bool {
     c.is_ascii_alphanumeric() || punctuation.contains(c)
 }
 
 /// `s` with every character that is not safe (`is_safe_char`) replaced by `_`.
-pub fn replace_unsafe(s: &str, punctuation: &str) -> String {
+pub(crate) fn replace_unsafe(s: &str, punctuation: &str) -> String {
     s.chars().map(|c| if is_safe_char(c, punctuation) { c } else { '_' }).collect()
 }
 
@@ -210,7 +210,7 @@ fn parse_envelope(value: &[u8]) -> Result<ImageEvent, Rejection> {
 }
 
 /// Headers of a raw input event (the image bytes are the record value): its id and class.
-pub fn raw_event_headers(image_id: &str, class: Option<&str>) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn raw_event_headers(image_id: &str, class: Option<&str>) -> Vec<(String, Vec<u8>)> {
     let mut headers = vec![(HEADER_IMAGE_ID.to_string(), image_id.as_bytes().to_vec())];
     if let Some(c) = class {
         headers.push((HEADER_CLASS.to_string(), c.as_bytes().to_vec()));
@@ -219,7 +219,7 @@ pub fn raw_event_headers(image_id: &str, class: Option<&str>) -> Vec<(String, Ve
 }
 
 /// Builds a JSON envelope (used by `produce` and the tests).
-pub fn envelope_json(image_id: &str, class: Option<&str>, bytes: &[u8], content_type: &str) -> Vec<u8> {
+pub(crate) fn envelope_json(image_id: &str, class: Option<&str>, bytes: &[u8], content_type: &str) -> Vec<u8> {
     let mut v = serde_json::json!({
         "image_id": image_id,
         "image": base64::engine::general_purpose::STANDARD.encode(bytes),
@@ -233,13 +233,13 @@ pub fn envelope_json(image_id: &str, class: Option<&str>, bytes: &[u8], content_
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelRef {
+pub(crate) struct ModelRef {
     pub name: String,
     pub version: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// From the record's timestamp to the moment we consumed it.
     pub queue: f64,
     /// The batch's model run.
@@ -250,11 +250,11 @@ pub struct Latency {
 
 /// The major version of the score record's schema (`schemas/score.json`; the compatibility policy
 /// is in `schemas/README.md`): fields may be added within it, never removed, renamed or retyped.
-pub const SCORE_SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCORE_SCHEMA_VERSION: u32 = 1;
 
 /// One record on the scores topic (docs/DESIGN.md §3, `schemas/score.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScoreRecord {
+pub(crate) struct ScoreRecord {
     /// `SCORE_SCHEMA_VERSION`; records written before it existed read as 1.
     #[serde(default = "first_schema_version")]
     pub schema_version: u32,
@@ -282,7 +282,7 @@ fn first_schema_version() -> u32 {
 /// Where the threshold an image was judged with came from (it is on every score record).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ThresholdSource {
+pub(crate) enum ThresholdSource {
     /// The model's own calibration (`dcam.calibration`).
     #[default]
     Model,
@@ -293,9 +293,9 @@ pub enum ThresholdSource {
 }
 
 /// Headers carried over to outputs and to dead letters.
-pub type Headers = Vec<(String, Vec<u8>)>;
+pub(crate) type Headers = Vec<(String, Vec<u8>)>;
 
-pub fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str> {
     headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
@@ -307,7 +307,7 @@ pub(crate) fn is_dead_letter_header(name: &str) -> bool {
 }
 
 /// Dead-letter headers: the originals (less stale dead-letter headers) plus the error description.
-pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
+pub(crate) fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &SourceRef) -> Headers {
     let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
     h.push((HEADER_ERROR_KIND.into(), rejection.kind.as_str().as_bytes().to_vec()));
     h.push((HEADER_ERROR.into(), rejection.message.as_bytes().to_vec()));
@@ -316,7 +316,7 @@ pub fn dead_letter_headers(original: &Headers, rejection: &Rejection, source: &S
 }
 
 /// Keeps a copy of just the W3C trace headers, to continue the trace on outputs.
-pub fn trace_headers(headers: &Headers) -> BTreeMap<String, String> {
+pub(crate) fn trace_headers(headers: &Headers) -> BTreeMap<String, String> {
     headers.iter().filter(|(k, _)| k == "traceparent" || k == "tracestate").filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.clone()).ok()?))).collect()
 }
 

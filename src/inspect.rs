@@ -30,7 +30,7 @@ const PENDING_LATENCIES: usize = 1 << 16;
 
 /// One scored image as the page lists it.
 #[derive(Debug, Clone, Serialize)]
-pub struct RecentItem {
+pub(crate) struct RecentItem {
     pub id: String,
     pub has_thumbnail: bool,
     pub record: ScoreRecord,
@@ -44,7 +44,7 @@ struct Entry {
 
 /// One class's recent raw scores; `normal` is the label from `attributes.label`, if any.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ClassScores {
+pub(crate) struct ClassScores {
     pub raw: VecDeque<f32>,
     pub normal: VecDeque<Option<bool>>,
 }
@@ -57,7 +57,7 @@ struct Inner {
     scores: BTreeMap<String, ClassScores>,
 }
 
-pub struct Recent {
+pub(crate) struct Recent {
     max_bytes: usize,
     thumbnail_px: u32,
     inner: Mutex<Inner>,
@@ -73,7 +73,7 @@ pub struct Recent {
 
 impl Recent {
     /// `max_bytes` bounds records and thumbnails together; 0 turns the ring buffer off.
-    pub fn new(max_bytes: usize, thumbnail_px: u32) -> Self {
+    pub(crate) fn new(max_bytes: usize, thumbnail_px: u32) -> Self {
         Self {
             max_bytes,
             thumbnail_px,
@@ -85,17 +85,17 @@ impl Recent {
         }
     }
 
-    pub fn thumbnail_px(&self) -> u32 {
+    pub(crate) fn thumbnail_px(&self) -> u32 {
         self.thumbnail_px
     }
 
     /// Called by the page's endpoints: someone is looking.
-    pub fn watched(&self) {
+    pub(crate) fn watched(&self) {
         self.watched_at.store(self.started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
     }
 
     /// Whether an image should get a thumbnail.
-    pub fn wants_thumbnail(&self, anomaly: bool) -> bool {
+    pub(crate) fn wants_thumbnail(&self, anomaly: bool) -> bool {
         if self.max_bytes == 0 || self.thumbnail_px == 0 {
             return false;
         }
@@ -105,7 +105,7 @@ impl Recent {
 
     /// Adds a scored image; the oldest ones go when the byte bound is reached. `classes` are the
     /// classes of the model that scored it.
-    pub fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>, classes: &[String]) {
+    pub(crate) fn push(&self, record: &ScoreRecord, thumbnail: Option<Vec<u8>>, classes: &[String]) {
         {
             let mut pending = self.latencies.lock().expect("latencies");
             if pending.len() < PENDING_LATENCIES {
@@ -135,7 +135,7 @@ impl Recent {
     }
 
     /// The newest images first, optionally one class or anomalies only.
-    pub fn list(&self, class: Option<&str>, anomalies_only: bool, limit: usize) -> Vec<RecentItem> {
+    pub(crate) fn list(&self, class: Option<&str>, anomalies_only: bool, limit: usize) -> Vec<RecentItem> {
         let inner = self.inner.lock().expect("recent");
         inner
             .entries
@@ -148,17 +148,17 @@ impl Recent {
             .collect()
     }
 
-    pub fn thumbnail(&self, id: &str) -> Option<Vec<u8>> {
+    pub(crate) fn thumbnail(&self, id: &str) -> Option<Vec<u8>> {
         let inner = self.inner.lock().expect("recent");
         inner.entries.iter().find(|e| e.item.id == id).and_then(|e| e.thumbnail.clone())
     }
 
-    pub fn scores(&self) -> BTreeMap<String, ClassScores> {
+    pub(crate) fn scores(&self) -> BTreeMap<String, ClassScores> {
         self.inner.lock().expect("recent").scores.clone()
     }
 
     /// The latencies recorded since the last call (a swap under their lock, nothing more).
-    pub fn take_latencies(&self) -> Vec<(Instant, f64)> {
+    pub(crate) fn take_latencies(&self) -> Vec<(Instant, f64)> {
         std::mem::take(&mut *self.latencies.lock().expect("latencies"))
     }
 
@@ -172,11 +172,11 @@ impl Recent {
 /// The last minute of end-to-end latencies, owned by the one task that reports them: copying
 /// and sorting happen here, never under a lock the sink takes.
 #[derive(Default)]
-pub struct LatencyWindow(VecDeque<(Instant, f64)>);
+pub(crate) struct LatencyWindow(VecDeque<(Instant, f64)>);
 
 impl LatencyWindow {
     /// Adds the latest samples (from `Recent::take_latencies`) and forgets those over a minute old.
-    pub fn absorb(&mut self, samples: Vec<(Instant, f64)>, now: Instant) {
+    pub(crate) fn absorb(&mut self, samples: Vec<(Instant, f64)>, now: Instant) {
         self.0.extend(samples);
         while self.0.front().is_some_and(|(t, _)| now.duration_since(*t) > LATENCY_WINDOW) {
             self.0.pop_front();
@@ -184,7 +184,7 @@ impl LatencyWindow {
     }
 
     /// (p50, p99) in ms.
-    pub fn percentiles(&self) -> Option<(f64, f64)> {
+    pub(crate) fn percentiles(&self) -> Option<(f64, f64)> {
         let mut ms: Vec<f64> = self.0.iter().map(|(_, l)| *l).collect();
         if ms.is_empty() {
             return None;
@@ -195,7 +195,7 @@ impl LatencyWindow {
 }
 
 /// The nearest-rank `q` quantile of sorted values (NaN when there are none).
-pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

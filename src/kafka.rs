@@ -10,7 +10,7 @@ use rdkafka::ClientConfig;
 use crate::config::{KafkaSettings, OffsetReset, Settings};
 
 /// Connection and security settings, then the free-form pass-through (applied last, so it wins).
-pub fn base_config(k: &KafkaSettings) -> ClientConfig {
+pub(crate) fn base_config(k: &KafkaSettings) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers).set("client.id", &k.client_id);
     apply_auth(k, &mut c);
@@ -18,7 +18,7 @@ pub fn base_config(k: &KafkaSettings) -> ClientConfig {
 }
 
 /// The security settings every client gets (operator, tools, replay, bench, demo): one place.
-pub fn apply_auth(k: &KafkaSettings, c: &mut ClientConfig) {
+pub(crate) fn apply_auth(k: &KafkaSettings, c: &mut ClientConfig) {
     c.set("security.protocol", k.security_protocol.as_librdkafka());
     let optional = [
         ("sasl.mechanisms", k.sasl_mechanism.as_deref()),
@@ -38,7 +38,7 @@ pub fn apply_auth(k: &KafkaSettings, c: &mut ClientConfig) {
 
 /// Creates `topic` (one partition, `configs`) unless it exists; true when this call created it.
 /// The broker's default replication first (KIP-464); brokers without it get a single replica.
-pub async fn ensure_topic(k: &KafkaSettings, topic: &str, configs: &[(&str, &str)]) -> Result<bool> {
+pub(crate) async fn ensure_topic(k: &KafkaSettings, topic: &str, configs: &[(&str, &str)]) -> Result<bool> {
     // An existing topic needs no admin call (some brokers, like librdkafka's in-process one used by
     // the demo, do not answer CreateTopics). A consumer's metadata request never auto-creates.
     let probe: BaseConsumer = base_config(k).create().context("creating a metadata client")?;
@@ -105,7 +105,7 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
 }
 
 /// Idempotent producer; transactional when `transactional_id` is given.
-pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientConfig {
+pub(crate) fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientConfig {
     let k = &s.kafka;
     let mut c = base_config(k);
     c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("message.max.bytes", "20971520").set("message.timeout.ms", "120000");
@@ -118,14 +118,14 @@ pub fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientCo
 }
 
 /// The transactional id of an instance: stable across restarts of the same pod (KIP-447 fencing).
-pub fn transactional_id(s: &Settings) -> String {
+pub(crate) fn transactional_id(s: &Settings) -> String {
     format!("{}-{}", s.kafka.group_id, s.instance_id())
 }
 
 /// Removes from `ends` the partitions whose read position has reached their end offset although
 /// no record came (a compacted gap, or a committed position already at the end); returns each with
 /// that position.
-pub fn take_reached_ends(consumer: &rdkafka::consumer::BaseConsumer, ends: &mut std::collections::BTreeMap<i32, i64>) -> Vec<(i32, i64)> {
+pub(crate) fn take_reached_ends(consumer: &rdkafka::consumer::BaseConsumer, ends: &mut std::collections::BTreeMap<i32, i64>) -> Vec<(i32, i64)> {
     use rdkafka::consumer::Consumer;
     let mut reached = Vec::new();
     for e in consumer.position().map(|p| p.elements().iter().map(|e| (e.partition(), e.offset())).collect::<Vec<_>>()).unwrap_or_default() {

@@ -26,20 +26,45 @@
 //! thread reports consumer lag; the HTTP server (`/metrics`, `/healthz`, `/readyz`) runs on tokio.
 //! The contracts behind all of this are in `docs/DESIGN.md`.
 
-pub mod api;
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod dataset;
-pub mod delivery;
-pub mod event;
-pub mod inference;
-pub mod inspect;
-pub mod kafka;
-pub mod memory;
-pub mod shutdown;
-pub mod store;
-pub mod stream;
-pub mod telemetry;
+#![warn(unreachable_pub)]
+
+mod api;
+mod cli;
+mod config;
+mod control;
+mod dataset;
+mod delivery;
+mod event;
+mod inference;
+mod inspect;
+mod kafka;
+mod memory;
+mod shutdown;
+mod store;
+mod stream;
+mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+
+/// The `dcam-stream` command line (`src/main.rs` is this one call).
+pub use cli::main;
+
+/// What the integration tests and fuzzers drive directly beside the binary: the event parser and
+/// decoder, the dataset walker, input encoding, and the delivery parts the transaction tests run
+/// against a broker. Not a stable API: it follows the code.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::cli::produce::event_record;
+    pub use crate::config::{DecodeSettings, Settings};
+    pub use crate::dataset::{list as list_images, sample_per_class, ImageFile, Split};
+    pub use crate::delivery::offsets::OffsetTracker;
+    pub use crate::delivery::record::OutRecord;
+    pub use crate::delivery::transaction::TxnBuffer;
+    pub use crate::delivery::Delivery;
+    pub use crate::event::{parse_event, validate_image_id, ErrorKind, SourceRef};
+    pub use crate::inference::decode::Decoder;
+    pub use crate::inference::heatmap::key as heatmap_key;
+    pub use crate::kafka::consumer_config;
+    pub use crate::stream::source::{handle_commit, job_from_message, CommitOutcome, SourceContext};
+    pub use crate::telemetry::Metrics;
+}

@@ -1,3 +1,3 @@
 fn main() {
-    dcam_stream::cli::main();
+    dcam_stream::main();
 }

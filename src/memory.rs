@@ -55,7 +55,7 @@ impl Drop for Reservation<'_> {
 
 /// A quarter of the memory this process may use: the cgroup limit when there is one (a pod's
 /// `resources.limits.memory`), else physical memory.
-pub fn default_decode_budget() -> u64 {
+pub(crate) fn default_decode_budget() -> u64 {
     let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
         .iter()
         .filter_map(|p| std::fs::read_to_string(p).ok())

@@ -1,19 +1,18 @@
-//! One stop signal for a run, as mini-redis's `Shutdown` but for threads and tasks alike: every
-//! thread and task of the operator holds a clone, waits on it instead of polling a flag, and the
-//! deadline the whole stop must meet (`pipeline.shutdown_timeout_ms`) is kept beside it.
+//! One stop signal for a run, as mini-redis's `Shutdown` but for threads (the operator's loops
+//! are threads; its tasks end with the pipeline): every loop holds a clone and waits on it instead
+//! of polling a flag, and the deadline the whole stop must meet (`pipeline.shutdown_timeout_ms`)
+//! is kept beside it.
 
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 #[derive(Clone)]
-pub struct Shutdown(Arc<Inner>);
+pub(crate) struct Shutdown(Arc<Inner>);
 
 struct Inner {
     requested: Mutex<bool>,
     /// Wakes threads blocked in `sleep`.
     changed: Condvar,
-    /// Wakes tasks awaiting `requested`.
-    notify: tokio::sync::watch::Sender<bool>,
     /// Signals that stop with this one (a component that may also stop on its own).
     children: Mutex<Vec<Weak<Inner>>>,
     grace: Duration,
@@ -21,19 +20,13 @@ struct Inner {
 
 impl Shutdown {
     /// `grace`: how long a stop may take once requested before the process gives up on it.
-    pub fn new(grace: Duration) -> Self {
-        Self(Arc::new(Inner {
-            requested: Mutex::new(false),
-            changed: Condvar::new(),
-            notify: tokio::sync::watch::channel(false).0,
-            children: Mutex::default(),
-            grace,
-        }))
+    pub(crate) fn new(grace: Duration) -> Self {
+        Self(Arc::new(Inner { requested: Mutex::new(false), changed: Condvar::new(), children: Mutex::default(), grace }))
     }
 
     /// A signal that is requested with this one, and can also be requested alone (a component
     /// dropped before the run ends) without stopping the run.
-    pub fn child(&self) -> Self {
+    pub(crate) fn child(&self) -> Self {
         let child = Self::new(self.0.grace);
         self.0.children.lock().expect("shutdown").push(Arc::downgrade(&child.0));
         if self.is_requested() {
@@ -43,7 +36,7 @@ impl Shutdown {
     }
 
     /// Asks every holder to stop; the second and later calls do nothing.
-    pub fn request(&self) {
+    pub(crate) fn request(&self) {
         {
             let mut requested = self.0.requested.lock().expect("shutdown");
             if *requested {
@@ -52,40 +45,32 @@ impl Shutdown {
             *requested = true;
         }
         self.0.changed.notify_all();
-        self.0.notify.send_replace(true);
         let children = std::mem::take(&mut *self.0.children.lock().expect("shutdown"));
         for child in children.iter().filter_map(Weak::upgrade) {
             Self(child).request();
         }
     }
 
-    pub fn is_requested(&self) -> bool {
+    pub(crate) fn is_requested(&self) -> bool {
         *self.0.requested.lock().expect("shutdown")
     }
 
     /// Sleeps up to `timeout`, waking at once for a stop; true when one is requested.
-    pub fn sleep(&self, timeout: Duration) -> bool {
+    pub(crate) fn sleep(&self, timeout: Duration) -> bool {
         let requested = self.0.requested.lock().expect("shutdown");
         let (requested, _) = self.0.changed.wait_timeout_while(requested, timeout, |r| !*r).expect("shutdown");
         *requested
     }
 
-    /// Resolves once a stop is requested.
-    pub async fn requested(&self) {
-        let mut rx = self.0.notify.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = rx.wait_for(|r| *r).await;
-    }
-
     /// How long a stop may take once requested.
-    pub fn grace(&self) -> Duration {
+    pub(crate) fn grace(&self) -> Duration {
         self.0.grace
     }
 
     /// Once a stop is requested, the process exits after the grace period whatever is stuck (a
     /// broker that is gone, a dependency that hangs): the orchestrator's grace period is not
     /// waited out into a SIGKILL, and what was not committed is read again after the restart.
-    pub fn spawn_deadline(&self) -> std::io::Result<()> {
+    pub(crate) fn spawn_deadline(&self) -> std::io::Result<()> {
         let shutdown = self.clone();
         std::thread::Builder::new().name("shutdown-deadline".into()).spawn(move || {
             while !shutdown.sleep(Duration::from_secs(3600)) {}
@@ -132,18 +117,5 @@ mod tests {
         parent.request();
         assert!(child.is_requested());
         assert!(parent.child().is_requested(), "a child of a stopped run starts stopped");
-    }
-
-    #[tokio::test]
-    async fn a_task_awaiting_the_request_resumes() {
-        let shutdown = Shutdown::new(Duration::from_secs(1));
-        let waiter = tokio::spawn({
-            let s = shutdown.clone();
-            async move { s.requested().await }
-        });
-        tokio::task::yield_now().await;
-        shutdown.request();
-        tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("woken").unwrap();
-        tokio::time::timeout(Duration::from_secs(1), shutdown.requested()).await.expect("already requested");
     }
 }

@@ -11,13 +11,13 @@ use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use crate::config::{HeatmapSettings, S3Settings};
 
 #[derive(Clone)]
-pub enum BlobStore {
+pub(crate) enum BlobStore {
     Dir(PathBuf),
     S3 { store: Arc<dyn ObjectStore>, bucket: String, prefix: String },
 }
 
 impl BlobStore {
-    pub fn from_settings(settings: &HeatmapSettings) -> Result<Self> {
+    pub(crate) fn from_settings(settings: &HeatmapSettings) -> Result<Self> {
         let url = &settings.store;
         if let Some(path) = url.strip_prefix("file://") {
             if path.is_empty() {
@@ -37,7 +37,7 @@ impl BlobStore {
     }
 
     /// Writes `bytes` at `key` (overwriting) and returns the blob's URI (percent-encoded, see `uri`).
-    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
+    pub(crate) async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<String> {
         match self {
             Self::Dir(root) => {
                 let path = root.join(key);
@@ -60,7 +60,7 @@ impl BlobStore {
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Dir(p) => format!("file://{}", std::path::absolute(p).unwrap_or(p.clone()).display()),
             Self::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}"),
@@ -81,7 +81,7 @@ fn uri(base: &str, path: &[u8]) -> String {
 
 /// An S3 client for `bucket`, bounded at every level so a slow store never holds anything for
 /// long: connect and per-request timeouts, and at most `total` of retries.
-pub fn s3_client(s3: &S3Settings, bucket: &str, total: Duration) -> Result<object_store::aws::AmazonS3> {
+pub(crate) fn s3_client(s3: &S3Settings, bucket: &str, total: Duration) -> Result<object_store::aws::AmazonS3> {
     let client = object_store::ClientOptions::new().with_allow_http(s3.allow_http).with_connect_timeout(s3.connect_timeout).with_timeout(s3.request_timeout);
     let retry = object_store::RetryConfig { max_retries: 2, retry_timeout: total, ..Default::default() };
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket).with_region(&s3.region).with_client_options(client).with_retry(retry);

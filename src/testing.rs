@@ -16,4 +16,7 @@ pub fn png_header_claiming(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-pub use crate::inference::heatmap::encode_png;
+/// A PNG of `img`, as the operator writes heatmaps.
+pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
+    crate::inference::heatmap::encode_png(img)
+}

@@ -5,9 +5,9 @@
 
 use std::sync::OnceLock;
 
-use dcam_stream::config::DecodeSettings;
-use dcam_stream::event::{parse_event, ErrorKind, SourceRef};
-use dcam_stream::inference::decode::Decoder;
+use dcam_stream::internals::DecodeSettings;
+use dcam_stream::internals::Decoder;
+use dcam_stream::internals::{parse_event, ErrorKind, SourceRef};
 use proptest::prelude::*;
 
 fn source() -> SourceRef {
@@ -87,7 +87,7 @@ proptest! {
     #[test]
     fn any_record_value_parses_or_is_rejected(value in prop::collection::vec(any::<u8>(), 0..512), (id, class) in headers()) {
         match parse_event(Some(&value), id.as_deref(), class.as_deref(), &source()) {
-            Ok(e) => prop_assert!(dcam_stream::event::validate_image_id(&e.image_id).is_ok()),
+            Ok(e) => prop_assert!(dcam_stream::internals::validate_image_id(&e.image_id).is_ok()),
             Err(r) => prop_assert!(!r.message.is_empty()),
         }
     }
@@ -95,7 +95,7 @@ proptest! {
     #[test]
     fn any_envelope_parses_or_is_rejected(value in envelope(), (id, class) in headers()) {
         match parse_event(Some(&value), id.as_deref(), class.as_deref(), &source()) {
-            Ok(e) => prop_assert!(dcam_stream::event::validate_image_id(&e.image_id).is_ok()),
+            Ok(e) => prop_assert!(dcam_stream::internals::validate_image_id(&e.image_id).is_ok()),
             Err(r) => prop_assert!(matches!(r.kind, ErrorKind::Schema | ErrorKind::Decode), "{r}"),
         }
     }

@@ -58,7 +58,7 @@ fn heatmaps_land_in_the_bucket_and_a_broken_store_never_holds_back_scores() {
     for r in &got {
         let v = r.json();
         let (partition, offset) = (v["source"]["partition"].as_i64().unwrap() as i32, v["source"]["offset"].as_i64().unwrap());
-        let key = dcam_stream::inference::heatmap::key("line-7", v["model"]["version"].as_str().unwrap(), &input, partition, offset);
+        let key = dcam_stream::internals::heatmap_key("line-7", v["model"]["version"].as_str().unwrap(), &input, partition, offset);
         assert_eq!(v["heatmap_uri"].as_str(), Some(format!("s3://inspection/{key}").as_str()), "deterministic key: {v}");
         let bytes = rt.block_on(async { client.get(&object_store::path::Path::from(key.as_str())).await.unwrap().bytes().await.unwrap() });
         let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).expect("the object is a PNG").to_rgb8();

@@ -25,7 +25,7 @@ fn scores_every_image_with_the_documented_schema_and_heatmaps() {
     let mut records = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let bytes = std::fs::read(&f.path).unwrap();
-        let r = dcam_stream::cli::produce::event_record(&input, f, bytes, i % 2 == 0);
+        let r = dcam_stream::internals::event_record(&input, f, bytes, i % 2 == 0);
         records.push((r.key, r.payload.unwrap(), r.headers));
     }
     let positions = publish(&broker.producer(), &input, &records);

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dcam_stream::config::Settings;
-use dcam_stream::delivery::record::OutRecord;
-use dcam_stream::delivery::{Delivery, OffsetTracker};
-use dcam_stream::kafka;
-use dcam_stream::stream::source::{self, CommitOutcome, SourceContext};
-use dcam_stream::telemetry::Metrics;
+use dcam_stream::internals as kafka;
+use dcam_stream::internals as source;
+use dcam_stream::internals::Metrics;
+use dcam_stream::internals::OutRecord;
+use dcam_stream::internals::Settings;
+use dcam_stream::internals::{CommitOutcome, SourceContext};
+use dcam_stream::internals::{Delivery, OffsetTracker};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -202,7 +203,7 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
 #[test]
 fn outputs_of_a_rewound_generation_are_not_buffered() {
     let tracker = Arc::new(OffsetTracker::new());
-    let buffer = dcam_stream::delivery::transaction::TxnBuffer::new(tracker.clone());
+    let buffer = dcam_stream::internals::TxnBuffer::new(tracker.clone());
     let ticket = tracker.register("in", 0, 7, 100);
     let out = || vec![OutRecord { topic: "out".into(), key: None, payload: Some(b"scored 7".to_vec()), headers: vec![] }];
     tracker.assign("in", 0); // the rewind

@@ -23,11 +23,11 @@ const API_TOKEN_WRITER: &str = "operator";
 
 /// The tokens that may write, each with its writer's name.
 #[derive(Default)]
-pub struct Writers(Vec<(String, Secret)>);
+pub(crate) struct Writers(Vec<(String, Secret)>);
 
 impl Writers {
     /// `telemetry.api_token` and the writers of `telemetry.tokens_file` (read now).
-    pub fn from_settings(t: &TelemetrySettings) -> Result<Self> {
+    pub(crate) fn from_settings(t: &TelemetrySettings) -> Result<Self> {
         let file = match &t.tokens_file {
             Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading telemetry.tokens_file {path}"))?,
             None => String::new(),

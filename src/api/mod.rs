@@ -11,7 +11,7 @@ mod auth;
 mod live;
 mod server;
 
-pub use auth::Writers;
+pub(crate) use auth::Writers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +34,7 @@ use crate::telemetry::{Health, InternalEvent, Metrics, ThresholdLabels};
 
 /// Everything the endpoints read or change.
 #[derive(Clone)]
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub recent: Arc<Recent>,
@@ -50,7 +50,7 @@ pub struct ApiState {
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
     let limits = &state.settings.telemetry;
     let (max_connections, max_live_clients) = (limits.max_connections, limits.max_live_clients);
     let panel = live::LivePanel::start(state.clone(), max_live_clients);

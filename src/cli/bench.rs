@@ -74,7 +74,7 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
 
 /// Per-image core-time of each stage, measured one image at a time on one thread.
 #[derive(Debug, Clone)]
-pub struct Costs {
+pub(super) struct Costs {
     pub cores: usize,
     pub images: usize,
     /// Parse: the real event parser on the published payload (JSON envelope + base64, or raw).
@@ -96,18 +96,18 @@ impl Costs {
 
     /// Core-ms per image of everything the operator does for one image at this batch size
     /// (heatmaps only when the run renders them).
-    pub fn per_image_ms(&self, batch: usize, heatmaps: bool) -> f64 {
+    pub(super) fn per_image_ms(&self, batch: usize, heatmaps: bool) -> f64 {
         self.parse_ms + self.decode_ms + self.infer_at(batch) + if heatmaps { self.heatmap_ms } else { 0.0 }
     }
 
     /// img/s if every core did nothing but this work.
-    pub fn limit_ips(&self, batch: usize, heatmaps: bool) -> f64 {
+    pub(super) fn limit_ips(&self, batch: usize, heatmaps: bool) -> f64 {
         self.cores as f64 * 1000.0 / self.per_image_ms(batch, heatmaps)
     }
 }
 
 #[derive(Debug, Clone)]
-pub struct Row {
+pub(super) struct Row {
     pub batch: usize,
     pub raw_ips: f64,
     pub raw_p50_ms: f64,
@@ -133,7 +133,7 @@ impl Row {
 
 /// (d): latency with the operator keeping up, not draining a backlog.
 #[derive(Debug, Clone)]
-pub struct Paced {
+pub(super) struct Paced {
     pub batch: usize,
     /// What `rate_ips` is a fraction of: the limit, or the best end-to-end throughput (b) reached.
     pub basis: &'static str,
@@ -541,7 +541,7 @@ fn print_paced(runs: &[Paced], max_delay_ms: f64) {
 }
 
 /// The best batch policy's e2e / limit (heatmaps are off in the end-to-end runs).
-pub fn best_ratio(rows: &[Row], costs: &Costs) -> f64 {
+pub(super) fn best_ratio(rows: &[Row], costs: &Costs) -> f64 {
     rows.iter().map(|r| r.over_limit(costs)).fold(f64::NAN, f64::max)
 }
 

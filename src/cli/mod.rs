@@ -14,7 +14,7 @@ mod config;
 mod demo;
 mod dlq;
 mod model;
-pub mod produce;
+pub(crate) mod produce;
 mod replay;
 mod run;
 mod schema;

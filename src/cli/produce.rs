@@ -46,7 +46,7 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WireFormat {
+pub(crate) enum WireFormat {
     /// JSON envelope with base64 image.
     Json,
     /// The image bytes as the record value, id and class in headers.
@@ -57,7 +57,7 @@ pub enum WireFormat {
 
 impl WireFormat {
     /// Whether the `i`-th file goes out as a JSON envelope.
-    pub fn is_json(self, i: usize) -> bool {
+    pub(crate) fn is_json(self, i: usize) -> bool {
         match self {
             Self::Json => true,
             Self::Raw => false,

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::event::ScoreRecord;
 
-pub struct ScoreReader {
+pub(super) struct ScoreReader {
     topic: String,
     expected: usize,
     read: watch::Receiver<usize>,
@@ -22,7 +22,7 @@ pub struct ScoreReader {
 impl ScoreReader {
     /// Subscribes a fresh group to `topic` (from the beginning, committed records only) and reads
     /// until `expected` records have arrived.
-    pub fn start(client: rdkafka::ClientConfig, topic: &str, expected: usize) -> Result<Self> {
+    pub(super) fn start(client: rdkafka::ClientConfig, topic: &str, expected: usize) -> Result<Self> {
         let consumer: StreamConsumer = client
             .clone()
             .set("group.id", format!("dcam-reader-{}", rand::random::<u32>()))
@@ -51,12 +51,12 @@ impl ScoreReader {
     }
 
     /// Records read so far.
-    pub fn count(&self) -> usize {
+    pub(super) fn count(&self) -> usize {
         *self.read.borrow()
     }
 
     /// Waits until at least `n` records have been read; fails when none arrives for `stall`.
-    pub async fn wait_for(&mut self, n: usize, stall: Duration) -> Result<()> {
+    pub(super) async fn wait_for(&mut self, n: usize, stall: Duration) -> Result<()> {
         while *self.read.borrow_and_update() < n {
             match tokio::time::timeout(stall, self.read.changed()).await {
                 Err(_) => bail!("no score record arrived on {} for {stall:?}: {} of {n} so far", self.topic, self.count()),
@@ -69,7 +69,7 @@ impl ScoreReader {
     }
 
     /// Waits for every expected record and returns them.
-    pub async fn finish(mut self, stall: Duration) -> Result<Vec<ScoreRecord>> {
+    pub(super) async fn finish(mut self, stall: Duration) -> Result<Vec<ScoreRecord>> {
         self.wait_for(self.expected, stall).await?;
         self.join().await
     }

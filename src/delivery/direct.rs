@@ -14,19 +14,19 @@ use crate::telemetry::{InternalEvent, Metrics};
 /// (e.g. an out-of-order sequence after a broker restart lost its producer state); it is then
 /// replaced and the unacknowledged records go again on the new one (duplicates are allowed in
 /// this mode, loss is not).
-pub struct DirectProducer {
+pub(crate) struct DirectProducer {
     config: rdkafka::ClientConfig,
     /// (generation, producer): a replacement happens once per dead producer.
     current: std::sync::RwLock<(u64, FutureProducer)>,
 }
 
 impl DirectProducer {
-    pub fn new(config: rdkafka::ClientConfig) -> rdkafka::error::KafkaResult<Self> {
+    pub(crate) fn new(config: rdkafka::ClientConfig) -> rdkafka::error::KafkaResult<Self> {
         let producer = config.create()?;
         Ok(Self { config, current: std::sync::RwLock::new((0, producer)) })
     }
 
-    pub fn get(&self) -> (u64, FutureProducer) {
+    pub(crate) fn get(&self) -> (u64, FutureProducer) {
         self.current.read().expect("producer").clone()
     }
 
@@ -45,7 +45,7 @@ impl DirectProducer {
         }
     }
 
-    pub fn flush(&self, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
+    pub(crate) fn flush(&self, timeout: Duration) -> rdkafka::error::KafkaResult<()> {
         use rdkafka::producer::Producer;
         self.get().1.flush(timeout)
     }

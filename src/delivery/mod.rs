@@ -7,9 +7,9 @@
 //! offsets in one transaction (`transaction`). `offsets` decides what is committable.
 
 mod direct;
-pub mod offsets;
-pub mod record;
-pub mod transaction;
+pub(crate) mod offsets;
+pub(crate) mod record;
+pub(crate) mod transaction;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,8 +19,8 @@ use anyhow::{anyhow, Context, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::{Offset, TopicPartitionList};
 
-pub use direct::DirectProducer;
-pub use offsets::{Fatal, OffsetTracker, PartitionKey, Ticket};
+pub(crate) use direct::DirectProducer;
+pub(crate) use offsets::{Fatal, OffsetTracker, PartitionKey, Ticket};
 use record::OutRecord;
 use transaction::{Transactions, TxnError};
 
@@ -32,7 +32,7 @@ use crate::telemetry::{InternalEvent, Metrics};
 /// pod with the same identity takes its old place in the group at once instead of waiting for
 /// the dead member to be evicted. Only with a configured identity, or in exactly-once mode,
 /// where the transactional id makes it unique: two members sharing one would fence each other.
-pub fn static_member_id(settings: &Settings) -> Option<String> {
+pub(crate) fn static_member_id(settings: &Settings) -> Option<String> {
     let wanted = settings.delivery.mode == DeliveryMode::ExactlyOnce || settings.delivery.instance_id.is_some();
     (settings.kafka.static_membership && wanted).then(|| settings.instance_id())
 }

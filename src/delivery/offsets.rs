@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-pub type PartitionKey = (String, i32);
+pub(crate) type PartitionKey = (String, i32);
 
 /// Identifies one consumed record; `generation` changes when the partition is (re)assigned,
 /// so completions from before a revoke/rewind are ignored.

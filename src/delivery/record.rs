@@ -53,7 +53,7 @@ impl OutRecord {
     }
 }
 
-pub use crate::event::TOO_LARGE_OUTPUT;
+pub(crate) use crate::event::TOO_LARGE_OUTPUT;
 /// How much of a refused record's payload its stand-in dead letter keeps.
 const STAND_IN_PAYLOAD_BYTES: usize = 16 * 1024;
 
@@ -80,7 +80,7 @@ pub(crate) fn stand_in(record: &OutRecord, error: &dyn std::fmt::Display, dead_l
 /// Whether the broker will never accept this record, however often it is sent (docs/DESIGN.md §8).
 /// librdkafka has already refreshed metadata and retried within `message.timeout.ms` before an
 /// unknown topic comes back here.
-pub fn is_permanent(e: &KafkaError) -> bool {
+pub(crate) fn is_permanent(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
         e.rdkafka_error_code(),

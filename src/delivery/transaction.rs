@@ -136,14 +136,14 @@ pub enum TxnError {
 }
 
 /// The transactional producer, with a context that counts its broker connection losses.
-pub type TxnProducer = FutureProducer<TxnProducerContext>;
+pub(crate) type TxnProducer = FutureProducer<TxnProducerContext>;
 
 /// Counts the transactional producer's broker connection losses. A transaction that lived through
 /// one is not trusted, even when the commit reports success: a restarted broker (noida-db here)
 /// can acknowledge the commit of a transaction whose state it lost, and then neither its outputs
 /// nor its offsets count, while read_committed readers that were reading stop at it for good
 /// (docs/DESIGN.md §5). Only a new producer (`renew`: InitProducerId) ends it for them.
-pub struct TxnProducerContext {
+pub(crate) struct TxnProducerContext {
     /// Shared with `Transactions` (librdkafka's future producer hides its context).
     connection_losses: Arc<AtomicU64>,
 }
@@ -157,7 +157,7 @@ impl ClientContext for TxnProducerContext {
     }
 }
 
-pub struct Transactions {
+pub(crate) struct Transactions {
     /// Replaced by `renew` after a fatal (not fenced) producer error.
     producer: RwLock<TxnProducer>,
     config: ClientConfig,
@@ -172,7 +172,7 @@ pub struct Transactions {
 impl Transactions {
     /// Creates and initialises the transactional producer from `config`; fences any older
     /// instance with the same id.
-    pub fn new(config: ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
+    pub(crate) fn new(config: ClientConfig, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, timeout: Duration) -> Result<Self, TxnError> {
         let connection_losses = Arc::new(AtomicU64::new(0));
         let producer = init_producer(&config, timeout, &connection_losses).map_err(|e| TxnError::Fatal(e.to_string()))?;
         let buffer = Arc::new(TxnBuffer::new(tracker.clone()));
@@ -180,7 +180,7 @@ impl Transactions {
     }
 
     /// The producer in use now.
-    pub fn producer(&self) -> TxnProducer {
+    pub(crate) fn producer(&self) -> TxnProducer {
         self.producer.read().expect("producer").clone()
     }
 
@@ -188,7 +188,7 @@ impl Transactions {
     /// `init_transactions` aborts whatever the old one left open and bumps the epoch, so the old
     /// one can never commit. Err(Reset) while the broker is unreachable (call again later);
     /// Err(Fatal) when another live instance has taken the id.
-    pub fn renew(&self) -> Result<(), TxnError> {
+    pub(crate) fn renew(&self) -> Result<(), TxnError> {
         let producer = init_producer(&self.config, self.timeout, &self.connection_losses).map_err(|e| match e {
             e if is_fenced(&e, None) => TxnError::Fatal(format!("init_transactions: {e}")),
             e => TxnError::Reset(format!("init_transactions: {e}")),
@@ -200,7 +200,7 @@ impl Transactions {
 
     /// Publishes all committable outputs and their offsets in one transaction.
     /// `only` restricts the step to some partitions (used on revoke).
-    pub fn commit_step<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>) -> Result<usize, TxnError> {
+    pub(crate) fn commit_step<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, only: Option<&[PartitionKey]>) -> Result<usize, TxnError> {
         // Only partitions whose position advanced; a failed step is followed by a rewind,
         // which resets the tracker, so marking them here is safe.
         let positions = self.tracker.commits_due(only);

@@ -16,7 +16,7 @@ use crate::inference::model::Scorer;
 use crate::inference::model_source::{ModelBytes, ModelSources};
 
 /// A loaded model with what scoring needs beside the sessions.
-pub struct ActiveModel {
+pub(crate) struct ActiveModel {
     pub engine: Arc<Engine>,
     /// Its calibration with the configured threshold overrides.
     pub scorer: Scorer,
@@ -26,14 +26,14 @@ pub struct ActiveModel {
 }
 
 impl ActiveModel {
-    pub fn new(engine: Arc<Engine>, settings: &Settings, source: &str) -> Result<Self> {
+    pub(crate) fn new(engine: Arc<Engine>, settings: &Settings, source: &str) -> Result<Self> {
         let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
         let model = engine.info.model_ref();
         Ok(Self { engine, scorer, model, source: source.to_string() })
     }
 
     /// What `/readyz`, `/api/model` and logs show of it.
-    pub fn describe(&self) -> serde_json::Value {
+    pub(crate) fn describe(&self) -> serde_json::Value {
         let info = &self.engine.info;
         serde_json::json!({"name": info.name, "version": info.version, "classes": info.classes, "input_size": info.input_size, "source": self.source, "sha256": self.engine.sha256, "provider": self.engine.provider})
     }
@@ -42,10 +42,10 @@ impl ActiveModel {
 /// What `POST /api/model` answers for every refusal, whatever the reason (outside the allowed
 /// sources, missing, not a regular file, too big, not a valid model): a caller must not learn from
 /// it which files exist on the host. The operator's log says why.
-pub const REFUSED: &str = "model refused: not an allowed, readable model this operator can serve (the operator's log says why)";
+pub(crate) const REFUSED: &str = "model refused: not an allowed, readable model this operator can serve (the operator's log says why)";
 
 /// The active model and the one before it (for rollback), and loading new ones.
-pub struct ModelSlot {
+pub(crate) struct ModelSlot {
     current: RwLock<Arc<ActiveModel>>,
     previous: Mutex<Option<Arc<ActiveModel>>>,
     /// One check or load at a time (the API's checks and the reloader's loads alike), so at most
@@ -57,7 +57,7 @@ pub struct ModelSlot {
 }
 
 impl ModelSlot {
-    pub fn new(active: ActiveModel, settings: &Settings) -> Self {
+    pub(crate) fn new(active: ActiveModel, settings: &Settings) -> Self {
         Self {
             current: RwLock::new(Arc::new(active)),
             previous: Mutex::new(None),
@@ -68,23 +68,23 @@ impl ModelSlot {
     }
 
     /// The model to score the next batch with.
-    pub fn current(&self) -> Arc<ActiveModel> {
+    pub(crate) fn current(&self) -> Arc<ActiveModel> {
         self.current.read().expect("model slot").clone()
     }
 
-    pub fn previous(&self) -> Option<Arc<ActiveModel>> {
+    pub(crate) fn previous(&self) -> Option<Arc<ActiveModel>> {
         self.previous.lock().expect("model slot").clone()
     }
 
     /// Whether `uri` serves now with exactly the bytes whose SHA-256 is `sha256`.
-    pub fn serves(&self, uri: &str, sha256: &str) -> bool {
+    pub(crate) fn serves(&self, uri: &str, sha256: &str) -> bool {
         let active = self.current();
         active.source == uri && active.engine.sha256 == sha256
     }
 
     /// Checks that `uri` could be swapped in (read, contract, input size, warm-up) without
     /// swapping it; returns its SHA-256.
-    pub async fn check(&self, uri: &str) -> Result<String> {
+    pub(crate) async fn check(&self, uri: &str) -> Result<String> {
         let one_at_a_time = self.loading.clone().lock_owned().await;
         let model = self.sources.read(uri).await?;
         let sha256 = model.sha256.clone();
@@ -97,7 +97,7 @@ impl ModelSlot {
     /// Reads, checks, warms up and swaps in `uri`; `None` when these very bytes already serve
     /// from it. `before_swap` sees the candidate once it passed every check, before its first
     /// batch. On any error the active model keeps serving.
-    pub async fn load(&self, uri: &str, before_swap: impl FnOnce(&ActiveModel)) -> Result<Option<Arc<ActiveModel>>> {
+    pub(crate) async fn load(&self, uri: &str, before_swap: impl FnOnce(&ActiveModel)) -> Result<Option<Arc<ActiveModel>>> {
         let one_at_a_time = self.loading.clone().lock_owned().await;
         let model = self.sources.read(uri).await?;
         if self.serves(uri, &model.sha256) {

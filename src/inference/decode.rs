@@ -257,7 +257,7 @@ impl Decoder {
 
 /// The largest IDCT reduction (8, 4 or 2) that still leaves both sides at least `size`; None
 /// when a JPEG is not at least twice `size` on both sides (it decodes at full scale, unchanged).
-pub fn jpeg_scale_divisor(w: u32, h: u32, size: u32) -> Option<u32> {
+pub(crate) fn jpeg_scale_divisor(w: u32, h: u32, size: u32) -> Option<u32> {
     if w > u16::MAX as u32 || h > u16::MAX as u32 {
         return None;
     }
@@ -316,7 +316,7 @@ fn too_large_bytes(len: usize, max: usize) -> Rejection {
 }
 
 /// Bilinear (antialiased, like PIL's) resize of packed RGB with SIMD.
-pub fn resize_rgb(rgb: &[u8], w: u32, h: u32, size: u32) -> Result<Vec<u8>, String> {
+pub(crate) fn resize_rgb(rgb: &[u8], w: u32, h: u32, size: u32) -> Result<Vec<u8>, String> {
     if w == size && h == size {
         return Ok(rgb.to_vec());
     }

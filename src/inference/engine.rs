@@ -15,7 +15,7 @@ use crate::inference::model_source::{read_file, ModelBytes};
 static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
 
 /// Loads `libonnxruntime.so` once per process. A missing library becomes a clear error, not a panic.
-pub fn environment() -> Result<&'static ort::environment::Environment> {
+pub(crate) fn environment() -> Result<&'static ort::environment::Environment> {
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env);
     }
@@ -39,13 +39,13 @@ fn default_dylib_path() -> String {
 
 /// Model outputs for one batch.
 #[derive(Debug, Clone)]
-pub struct BatchOutput {
+pub(crate) struct BatchOutput {
     /// `n * size * size` raw anomaly maps, row-major per image.
     pub maps: Vec<f32>,
     pub scores: Vec<f32>,
 }
 
-pub struct Engine {
+pub(crate) struct Engine {
     sessions: Vec<Mutex<Session>>,
     pub info: ModelInfo,
     /// The execution provider that actually serves the sessions.
@@ -57,7 +57,7 @@ pub struct Engine {
 impl Engine {
     /// Loads a model file as it is (the tools); the operator reads models with its limits first
     /// (`from_bytes`).
-    pub fn load(model_path: &Path, settings: &EngineSettings) -> Result<Self> {
+    pub(crate) fn load(model_path: &Path, settings: &EngineSettings) -> Result<Self> {
         if !model_path.exists() {
             bail!("model file {} does not exist", model_path.display());
         }
@@ -66,7 +66,7 @@ impl Engine {
     }
 
     /// Builds the sessions from a model already in memory; `name` says where it came from in errors.
-    pub fn from_bytes(model: &ModelBytes, name: &str, settings: &EngineSettings) -> Result<Self> {
+    pub(crate) fn from_bytes(model: &ModelBytes, name: &str, settings: &EngineSettings) -> Result<Self> {
         let env = environment()?;
         let mut sessions = Vec::new();
         let mut provider = "cpu";
@@ -84,16 +84,16 @@ impl Engine {
         Ok(Self { sessions, info, provider, sha256: model.sha256.clone() })
     }
 
-    pub fn session_count(&self) -> usize {
+    pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
     }
 
-    pub fn input_size(&self) -> u32 {
+    pub(crate) fn input_size(&self) -> u32 {
         self.info.input_size
     }
 
     /// Runs `n` images (`n*S*S*3` RGB bytes) on session `slot`.
-    pub fn run(&self, slot: usize, images: &[u8], n: usize) -> Result<BatchOutput> {
+    pub(crate) fn run(&self, slot: usize, images: &[u8], n: usize) -> Result<BatchOutput> {
         let s = self.info.input_size as usize;
         if images.len() != n * s * s * 3 {
             bail!("batch buffer holds {} bytes, expected {}", images.len(), n * s * s * 3);
@@ -112,7 +112,7 @@ impl Engine {
     /// Runs `engine.warmup_batches` dummy batches (at least one: a model that cannot answer a
     /// batch is refused before it serves) of up to 8 images on every session, so the first real
     /// request is not slow.
-    pub fn warm_up(&self, settings: &crate::config::Settings) -> Result<()> {
+    pub(crate) fn warm_up(&self, settings: &crate::config::Settings) -> Result<()> {
         let batch = settings.batch.max_batch.clamp(1, 8);
         let s = self.info.input_size as usize;
         let zeros = vec![127u8; batch * s * s * 3];
@@ -215,7 +215,7 @@ fn check_dynamic_batch(session: &Session) -> Result<()> {
 
 /// Loads the model named in the settings, within `model.max_bytes`, and warms it up (blocking;
 /// call off the executor).
-pub fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
+pub(crate) fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
     let model = read_file(Path::new(&settings.model.path), settings.model.max_bytes).context("model.path")?;
     let engine = Engine::from_bytes(&model, &settings.model.path, &settings.engine)?;
     engine.warm_up(settings)?;

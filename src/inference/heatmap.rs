@@ -11,7 +11,7 @@ fn jet(x: f32) -> [u8; 3] {
 /// Renders a `size`×`size` raw map as RGB: each pixel normalised with the class calibration,
 /// so the colour at the decision threshold is the same for every image. With `background`
 /// (the model input, RGB) the colours are blended over it.
-pub fn render(map: &[f32], size: u32, calibration: &Calibration, background: Option<&[u8]>) -> image::RgbImage {
+pub(crate) fn render(map: &[f32], size: u32, calibration: &Calibration, background: Option<&[u8]>) -> image::RgbImage {
     let mut img = image::RgbImage::new(size, size);
     for (i, px) in img.pixels_mut().enumerate() {
         let colour = jet(normalise(map[i], calibration));
@@ -26,12 +26,12 @@ pub fn render(map: &[f32], size: u32, calibration: &Calibration, background: Opt
     img
 }
 
-pub fn render_png(map: &[f32], size: u32, calibration: &Calibration, background: Option<&[u8]>) -> Vec<u8> {
+pub(crate) fn render_png(map: &[f32], size: u32, calibration: &Calibration, background: Option<&[u8]>) -> Vec<u8> {
     encode_png(&render(map, size, calibration, background))
 }
 
 /// A small JPEG of the heatmap over the input, for the inspection page.
-pub fn thumbnail_jpeg(map: &[f32], size: u32, calibration: &Calibration, input: &[u8], px: u32) -> Vec<u8> {
+pub(crate) fn thumbnail_jpeg(map: &[f32], size: u32, calibration: &Calibration, input: &[u8], px: u32) -> Vec<u8> {
     let full = render(map, size, calibration, Some(input));
     let small = if px >= size { full } else { image::imageops::thumbnail(&full, px, px) };
     let mut out = Vec::new();
@@ -40,7 +40,7 @@ pub fn thumbnail_jpeg(map: &[f32], size: u32, calibration: &Calibration, input: 
 }
 
 /// Encodes an RGB image as PNG.
-pub fn encode_png(img: &image::RgbImage) -> Vec<u8> {
+pub(crate) fn encode_png(img: &image::RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).expect("png encode");
     out

@@ -2,9 +2,9 @@
 //! model contract and calibration (`model`), heatmap rendering (`heatmap`), the serving model and
 //! hot reload (`active`), and where models may be read from (`model_source`).
 
-pub mod active;
-pub mod decode;
-pub mod engine;
-pub mod heatmap;
-pub mod model;
-pub mod model_source;
+pub(crate) mod active;
+pub(crate) mod decode;
+pub(crate) mod engine;
+pub(crate) mod heatmap;
+pub(crate) mod model;
+pub(crate) mod model_source;

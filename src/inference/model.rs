@@ -6,19 +6,19 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::event::ThresholdSource;
+pub(crate) use crate::event::ThresholdSource;
 
-pub const DEFAULT_CLASS: &str = "_default";
+pub(crate) const DEFAULT_CLASS: &str = "_default";
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Calibration {
+pub(crate) struct Calibration {
     pub threshold: f32,
     pub min: f32,
     pub max: f32,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct ModelInfo {
+pub(crate) struct ModelInfo {
     pub name: String,
     pub version: String,
     pub backbone: String,
@@ -31,7 +31,7 @@ pub struct ModelInfo {
 
 /// The verdict on one raw score.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Judgement {
+pub(crate) struct Judgement {
     pub score: f32,
     pub threshold: f32,
     pub threshold_source: ThresholdSource,
@@ -41,10 +41,10 @@ pub struct Judgement {
 
 /// Thresholds set at runtime, per model version and class (see `control`).
 #[derive(Debug, Default)]
-pub struct RuntimeThresholds(std::sync::RwLock<BTreeMap<(String, String), f32>>);
+pub(crate) struct RuntimeThresholds(std::sync::RwLock<BTreeMap<(String, String), f32>>);
 
 impl RuntimeThresholds {
-    pub fn set(&self, model_version: &str, class: &str, threshold: Option<f32>) {
+    pub(crate) fn set(&self, model_version: &str, class: &str, threshold: Option<f32>) {
         let mut map = self.0.write().expect("thresholds");
         let key = (model_version.to_string(), class.to_string());
         match threshold {
@@ -53,7 +53,7 @@ impl RuntimeThresholds {
         };
     }
 
-    pub fn get(&self, model_version: &str, class: &str) -> Option<f32> {
+    pub(crate) fn get(&self, model_version: &str, class: &str) -> Option<f32> {
         self.0.read().expect("thresholds").get(&(model_version.to_string(), class.to_string())).copied()
     }
 
@@ -65,12 +65,12 @@ impl RuntimeThresholds {
 
 impl ModelInfo {
     /// How score records name this model.
-    pub fn model_ref(&self) -> crate::event::ModelRef {
+    pub(crate) fn model_ref(&self) -> crate::event::ModelRef {
         crate::event::ModelRef { name: self.name.clone(), version: self.version.clone() }
     }
 
     /// Reads and validates `dcam.*` metadata; `get` looks a key up in `metadata_props`.
-    pub fn from_metadata(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+    pub(crate) fn from_metadata(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let req = |key: &str| get(key).ok_or_else(|| anyhow!("model metadata is missing {key:?} (see docs/DESIGN.md §1)"));
         let format = req("dcam.format")?;
         if format.trim() != "1" {
@@ -112,14 +112,14 @@ impl ModelInfo {
 
 /// Turns raw scores into normalised scores and verdicts, with config overrides of thresholds.
 #[derive(Debug, Clone)]
-pub struct Scorer {
+pub(crate) struct Scorer {
     calibration: BTreeMap<String, Calibration>,
     /// Classes whose threshold comes from `model.thresholds`.
     configured: std::collections::BTreeSet<String>,
 }
 
 impl Scorer {
-    pub fn new(info: &ModelInfo, threshold_overrides: &BTreeMap<String, f32>) -> Result<Self> {
+    pub(crate) fn new(info: &ModelInfo, threshold_overrides: &BTreeMap<String, f32>) -> Result<Self> {
         let mut calibration = info.calibration.clone();
         for (class, t) in threshold_overrides {
             let base = *calibration.get(class).or_else(|| calibration.get(DEFAULT_CLASS)).expect("validated");
@@ -129,14 +129,14 @@ impl Scorer {
     }
 
     /// Like `judge`, with a runtime threshold for the class winning over the configured one.
-    pub fn judge_with(&self, class: Option<&str>, raw: f32, runtime: Option<f32>) -> Judgement {
+    pub(crate) fn judge_with(&self, class: Option<&str>, raw: f32, runtime: Option<f32>) -> Judgement {
         let (c, threshold_source) = self.calibration_in_force(class, runtime);
         Judgement { score: normalise(raw, &c), threshold: c.threshold, threshold_source, is_anomaly: raw >= c.threshold, calibration: c }
     }
 
     /// The calibration `class` is judged by, with its threshold from where it comes: runtime >
     /// configuration > the model.
-    pub fn calibration_in_force(&self, class: Option<&str>, runtime: Option<f32>) -> (Calibration, ThresholdSource) {
+    pub(crate) fn calibration_in_force(&self, class: Option<&str>, runtime: Option<f32>) -> (Calibration, ThresholdSource) {
         let c = self.calibration_for(class);
         match runtime {
             Some(threshold) => (Calibration { threshold, ..c }, ThresholdSource::Runtime),
@@ -146,21 +146,21 @@ impl Scorer {
     }
 
     /// The calibration entry `class` is judged by: its own, or `_default` for an unknown class.
-    pub fn class_key<'a>(&self, class: Option<&'a str>) -> &'a str {
+    pub(crate) fn class_key<'a>(&self, class: Option<&'a str>) -> &'a str {
         class.filter(|k| self.calibration.contains_key(*k)).unwrap_or(DEFAULT_CLASS)
     }
 
-    pub fn calibration_for(&self, class: Option<&str>) -> Calibration {
+    pub(crate) fn calibration_for(&self, class: Option<&str>) -> Calibration {
         class.and_then(|c| self.calibration.get(c)).or_else(|| self.calibration.get(DEFAULT_CLASS)).copied().expect("validated")
     }
 
-    pub fn judge(&self, class: Option<&str>, raw: f32) -> Judgement {
+    pub(crate) fn judge(&self, class: Option<&str>, raw: f32) -> Judgement {
         self.judge_with(class, raw, None)
     }
 }
 
 /// docs/DESIGN.md §1: `clamp((raw − threshold) / (max − min) + 0.5, 0, 1)`.
-pub fn normalise(raw: f32, c: &Calibration) -> f32 {
+pub(crate) fn normalise(raw: f32, c: &Calibration) -> f32 {
     let span = (c.max - c.min).max(f32::EPSILON);
     let v = (raw - c.threshold) / span + 0.5;
     if v.is_nan() {

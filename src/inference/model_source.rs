@@ -16,13 +16,13 @@ use anyhow::{bail, Context, Result};
 use crate::config::{ModelSource, S3Settings, Settings};
 
 /// A model's bytes, read whole, and their SHA-256 (lower-case hex).
-pub struct ModelBytes {
+pub(crate) struct ModelBytes {
     pub bytes: Vec<u8>,
     pub sha256: String,
 }
 
 impl ModelBytes {
-    pub fn new(bytes: Vec<u8>) -> Self {
+    pub(crate) fn new(bytes: Vec<u8>) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let sha256 = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         Self { bytes, sha256 }
@@ -30,7 +30,7 @@ impl ModelBytes {
 }
 
 /// The allowed sources, resolved once.
-pub struct ModelSources {
+pub(crate) struct ModelSources {
     /// Each allowed directory as written (made absolute) and resolved (symlinks): a path must lie
     /// under one by its words, and under the resolved one once resolved itself.
     dirs: Vec<(PathBuf, PathBuf)>,
@@ -49,7 +49,7 @@ enum Location {
 }
 
 impl ModelSources {
-    pub fn from_settings(settings: &Settings) -> Self {
+    pub(crate) fn from_settings(settings: &Settings) -> Self {
         let configured = absolute(Path::new(&settings.model.path));
         let default_dir = [ModelSource::Dir(configured.parent().map(Path::to_path_buf).unwrap_or_default())];
         let sources = if settings.model.allowed_sources.is_empty() { &default_dir[..] } else { &settings.model.allowed_sources[..] };
@@ -70,7 +70,7 @@ impl ModelSources {
 
     /// Reads the model `uri` names (a path, `file://` or `s3://`) if it is allowed, a regular file
     /// or object, and at most `model.max_bytes`. The error says why, for the operator's log only.
-    pub async fn read(&self, uri: &str) -> Result<ModelBytes> {
+    pub(crate) async fn read(&self, uri: &str) -> Result<ModelBytes> {
         match self.locate(uri)? {
             Location::File(path) => {
                 let path = self.resolve(uri, &path)?;
@@ -141,7 +141,7 @@ impl ModelSources {
 /// Reads a regular file of at most `max_bytes`. Its type and size are checked before it is
 /// opened, and it is opened without blocking (a FIFO would otherwise wait for a writer) and
 /// checked again, since what was opened may not be what was looked at.
-pub fn read_file(path: &Path, max_bytes: u64) -> Result<ModelBytes> {
+pub(crate) fn read_file(path: &Path, max_bytes: u64) -> Result<ModelBytes> {
     use std::os::unix::fs::OpenOptionsExt;
     let name = path.display().to_string();
     let check = |meta: &std::fs::Metadata| {

@@ -18,7 +18,7 @@ use crate::telemetry::Metrics;
 
 /// One line of `score` output.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct FileScore {
+pub(crate) struct FileScore {
     pub path: String,
     pub image_id: String,
     pub class: Option<String>,
@@ -34,7 +34,7 @@ pub struct FileScore {
 
 /// Scores `files` in order; `on_result` sees each result in file order as soon as it and all
 /// before it are done. Heatmaps (per `settings.heatmap.policy`) go under `heatmap_dir`.
-pub fn score_files(
+pub(crate) fn score_files(
     settings: &Settings,
     engine: Arc<Engine>,
     files: &[ImageFile],

@@ -25,7 +25,7 @@ use crate::stream::sink::{KafkaSink, Oversight, SinkSettings};
 use crate::stream::source::{self, SourceContext, SourceOptions};
 use crate::telemetry::{Health, Metrics, ProviderLabels};
 
-pub struct RunningOperator {
+pub(crate) struct RunningOperator {
     shutdown: Shutdown,
     source: Option<std::thread::JoinHandle<Result<()>>>,
     lag: Option<std::thread::JoinHandle<()>>,
@@ -35,7 +35,6 @@ pub struct RunningOperator {
     control: Option<Arc<Control>>,
     http: tokio::task::JoinHandle<()>,
     pub http_addr: SocketAddr,
-    pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// The serving model; hot reload swaps it.
     pub models: Arc<ModelSlot>,
@@ -43,7 +42,7 @@ pub struct RunningOperator {
 
 impl RunningOperator {
     /// Starts everything; returns once the consumer is subscribed and `/readyz` is ready.
-    pub async fn start(settings: Settings, engine: Option<Arc<Engine>>) -> Result<Self> {
+    pub(crate) async fn start(settings: Settings, engine: Option<Arc<Engine>>) -> Result<Self> {
         let shutdown = Shutdown::new(settings.pipeline.shutdown_timeout);
         let metrics = Metrics::new();
         let health = Health::new();
@@ -148,35 +147,22 @@ impl RunningOperator {
             }),
         );
         tracing::info!(%http_addr, topics = ?settings.kafka.input_topics, "operator running; inspection page at http://{http_addr}/ui");
-        Ok(Self {
-            shutdown,
-            source: Some(source),
-            lag: Some(lag),
-            reloader,
-            pipeline: Some(pipeline),
-            delivery,
-            control,
-            http,
-            http_addr,
-            metrics,
-            health,
-            models,
-        })
+        Ok(Self { shutdown, source: Some(source), lag: Some(lag), reloader, pipeline: Some(pipeline), delivery, control, http, http_addr, health, models })
     }
 
     /// The operator's stop signal (for signal handlers and the shutdown deadline).
-    pub fn shutdown(&self) -> Shutdown {
+    pub(crate) fn shutdown(&self) -> Shutdown {
         self.shutdown.clone()
     }
 
     /// Asks the operator to stop; `wait` then drains and commits.
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         self.shutdown.request();
     }
 
     /// Runs until a stop request (or a fatal source error), then shuts down in order:
     /// stop fetching → finish in-flight → publish → commit → leave the group.
-    pub async fn wait(mut self) -> Result<()> {
+    pub(crate) async fn wait(mut self) -> Result<()> {
         let source = self.source.take().expect("source thread");
         let shutdown = self.shutdown.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -207,7 +193,7 @@ impl RunningOperator {
     }
 
     /// Stop and wait.
-    pub async fn stop(self) -> Result<()> {
+    pub(crate) async fn stop(self) -> Result<()> {
         self.request_stop();
         self.wait().await
     }
@@ -217,7 +203,7 @@ impl RunningOperator {
 /// pipeline, scoring with `models` and delivering through `delivery`. Each caller brings its own
 /// sink settings (topics, heatmap prefix), oversight (runtime thresholds, the page's buffer)
 /// and delivery (the configured mode; replays always at-least-once).
-pub fn assemble(
+pub(crate) fn assemble(
     settings: &Settings,
     models: Arc<ModelSlot>,
     sink_settings: SinkSettings,

@@ -46,7 +46,7 @@ impl Job {
 }
 
 /// A scored image.
-pub struct Scored {
+pub(crate) struct Scored {
     pub job: Job,
     /// The model that scored it (a hot reload may swap another in for the next batch).
     pub model: Arc<ActiveModel>,
@@ -57,13 +57,13 @@ pub struct Scored {
     pub inference_ms: f64,
 }
 
-pub enum Outcome {
+pub(crate) enum Outcome {
     Scored(Box<Scored>),
     Rejected { job: Job, rejection: Rejection },
 }
 
 impl Outcome {
-    pub fn job(&self) -> &Job {
+    pub(crate) fn job(&self) -> &Job {
         match self {
             Outcome::Scored(s) => &s.job,
             Outcome::Rejected { job, .. } => job,
@@ -72,7 +72,7 @@ impl Outcome {
 }
 
 /// Where outcomes go: the Kafka sink, or a collector for offline scoring and tests.
-pub trait OutcomeSink: Send + Sync + 'static {
+pub(crate) trait OutcomeSink: Send + Sync + 'static {
     fn accept(&self, outcome: Outcome);
 }
 
@@ -91,7 +91,7 @@ struct Decoded {
 }
 
 /// Handle to running stages. Dropping every clone of the submitter shuts them down in order.
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     submit: Option<Submitter>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -100,26 +100,26 @@ pub struct Pipeline {
 /// reads it: a hot swap then takes effect at one offset per partition (older offsets keep the
 /// old model, newer ones get the new), however the decode pool and engine workers reorder work.
 #[derive(Clone)]
-pub struct Submitter {
+pub(crate) struct Submitter {
     jobs: Sender<(Job, Arc<ActiveModel>)>,
     models: Arc<ModelSlot>,
 }
 
 impl Submitter {
     /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
-    pub fn send(&self, job: Job) -> Result<(), Job> {
+    pub(crate) fn send(&self, job: Job) -> Result<(), Job> {
         self.jobs.send((job, self.models.current())).map_err(|e| e.0 .0)
     }
 }
 
 impl Pipeline {
-    pub fn start(models: Arc<ModelSlot>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+    pub(crate) fn start(models: Arc<ModelSlot>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
         let decoder = Decoder::from_settings(settings, models.current().engine.input_size());
         Self::start_with(models, decoder, &settings.batch, metrics, sink)
     }
 
     /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
-    pub fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
+    pub(crate) fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
         let sessions = models.current().engine.session_count();
         let workers = if decoder.settings().workers == 0 { crate::config::usable_cores() } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<(Job, Arc<ActiveModel>)>(batch.queue_capacity);
@@ -144,12 +144,12 @@ impl Pipeline {
         Self { submit: Some(Submitter { jobs: submit, models }), threads }
     }
 
-    pub fn submitter(&self) -> Submitter {
+    pub(crate) fn submitter(&self) -> Submitter {
         self.submit.as_ref().expect("open").clone()
     }
 
     /// Closes the input and waits until every submitted job has reached the sink.
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.submit.take();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -163,7 +163,7 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> std::thread::JoinHa
 
 /// Parses and decodes one job. The record's bytes stay with the job until its outcome is
 /// published, so any later failure can still dead-letter the original.
-pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput), Rejection> {
+pub(crate) fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput), Rejection> {
     let value = job.value.as_deref();
     // Base64 inflates by 4/3; anything beyond that is over the limit whatever it holds.
     let limit = decoder.max_payload_bytes() / 3 * 4 + 64 * 1024;
@@ -183,7 +183,7 @@ pub fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, ModelInput),
 
 /// Runs `f`, turning a panic into a rejection: a bug on one input must not leave its offset
 /// pending forever or take a worker thread down.
-pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, Rejection>) -> Result<T, Rejection> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let message = super::panic_message(panic.as_ref());
         tracing::error!(what, %message, "panic caught; dead-lettering the input");

@@ -14,7 +14,7 @@ use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::shutdown::Shutdown;
 use crate::telemetry::{InternalEvent, Metrics};
 
-pub struct Reloader {
+pub(crate) struct Reloader {
     pub models: Arc<ModelSlot>,
     pub control: Option<Arc<ControlState>>,
     pub settings: Arc<Settings>,
@@ -23,7 +23,7 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    pub fn spawn(self, stop: Shutdown) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub(crate) fn spawn(self, stop: Shutdown) -> std::io::Result<std::thread::JoinHandle<()>> {
         std::thread::Builder::new().name("model-reload".into()).spawn(move || self.run(&stop))
     }
 
@@ -62,7 +62,7 @@ impl Reloader {
 /// Loads, checks and swaps in `uri`, and reports it; false when it was refused (the active model
 /// keeps serving). The same bytes from the same URI are left alone: e.g. the announcement read
 /// again at a restart, or a file touched without changing.
-pub async fn swap_in(models: &ModelSlot, control: Option<&ControlState>, metrics: &Metrics, uri: &str) -> bool {
+pub(crate) async fn swap_in(models: &ModelSlot, control: Option<&ControlState>, metrics: &Metrics, uri: &str) -> bool {
     // Before its first batch: its runtime thresholds are in force and its classes are labels.
     // The swap is reported here too (nothing can fail between this and the swap), so whoever
     // sees the new model serve (`GET /api/model`) also sees it in the metrics.
@@ -90,14 +90,14 @@ pub async fn swap_in(models: &ModelSlot, control: Option<&ControlState>, metrics
 /// state before the reloader starts (so it is loaded once), loads while the rest of the operator
 /// starts, and `wait` holds the first record back until it serves, for at most
 /// `model.announced_wait_ms` from the start.
-pub struct AnnouncedModel {
+pub(crate) struct AnnouncedModel {
     uri: String,
     loading: tokio::task::JoinHandle<bool>,
     deadline: tokio::time::Instant,
 }
 
 impl AnnouncedModel {
-    pub fn start(control: &Arc<ControlState>, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &Settings) -> Option<Self> {
+    pub(crate) fn start(control: &Arc<ControlState>, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &Settings) -> Option<Self> {
         let Some(Change::Model { uri, .. }) = control.next_model(Duration::ZERO) else { return None };
         tracing::info!(uri, "loading the model announced on the control topic before reading any record");
         let loading = {
@@ -109,7 +109,7 @@ impl AnnouncedModel {
 
     /// Waits until the announced model serves, was refused, or the deadline passed (then it goes
     /// on loading and swaps in when ready).
-    pub async fn wait(self) {
+    pub(crate) async fn wait(self) {
         let uri = self.uri;
         match tokio::time::timeout_at(self.deadline, self.loading).await {
             Ok(Ok(true)) => {}

@@ -25,7 +25,7 @@ use crate::stream::sink::{Oversight, SinkSettings};
 use crate::stream::source::job_from_message;
 use crate::telemetry::Metrics;
 
-pub struct ReplayRequest {
+pub(crate) struct ReplayRequest {
     pub input_topic: String,
     pub from: DateTime<Utc>,
     pub to: Option<DateTime<Utc>>,
@@ -37,7 +37,7 @@ pub struct ReplayRequest {
 /// What a replay reports when it ends: as JSON, the record of `schemas/replay-summary.json`
 /// (partitions become string keys, ranges `[start, end]` arrays); `Display` is the line for people.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct ReplaySummary {
+pub(crate) struct ReplaySummary {
     pub records: u64,
     pub scored: u64,
     pub anomalies: u64,
@@ -68,7 +68,7 @@ impl std::fmt::Display for ReplaySummary {
 }
 
 /// A stable id for a replay request, so re-running it overwrites the same heatmaps.
-pub fn replay_id(req: &ReplayRequest, model_version: &str) -> String {
+pub(crate) fn replay_id(req: &ReplayRequest, model_version: &str) -> String {
     let to = req.to.map_or("end".to_string(), |t| t.timestamp_millis().to_string());
     let parts = req.partitions.as_ref().map_or("all".to_string(), |p| p.iter().map(i32::to_string).collect::<Vec<_>>().join("."));
     let id = format!("{}-{}-{to}-{parts}-{}", req.input_topic, req.from.timestamp_millis(), model_version);
@@ -120,7 +120,7 @@ fn resolve_ranges(consumer: &BaseConsumer, req: &ReplayRequest) -> Result<BTreeM
 }
 
 /// Runs a topic replay to completion.
-pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<ReplaySummary> {
+pub(crate) async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<ReplaySummary> {
     let started = Instant::now();
     let engine = {
         let s = settings.clone();
@@ -231,7 +231,7 @@ pub async fn replay_topic(settings: Settings, req: ReplayRequest) -> Result<Repl
 }
 
 /// A progress bar on a terminal, periodic log lines otherwise (replay, `dlq redrive`).
-pub struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: u64,
     what: &'static str,
@@ -240,7 +240,7 @@ pub struct Progress {
 
 impl Progress {
     /// `what` names the work in the log lines written when stderr is not a terminal.
-    pub fn new(total: u64, what: &'static str) -> Self {
+    pub(crate) fn new(total: u64, what: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
             b.set_style(
@@ -253,7 +253,7 @@ impl Progress {
     }
 
     /// `message` is shown beside the bar (e.g. "3 anomalies"); built only when shown.
-    pub fn tick(&self, done: u64, message: impl FnOnce() -> String) {
+    pub(crate) fn tick(&self, done: u64, message: impl FnOnce() -> String) {
         if let Some(b) = &self.bar {
             b.set_position(done);
             b.set_message(message());
@@ -266,7 +266,7 @@ impl Progress {
         }
     }
 
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish();
         }
@@ -278,7 +278,12 @@ fn anomalies(metrics: &Metrics) -> String {
 }
 
 /// `replay --dir`: scores files in file order without Kafka; JSON lines to `output` or stdout.
-pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::path::Path>, heatmaps: Option<&std::path::Path>) -> Result<ReplaySummary> {
+pub(crate) fn replay_dir(
+    settings: &Settings,
+    paths: &[PathBuf],
+    output: Option<&std::path::Path>,
+    heatmaps: Option<&std::path::Path>,
+) -> Result<ReplaySummary> {
     use std::io::Write;
     let started = Instant::now();
     let files = crate::dataset::list(paths, crate::dataset::Split::All)?;
@@ -314,6 +319,6 @@ pub fn replay_dir(settings: &Settings, paths: &[PathBuf], output: Option<&std::p
     Ok(summary)
 }
 
-pub fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).with_context(|| format!("{s:?} is not an RFC 3339 time (e.g. 2026-11-27T08:00:00Z)"))
 }

@@ -16,7 +16,7 @@ use crate::stream::pipeline::{Job, Outcome, OutcomeSink, Scored};
 use crate::telemetry::{InternalEvent, Metrics};
 
 /// What the sink needs to build records.
-pub struct SinkSettings {
+pub(crate) struct SinkSettings {
     pub scores_topic: String,
     pub anomalies_topic: Option<String>,
     pub dead_letter_topic: String,
@@ -31,7 +31,7 @@ pub struct SinkSettings {
 impl SinkSettings {
     /// A replay's outputs: its own scores and dead-letter topics, no anomalies topic, and
     /// heatmaps under `replay/<id>` so they never overwrite the live ones.
-    pub fn for_replay(s: &Settings, scores_topic: &str, dead_letter_topic: &str, replay_id: &str) -> Self {
+    pub(crate) fn for_replay(s: &Settings, scores_topic: &str, dead_letter_topic: &str, replay_id: &str) -> Self {
         Self {
             scores_topic: scores_topic.to_string(),
             anomalies_topic: None,
@@ -41,7 +41,7 @@ impl SinkSettings {
         }
     }
 
-    pub fn from_settings(s: &Settings) -> Self {
+    pub(crate) fn from_settings(s: &Settings) -> Self {
         Self {
             scores_topic: s.topics.scores.clone(),
             anomalies_topic: s.topics.anomalies.clone(),
@@ -57,7 +57,7 @@ impl SinkSettings {
 /// What judges a score beside the model: thresholds changed at runtime, and the inspection
 /// page's ring buffer.
 #[derive(Clone, Default)]
-pub struct Oversight {
+pub(crate) struct Oversight {
     pub thresholds: Arc<RuntimeThresholds>,
     pub recent: Option<Arc<Recent>>,
 }
@@ -71,13 +71,13 @@ struct Inner {
 }
 
 #[derive(Clone)]
-pub struct KafkaSink {
+pub(crate) struct KafkaSink {
     inner: Arc<Inner>,
     runtime: tokio::runtime::Handle,
 }
 
 impl KafkaSink {
-    pub fn new(
+    pub(crate) fn new(
         settings: SinkSettings,
         oversight: Oversight,
         store: Option<BlobStore>,

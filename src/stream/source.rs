@@ -120,7 +120,7 @@ fn partition_keys(tpl: &TopicPartitionList) -> Vec<PartitionKey> {
     tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect()
 }
 
-pub struct SourceOptions {
+pub(crate) struct SourceOptions {
     pub max_in_flight: usize,
     pub max_in_flight_bytes: usize,
     pub commit_interval: Duration,
@@ -147,7 +147,7 @@ pub fn job_from_message(m: &BorrowedMessage<'_>, tracker: &OffsetTracker) -> Job
 
 /// The source loop; returns when `shutdown` is set (after draining and committing) or on a
 /// fatal error.
-pub fn run(
+pub(crate) fn run(
     consumer: &BaseConsumer<SourceContext>,
     submit: &Submitter,
     opts: &SourceOptions,
@@ -326,7 +326,7 @@ fn recover(consumer: &BaseConsumer<SourceContext>, shutdown: &Shutdown, health: 
 
 /// After an aborted transaction: seek every assigned partition back to its committed offset
 /// and forget in-flight work, so everything after the last commit is scored again.
-pub fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
+pub(crate) fn rewind(consumer: &BaseConsumer<SourceContext>) -> Result<()> {
     let ctx = consumer.context();
     let assignment = consumer.assignment().map_err(|e| anyhow!("assignment: {e}"))?;
     let committed = consumer.committed_offsets(assignment, Duration::from_secs(10)).map_err(|e| anyhow!("committed offsets: {e}"))?;
@@ -377,7 +377,7 @@ fn resume(consumer: &BaseConsumer<SourceContext>) {
 /// assigned partition: one nothing was read from yet (just assigned, or paused) counts from the
 /// group's committed offset, so a stalled partition shows its lag instead of hiding it.
 /// `config` must carry the operator's group id; this client never joins the group.
-pub fn spawn_lag_reporter(
+pub(crate) fn spawn_lag_reporter(
     config: rdkafka::ClientConfig,
     tracker: Arc<OffsetTracker>,
     assignment: Arc<Mutex<BTreeSet<PartitionKey>>>,

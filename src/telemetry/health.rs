@@ -7,7 +7,7 @@ use std::time::Instant;
 
 /// What `/readyz` reports, and the heartbeat behind `/healthz`.
 #[derive(Default)]
-pub struct Health {
+pub(crate) struct Health {
     pub ready: AtomicBool,
     pub details: Mutex<serde_json::Value>,
     pub started: std::sync::OnceLock<Instant>,
@@ -20,26 +20,26 @@ pub struct Health {
 }
 
 /// A source loop silent for longer than this is stuck: `/healthz` fails so the pod restarts.
-pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+pub(crate) const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
 
 impl Health {
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         let h = Self::default();
         let _ = h.started.set(Instant::now());
         Arc::new(h)
     }
 
-    pub fn set_ready(&self, ready: bool, details: serde_json::Value) {
+    pub(crate) fn set_ready(&self, ready: bool, details: serde_json::Value) {
         *self.details.lock().expect("health") = details;
         self.ready.store(ready, Ordering::SeqCst);
     }
 
     /// Ready: started, no partition stuck and not stalled.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && self.stuck.lock().expect("health").is_empty() && self.stalled.lock().expect("health").is_none()
     }
 
-    pub fn set_stalled(&self, why: Option<String>) {
+    pub(crate) fn set_stalled(&self, why: Option<String>) {
         let mut stalled = self.stalled.lock().expect("health");
         match (&*stalled, &why) {
             (None, Some(why)) => tracing::warn!(%why, "stalled: not ready until inputs finish again"),
@@ -49,7 +49,7 @@ impl Health {
         *stalled = why;
     }
 
-    pub fn set_stuck(&self, partitions: Vec<String>) {
+    pub(crate) fn set_stuck(&self, partitions: Vec<String>) {
         let mut stuck = self.stuck.lock().expect("health");
         if partitions.len() > stuck.len() {
             tracing::warn!(?partitions, "partitions stuck: not ready until they move");
@@ -58,7 +58,7 @@ impl Health {
     }
 
     /// `/readyz`: whether ready, and the details with the stuck partitions.
-    pub fn report(&self) -> (bool, serde_json::Value) {
+    pub(crate) fn report(&self) -> (bool, serde_json::Value) {
         let ready = self.is_ready();
         let mut body = self.details.lock().expect("health").clone();
         if let serde_json::Value::Object(ref mut o) = body {
@@ -72,13 +72,13 @@ impl Health {
     }
 
     /// Called by the source loop on every turn.
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         let ms = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64).max(1);
         self.heartbeat_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Alive unless the source loop has started and then stopped turning.
-    pub fn is_alive(&self) -> bool {
+    pub(crate) fn is_alive(&self) -> bool {
         let last = self.heartbeat_ms.load(Ordering::Relaxed);
         let now = self.started.get().map_or(0, |s| s.elapsed().as_millis() as u64);
         last == 0 || now.saturating_sub(last) < HEARTBEAT_TIMEOUT.as_millis() as u64

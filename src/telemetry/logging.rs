@@ -8,7 +8,7 @@ use crate::config::{LogFormat, TelemetrySettings};
 
 /// Installs the log subscriber, plus an OTLP trace exporter when configured.
 /// Returns the tracer provider so the caller can flush it on exit.
-pub fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+pub(crate) fn init(settings: &TelemetrySettings) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log_level));
     opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let (provider, otel_layer) = if let Some(endpoint) = &settings.otlp_endpoint {

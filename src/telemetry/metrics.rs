@@ -93,8 +93,8 @@ pub struct Totals {
     pub dead_letters: std::sync::atomic::AtomicU64,
 }
 
-pub const CLASS_NONE: &str = "_none";
-pub const CLASS_OTHER: &str = "_other";
+pub(crate) const CLASS_NONE: &str = "_none";
+pub(crate) const CLASS_OTHER: &str = "_other";
 
 /// Every metric the operator exports.
 pub struct Metrics {

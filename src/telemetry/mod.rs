@@ -7,7 +7,7 @@ mod logging;
 mod metrics;
 mod propagation;
 
-pub use health::{Health, HEARTBEAT_TIMEOUT};
-pub use logging::init;
+pub(crate) use health::Health;
+pub(crate) use logging::init;
 pub use metrics::*;
-pub use propagation::{image_span, output_trace_headers};
+pub(crate) use propagation::{image_span, output_trace_headers};

@@ -13,7 +13,7 @@ impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
 }
 
 /// A span for one input, continuing the W3C trace from its headers.
-pub fn image_span(headers: &crate::event::Headers, topic: &str, partition: i32, offset: i64) -> tracing::Span {
+pub(crate) fn image_span(headers: &crate::event::Headers, topic: &str, partition: i32, offset: i64) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
     let span = tracing::info_span!("score_image", topic, partition, offset);
@@ -22,7 +22,7 @@ pub fn image_span(headers: &crate::event::Headers, topic: &str, partition: i32, 
 }
 
 /// Trace headers for an output: the span's context when tracing is on, else the input's own.
-pub fn output_trace_headers(span: &tracing::Span, input: &crate::event::Headers) -> Vec<(String, String)> {
+pub(crate) fn output_trace_headers(span: &tracing::Span, input: &crate::event::Headers) -> Vec<(String, String)> {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let mut injected = std::collections::HashMap::new();
     let cx = span.context();

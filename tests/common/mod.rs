@@ -547,9 +547,9 @@ impl Drop for S3Server {
 }
 
 /// Real test images from the shared datasets: (class, label, path), `per_class` of each class.
-pub fn sample_images(per_class: usize) -> Vec<dcam_stream::dataset::ImageFile> {
-    let files = dcam_stream::dataset::list(&[datasets()], dcam_stream::dataset::Split::Test).expect("shared datasets present");
-    dcam_stream::dataset::sample_per_class(files, per_class)
+pub fn sample_images(per_class: usize) -> Vec<dcam_stream::internals::ImageFile> {
+    let files = dcam_stream::internals::list_images(&[datasets()], dcam_stream::internals::Split::Test).expect("shared datasets present");
+    dcam_stream::internals::sample_per_class(files, per_class)
 }
 
 /// Heavy tests (broker + operator processes) run one at a time on this 2-core machine.
@@ -565,7 +565,7 @@ pub fn publish(producer: &FutureProducer, topic: &str, records: &[(Option<Vec<u8
         let mut out = Vec::new();
         for (key, value, headers) in records {
             let record =
-                dcam_stream::delivery::record::OutRecord { topic: topic.to_string(), key: key.clone(), payload: Some(value.clone()), headers: headers.clone() };
+                dcam_stream::internals::OutRecord { topic: topic.to_string(), key: key.clone(), payload: Some(value.clone()), headers: headers.clone() };
             let d = producer.send(record.to_future_record(), Duration::from_secs(30)).await.map_err(|(e, _)| e).expect("publish");
             out.push((d.partition, d.offset));
         }
@@ -590,7 +590,7 @@ pub fn small_image_records(n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<St
     records_cycling(files, n, id_prefix)
 }
 
-fn records_cycling(files: Vec<dcam_stream::dataset::ImageFile>, n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<String>) {
+fn records_cycling(files: Vec<dcam_stream::internals::ImageFile>, n: usize, id_prefix: &str) -> (Vec<RawRecord>, Vec<String>) {
     let blobs: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(&f.path).unwrap()).collect();
     let mut records = Vec::new();
     let mut ids = Vec::new();
