@@ -111,6 +111,8 @@ pub(crate) const HEADER_CLASS: &str = "dcam-class";
 /// A dead letter's error kind and message (docs/DESIGN.md, dead-letter headers).
 pub(crate) const HEADER_ERROR_KIND: &str = "dcam-error-kind";
 pub(crate) const HEADER_ERROR: &str = "dcam-error";
+/// The input an output or dead letter is for, `topic/partition/offset` (`record_name`).
+pub(crate) const HEADER_SOURCE: &str = "dcam-source";
 
 /// What an image id may hold besides ASCII letters and digits (docs/DESIGN.md §2).
 pub(crate) const ID_PUNCTUATION: &str = "._:-";
@@ -303,7 +305,7 @@ pub(crate) fn header_str<'a>(headers: &'a Headers, name: &str) -> Option<&'a str
 /// `dcam-original-error*`, `dcam-source`): a new dead letter and a redrive drop the incoming ones,
 /// so a record that fails again carries only its current error.
 pub(crate) fn is_dead_letter_header(name: &str) -> bool {
-    name.starts_with("dcam-error") || name.starts_with("dcam-original-error") || name == "dcam-source"
+    name.starts_with("dcam-error") || name.starts_with("dcam-original-error") || name == HEADER_SOURCE
 }
 
 /// Dead-letter headers: the originals (less stale dead-letter headers) plus the error description.
@@ -311,7 +313,7 @@ pub(crate) fn dead_letter_headers(original: &Headers, rejection: &Rejection, sou
     let mut h: Headers = original.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
     h.push((HEADER_ERROR_KIND.into(), rejection.kind.as_str().as_bytes().to_vec()));
     h.push((HEADER_ERROR.into(), rejection.message.as_bytes().to_vec()));
-    h.push(("dcam-source".into(), record_name(&source.topic, source.partition, source.offset).into_bytes()));
+    h.push((HEADER_SOURCE.into(), record_name(&source.topic, source.partition, source.offset).into_bytes()));
     h
 }
 

@@ -74,8 +74,8 @@ impl Shutdown {
         let shutdown = self.clone();
         std::thread::Builder::new().name("shutdown-deadline".into()).spawn(move || {
             while !shutdown.sleep(Duration::from_secs(3600)) {}
-            std::thread::sleep(shutdown.grace());
             let timeout = shutdown.grace();
+            std::thread::sleep(timeout);
             tracing::error!(?timeout, "shutdown did not finish within pipeline.shutdown_timeout_ms; exiting, uncommitted work is read again after restart");
             eprintln!("error: shutdown did not finish within {timeout:?}; uncommitted work is read again after restart");
             std::process::exit(2);

@@ -339,7 +339,9 @@ mod tests {
     fn state_with(env: &[(&str, &str)]) -> ApiState {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
         let settings = Settings::load_with_env(None, env).unwrap();
-        let engine = crate::inference::engine::load_configured(&settings).unwrap();
+        // Loading the model is the slow part; the env variables these tests set do not touch it.
+        static ENGINE: std::sync::OnceLock<Arc<crate::inference::engine::Engine>> = std::sync::OnceLock::new();
+        let engine = ENGINE.get_or_init(|| crate::inference::engine::load_configured(&settings).unwrap()).clone();
         let active = crate::inference::active::ActiveModel::new(engine, &settings, &settings.model.path).unwrap();
         ApiState {
             metrics: Metrics::new(),

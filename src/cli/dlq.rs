@@ -222,9 +222,9 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
 
 /// Assigns every partition of `topic` from `start` (Beginning, or Stored: the group's committed
 /// offsets) and calls `each` on every record below the end offsets seen at the start; returns how
-/// many were read. `progress` (a bar on a terminal) gets the number to read once it is known. Gives
-/// up (with an error) when nothing arrives for 30 s before the end (an open transaction on the
-/// topic, or the broker gone).
+/// many were read. A progress bar named `what` (log lines off a terminal) counts the offsets passed,
+/// with the status line `each` returns beside it. Gives up (with an error) when nothing arrives for
+/// 30 s before the end (an open transaction on the topic, or the broker gone).
 fn read_to_end(
     consumer: &BaseConsumer,
     topic: &str,

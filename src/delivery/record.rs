@@ -34,7 +34,7 @@ impl OutRecord {
 
     /// The input it came from (`topic/partition/offset`), from its `dcam-source` header.
     pub fn source(&self) -> Option<&[u8]> {
-        self.headers.iter().find(|(k, _)| k == "dcam-source").map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(k, _)| k == crate::event::HEADER_SOURCE).map(|(_, v)| v.as_slice())
     }
 
     pub fn to_future_record(&self) -> FutureRecord<'_, [u8], [u8]> {

@@ -162,15 +162,13 @@ impl Inner {
             // Best effort: the score still goes out, with `heatmap_uri: null`. Transient S3 errors
             // are retried by the object_store client (`store::s3_client`) within the timeout; a
             // failed local write (disk full, permissions) does not heal in milliseconds.
-            let failure = match tokio::time::timeout(timeout, store.put(&key, png)).await {
-                Ok(Ok(uri)) => {
-                    heatmap_uri = Some(uri);
-                    None
-                }
-                Ok(Err(e)) => Some(format!("{e:#}")),
-                Err(_) => Some(format!("timed out after {timeout:?} (heatmap.write_timeout_ms)")),
+            let written = match tokio::time::timeout(timeout, store.put(&key, png)).await {
+                Ok(Ok(uri)) => Ok(uri),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(_) => Err(format!("timed out after {timeout:?} (heatmap.write_timeout_ms)")),
             };
-            self.metrics.emit(InternalEvent::HeatmapStored { key: &key, failure: failure.as_deref() });
+            self.metrics.emit(InternalEvent::HeatmapStored { key: &key, failure: written.as_ref().err().map(String::as_str) });
+            heatmap_uri = written.ok();
         }
         let queue_ms = job.timestamp.map_or(0.0, |ts| {
             let consumed_wall = chrono::Utc::now().timestamp_millis() as f64 - job.consumed_at.elapsed().as_secs_f64() * 1000.0;
@@ -199,7 +197,7 @@ impl Inner {
         let payload = serde_json::to_vec(&record).expect("score record serialises");
         let mut headers: Vec<(String, Vec<u8>)> =
             crate::telemetry::output_trace_headers(span, &job.headers).into_iter().map(|(k, v)| (k, v.into_bytes())).collect();
-        headers.push(("dcam-source".into(), job.ticket.to_string().into_bytes()));
+        headers.push((crate::event::HEADER_SOURCE.into(), job.ticket.to_string().into_bytes()));
         let score = OutRecord { topic: self.settings.scores_topic.clone(), key: Some(event.image_id.clone().into_bytes()), payload: Some(payload), headers };
         let mut out = vec![score.clone()];
         if let (true, Some(topic)) = (verdict.is_anomaly, &self.settings.anomalies_topic) {
