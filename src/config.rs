@@ -11,7 +11,7 @@ use serde_with::{serde_as, DurationMilliSeconds};
 
 pub(crate) const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub kafka: KafkaSettings,
@@ -22,6 +22,7 @@ pub struct Settings {
     pub decode: DecodeSettings,
     pub pipeline: PipelineSettings,
     pub heatmap: HeatmapSettings,
+    pub s3: S3Settings,
     pub delivery: DeliverySettings,
     pub telemetry: TelemetrySettings,
     pub inspect: InspectSettings,
@@ -29,7 +30,7 @@ pub struct Settings {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Bootstrap servers, `host:port[,host:port...]`.
@@ -87,6 +88,31 @@ pub struct KafkaSettings {
     pub extra: BTreeMap<String, String>,
 }
 
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            group_id: "dcam-stream".into(),
+            input_topics: vec!["images".into()],
+            client_id: "dcam-stream".into(),
+            security_protocol: SecurityProtocol::Plaintext,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: Secret::default(),
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: Secret::default(),
+            session_timeout: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(60),
+            auto_offset_reset: OffsetReset::Earliest,
+            rebalance_protocol: RebalanceProtocol::Cooperative,
+            static_membership: true,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RebalanceProtocol {
@@ -135,7 +161,7 @@ pub enum OffsetReset {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSettings {
     /// Where every score record goes.
@@ -155,8 +181,20 @@ pub struct TopicSettings {
     pub control_audit: Option<String>,
 }
 
+impl Default for TopicSettings {
+    fn default() -> Self {
+        Self {
+            scores: "scores".into(),
+            anomalies: None,
+            dead_letter: "images.dlq".into(),
+            control: Some("dcam.control".into()),
+            control_audit: Some("dcam.control.audit".into()),
+        }
+    }
+}
+
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     /// The ONNX model served at start-up (the model contract, docs/DESIGN.md §1).
@@ -181,6 +219,19 @@ pub struct ModelSettings {
     #[serde(rename = "announced_wait_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub announced_wait: Duration,
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        Self {
+            path: "models/dcam.onnx".into(),
+            watch_interval: Duration::ZERO,
+            thresholds: BTreeMap::new(),
+            allowed_sources: Vec::new(),
+            max_bytes: 200 << 20,
+            announced_wait: Duration::from_secs(60),
+        }
+    }
 }
 
 /// A place models may be loaded from (`model.allowed_sources`), written as a directory path,
@@ -232,7 +283,7 @@ pub enum Provider {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSettings {
     /// ONNX Runtime execution provider: `cpu` | `cuda` | `tensorrt`.
@@ -257,8 +308,24 @@ pub struct EngineSettings {
     pub cpu_arena: bool,
 }
 
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Cpu,
+            device_id: 0,
+            require_gpu: false,
+            sessions: 0,
+            intra_threads: 0,
+            trt_fp16: false,
+            trt_engine_cache: None,
+            warmup_batches: 1,
+            cpu_arena: true,
+        }
+    }
+}
+
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSettings {
     /// Largest batch; 0 = the policy (`Settings::apply_engine_policy`).
@@ -271,8 +338,14 @@ pub struct BatchSettings {
     pub queue_capacity: usize,
 }
 
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self { max_batch: 0, max_delay: Duration::from_millis(10), queue_capacity: 256 }
+    }
+}
+
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DecodeSettings {
     /// Largest image payload (inline or fetched); larger inputs are dead-lettered as `too_large`.
@@ -288,8 +361,14 @@ pub struct DecodeSettings {
     pub max_decode_bytes: u64,
 }
 
+impl Default for DecodeSettings {
+    fn default() -> Self {
+        Self { max_payload_bytes: 16 << 20, max_pixels: 40_000_000, workers: 0, file_uri_root: None, max_decode_bytes: 0 }
+    }
+}
+
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineSettings {
     /// Events consumed but not yet committed; partitions are paused when reached.
@@ -309,6 +388,18 @@ pub struct PipelineSettings {
     #[serde(rename = "restart_stalled_after_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub restart_stalled_after: Duration,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 512,
+            max_in_flight_bytes: 256 << 20,
+            stuck_after: Duration::from_secs(120),
+            shutdown_timeout: Duration::from_secs(30),
+            restart_stalled_after: Duration::from_secs(600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -331,7 +422,7 @@ impl HeatmapPolicy {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeatmapSettings {
     /// Which images get a heatmap: `all` | `anomalies` | `none`.
@@ -344,12 +435,18 @@ pub struct HeatmapSettings {
     #[serde(rename = "write_timeout_ms")]
     #[serde_as(as = "DurationMilliSeconds<u64>")]
     pub write_timeout: Duration,
-    /// The S3 client for `s3://` heatmap stores, model sources and image URIs.
-    pub s3: S3Settings,
 }
 
+impl Default for HeatmapSettings {
+    fn default() -> Self {
+        Self { policy: HeatmapPolicy::Anomalies, store: "file:///tmp/dcam-heatmaps".into(), overlay: false, write_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// The one S3 client configuration, shared by every component that reads or writes `s3://`
+/// (heatmap store, model sources, image URIs).
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct S3Settings {
     /// A non-AWS endpoint (MinIO, moto); AWS when empty.
@@ -375,6 +472,20 @@ pub struct S3Settings {
     pub request_timeout: Duration,
 }
 
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: "us-east-1".into(),
+            allow_http: false,
+            access_key_id: None,
+            secret_access_key: Secret::default(),
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryMode {
@@ -383,7 +494,7 @@ pub enum DeliveryMode {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeliverySettings {
     /// `at_least_once` | `exactly_once` (Kafka transactions; docs/DESIGN.md §4).
@@ -401,6 +512,12 @@ pub struct DeliverySettings {
     pub commit_interval: Duration,
 }
 
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        Self { mode: DeliveryMode::AtLeastOnce, instance_id: None, transaction_timeout: Duration::from_secs(60), commit_interval: Duration::from_secs(1) }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
@@ -409,7 +526,7 @@ pub enum LogFormat {
 }
 
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
     /// Serves /metrics, /healthz, /readyz, the inspection page (/ui) and its API (/api).
@@ -443,9 +560,28 @@ pub struct TelemetrySettings {
     pub max_live_clients: usize,
 }
 
-/// Who may change the control topic: records must carry an HMAC-SHA256 under this key.
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            http_addr: "0.0.0.0:9464".into(),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            otlp_endpoint: None,
+            service_name: "dcam-stream".into(),
+            api_token: Secret::default(),
+            tokens_file: None,
+            read_token: Secret::default(),
+            allowed_hosts: Vec::new(),
+            max_connections: 128,
+            max_live_clients: 16,
+        }
+    }
+}
+
+/// The control-topic reader: who may change the topic (records must carry an HMAC-SHA256 under
+/// this key) and how long start-up waits for it.
 #[serde_as]
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSettings {
     /// The signing key itself (from a Secret, as env); unsigned records are applied when neither
@@ -455,16 +591,213 @@ pub struct ControlSettings {
     /// A file holding the signing key (a mounted Secret), read at start-up.
     #[serde(default, with = "empty_is_none")]
     pub signing_key_file: Option<String>,
+    /// How long a starting replica waits to read the control topic to its end before scoring;
+    /// past it, it starts with the values read so far and catches up live.
+    #[serde(rename = "catch_up_timeout_ms")]
+    #[serde_as(as = "DurationMilliSeconds<u64>")]
+    pub catch_up_timeout: Duration,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        Self { signing_key: Secret::default(), signing_key_file: None, catch_up_timeout: Duration::from_secs(10) }
+    }
 }
 
 /// The inspection page's in-memory data.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InspectSettings {
     /// Bytes of recent score records and thumbnails kept for `/ui`; 0 = off.
     pub recent_bytes: usize,
     /// Thumbnail edge in pixels (heatmap over the model input); 0 = no thumbnails.
     pub thumbnail_px: u32,
+}
+
+impl Default for InspectSettings {
+    fn default() -> Self {
+        Self { recent_bytes: 16 << 20, thumbnail_px: 256 }
+    }
+}
+
+/// Range and consistency problems found by the sections' `validate`, reported together.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, message: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(message());
+        }
+    }
+
+    fn into_result(self) -> Result<()> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            bail!("invalid configuration:\n  - {}", self.0.join("\n  - "))
+        }
+    }
+}
+
+impl KafkaSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(!self.brokers.trim().is_empty(), || "kafka.brokers must not be empty".into());
+        p.check(!self.group_id.trim().is_empty(), || "kafka.group_id must not be empty".into());
+        p.check(!self.input_topics.is_empty(), || "kafka.input_topics must name at least one topic".into());
+        let session = ms(self.session_timeout);
+        p.check((1000..=3_600_000).contains(&session), || format!("kafka.session_timeout_ms must be in 1000..=3600000, got {session}"));
+        p.check((session..=3_600_000).contains(&ms(self.max_poll_interval)), || {
+            format!("kafka.max_poll_interval_ms must be in session_timeout_ms..=3600000, got {}", ms(self.max_poll_interval))
+        });
+        if self.security_protocol.uses_sasl() {
+            let known = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+            p.check(self.sasl_mechanism.as_deref().is_some_and(|m| known.contains(&m)), || {
+                format!("kafka.sasl_mechanism must be one of {known:?} with SASL, got {:?}", self.sasl_mechanism)
+            });
+        }
+    }
+}
+
+impl TopicSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(!self.scores.is_empty(), || "topics.scores must not be empty".into());
+        p.check(!self.dead_letter.is_empty(), || "topics.dead_letter must not be empty".into());
+        for (name, topic) in [("topics.control", &self.control), ("topics.control_audit", &self.control_audit)] {
+            if let Some(topic) = topic {
+                p.check(topic != &self.scores && topic != &self.dead_letter, || format!("{name} ({topic:?}) must be a topic of its own"));
+            }
+        }
+        p.check(self.control.is_none() || self.control != self.control_audit, || {
+            "topics.control_audit must differ from topics.control (one is compacted, the other keeps every change)".into()
+        });
+    }
+}
+
+impl ModelSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(!self.path.is_empty(), || "model.path must not be empty".into());
+        p.check(self.watch_interval.is_zero() || self.watch_interval >= Duration::from_millis(500), || {
+            format!("model.watch_interval_ms must be 0 (off) or >= 500, got {}", ms(self.watch_interval))
+        });
+        p.check(self.max_bytes >= 1 << 20, || format!("model.max_bytes must be >= 1048576, got {}", self.max_bytes));
+        p.check(ms(self.announced_wait) <= 3_600_000, || format!("model.announced_wait_ms must be <= 3600000, got {}", ms(self.announced_wait)));
+        for (class, t) in &self.thresholds {
+            p.check(t.is_finite(), || format!("model.thresholds.{class} must be a finite number"));
+        }
+    }
+}
+
+impl EngineSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check((1..=64).contains(&self.sessions), || format!("engine.sessions must be in 1..=64, got {}", self.sessions));
+        p.check(self.intra_threads <= 256, || format!("engine.intra_threads must be <= 256, got {}", self.intra_threads));
+        p.check(self.device_id >= 0, || format!("engine.device_id must be >= 0, got {}", self.device_id));
+    }
+}
+
+impl BatchSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check((1..=1024).contains(&self.max_batch), || format!("batch.max_batch must be in 1..=1024, got {}", self.max_batch));
+        p.check(ms(self.max_delay) <= 60_000, || format!("batch.max_delay_ms must be <= 60000, got {}", ms(self.max_delay)));
+    }
+}
+
+impl DecodeSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(self.max_payload_bytes >= 1024, || format!("decode.max_payload_bytes must be >= 1024, got {}", self.max_payload_bytes));
+        p.check(self.max_pixels >= 1, || "decode.max_pixels must be >= 1".into());
+        p.check(self.workers <= 256, || format!("decode.workers must be <= 256, got {}", self.workers));
+        p.check(self.max_decode_bytes == 0 || self.max_decode_bytes >= 16 << 20, || {
+            format!("decode.max_decode_bytes must be 0 (auto) or >= 16777216, got {}", self.max_decode_bytes)
+        });
+    }
+}
+
+impl PipelineSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(self.max_in_flight_bytes >= 1 << 20, || format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.max_in_flight_bytes));
+        p.check(ms(self.stuck_after) >= 1000, || format!("pipeline.stuck_after_ms must be >= 1000, got {}", ms(self.stuck_after)));
+        p.check(self.restart_stalled_after.is_zero() || self.restart_stalled_after >= self.stuck_after, || {
+            format!(
+                "pipeline.restart_stalled_after_ms must be 0 (never) or >= pipeline.stuck_after_ms ({}), got {}",
+                ms(self.stuck_after),
+                ms(self.restart_stalled_after)
+            )
+        });
+        p.check((1000..=3_600_000).contains(&ms(self.shutdown_timeout)), || {
+            format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", ms(self.shutdown_timeout))
+        });
+    }
+}
+
+impl HeatmapSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(ms(self.write_timeout) >= 100, || format!("heatmap.write_timeout_ms must be >= 100, got {}", ms(self.write_timeout)));
+        p.check(self.store.starts_with("file://") || self.store.starts_with("s3://"), || {
+            format!("heatmap.store must start with file:// or s3://, got {:?}", self.store)
+        });
+    }
+}
+
+impl S3Settings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(ms(self.connect_timeout) >= 100, || format!("s3.connect_timeout_ms must be >= 100, got {}", ms(self.connect_timeout)));
+        p.check(ms(self.request_timeout) >= 100, || format!("s3.request_timeout_ms must be >= 100, got {}", ms(self.request_timeout)));
+    }
+}
+
+impl DeliverySettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check((1000..=900_000).contains(&ms(self.transaction_timeout)), || {
+            format!("delivery.transaction_timeout_ms must be in 1000..=900000, got {}", ms(self.transaction_timeout))
+        });
+        p.check((10..=60_000).contains(&ms(self.commit_interval)), || {
+            format!("delivery.commit_interval_ms must be in 10..=60000, got {}", ms(self.commit_interval))
+        });
+        p.check(self.instance_id.as_deref().unwrap_or_default().chars().all(|c| crate::event::is_safe_char(c, crate::event::NAME_PUNCTUATION)), || {
+            format!("delivery.instance_id may only hold [A-Za-z0-9._-], got {:?}", self.instance_id)
+        });
+    }
+}
+
+impl TelemetrySettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(self.http_addr.parse::<std::net::SocketAddr>().is_ok(), || {
+            format!("telemetry.http_addr must be host:port with an IP, got {:?}", self.http_addr)
+        });
+        p.check(tracing_subscriber::EnvFilter::try_new(&self.log_level).is_ok(), || format!("telemetry.log_level is not a valid filter: {:?}", self.log_level));
+        p.check((1..self.max_connections).contains(&self.max_live_clients), || {
+            format!(
+                "telemetry.max_live_clients must be at least 1 and below telemetry.max_connections ({}), got {}",
+                self.max_connections, self.max_live_clients
+            )
+        });
+        p.check(self.allowed_hosts.iter().all(|h| !h.is_empty() && !h.contains([':', '/', '@'])), || {
+            format!("telemetry.allowed_hosts holds host names without scheme or port, got {:?}", self.allowed_hosts)
+        });
+    }
+}
+
+impl InspectSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(self.recent_bytes <= 1 << 30, || format!("inspect.recent_bytes must be <= 1073741824, got {}", self.recent_bytes));
+        p.check(self.thumbnail_px <= 512, || format!("inspect.thumbnail_px must be <= 512, got {}", self.thumbnail_px));
+    }
+}
+
+impl ControlSettings {
+    fn validate(&self, p: &mut Problems) {
+        p.check(self.signing_key.expose().is_none() || self.signing_key_file.is_none(), || {
+            "set control.signing_key or control.signing_key_file, not both".into()
+        });
+        p.check(self.signing_key.expose().is_none_or(|k| k.len() >= MIN_SIGNING_KEY_BYTES), || {
+            format!("control.signing_key must be at least {MIN_SIGNING_KEY_BYTES} bytes (e.g. openssl rand -hex 32)")
+        });
+        p.check((1000..=3_600_000).contains(&ms(self.catch_up_timeout)), || {
+            format!("control.catch_up_timeout_ms must be in 1000..=3600000, got {}", ms(self.catch_up_timeout))
+        });
+    }
 }
 
 const MASK: &str = "***";
@@ -583,6 +916,13 @@ mod empty_is_none {
     }
 }
 
+/// Sections that moved, so an old file or env var fails with where it went instead of "unknown field".
+const MOVED_KEYS: [(&str, &str); 1] = [("heatmap.s3", "s3")];
+
+fn env_name(key: &str) -> String {
+    key.replace('.', "__").to_ascii_uppercase()
+}
+
 fn ms(d: Duration) -> u64 {
     d.as_millis() as u64
 }
@@ -595,14 +935,21 @@ impl Settings {
 
     /// Same as `load`, with the environment passed in (tests must not touch the process env).
     pub fn load_with_env(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let file = match file {
+            Some(path) if !path.exists() => bail!("config file {} does not exist", path.display()),
+            Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?),
+            None => None,
+        };
+        Self::layered(DEFAULT_TOML, file.as_deref(), env)
+    }
+
+    /// `base` (TOML) < `file` (TOML) < the `DCAM__*` entries of `env`, deserialised, the engine
+    /// policy applied and validated.
+    fn layered(base: &str, file: Option<&str>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         use config::{Config, File, FileFormat};
-        let mut builder = Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
-        if let Some(path) = file {
-            if !path.exists() {
-                bail!("config file {} does not exist", path.display());
-            }
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
+        let mut builder = Config::builder().add_source(File::from_str(base, FileFormat::Toml));
+        if let Some(text) = file {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
         }
         let env_map: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.starts_with("DCAM__")).collect();
         builder = builder.add_source(
@@ -617,6 +964,15 @@ impl Settings {
                 .source(Some(env_map)),
         );
         let raw = builder.build().context("reading configuration")?;
+        for (moved, now) in MOVED_KEYS {
+            if raw.get::<config::Value>(moved).is_ok() {
+                bail!(
+                    "invalid configuration: {moved} moved to {now} (in a file: rename the section; env: DCAM__{}__* is now DCAM__{}__*)",
+                    env_name(moved),
+                    env_name(now)
+                );
+            }
+        }
         let mut settings: Settings = raw.try_deserialize().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         settings.apply_engine_policy();
         settings.validate()?;
@@ -643,152 +999,37 @@ impl Settings {
         }
     }
 
-    /// Range and consistency checks that serde's types cannot express.
+    /// Each section's own range checks (next to its type), then the checks across sections.
     pub fn validate(&self) -> Result<()> {
-        let mut errors = Vec::new();
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                errors.push(msg)
-            }
-        };
-        check(!self.kafka.brokers.trim().is_empty(), "kafka.brokers must not be empty".into());
-        check(!self.kafka.group_id.trim().is_empty(), "kafka.group_id must not be empty".into());
-        check(!self.kafka.input_topics.is_empty(), "kafka.input_topics must name at least one topic".into());
-        check(
-            (1000..=3_600_000).contains(&ms(self.kafka.session_timeout)),
-            format!("kafka.session_timeout_ms must be in 1000..=3600000, got {}", ms(self.kafka.session_timeout)),
-        );
-        check(
-            (ms(self.kafka.session_timeout)..=3_600_000).contains(&ms(self.kafka.max_poll_interval)),
-            format!("kafka.max_poll_interval_ms must be in session_timeout_ms..=3600000, got {}", ms(self.kafka.max_poll_interval)),
-        );
-        if self.kafka.security_protocol.uses_sasl() {
-            let known = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
-            check(
-                self.kafka.sasl_mechanism.as_deref().is_some_and(|m| known.contains(&m)),
-                format!("kafka.sasl_mechanism must be one of {known:?} with SASL, got {:?}", self.kafka.sasl_mechanism),
-            );
-        }
-        check(!self.topics.scores.is_empty(), "topics.scores must not be empty".into());
-        check(!self.topics.dead_letter.is_empty(), "topics.dead_letter must not be empty".into());
+        let mut p = Problems::default();
+        self.kafka.validate(&mut p);
+        self.topics.validate(&mut p);
+        self.model.validate(&mut p);
+        self.engine.validate(&mut p);
+        self.batch.validate(&mut p);
+        self.decode.validate(&mut p);
+        self.pipeline.validate(&mut p);
+        self.heatmap.validate(&mut p);
+        self.s3.validate(&mut p);
+        self.delivery.validate(&mut p);
+        self.telemetry.validate(&mut p);
+        self.inspect.validate(&mut p);
+        self.control.validate(&mut p);
         for t in &self.kafka.input_topics {
-            check(
-                t != &self.topics.scores && t != &self.topics.dead_letter && Some(t) != self.topics.anomalies.as_ref(),
-                format!("kafka.input_topics contains output topic {t:?}"),
-            );
-        }
-        check(!self.model.path.is_empty(), "model.path must not be empty".into());
-        check(
-            self.model.watch_interval.is_zero() || self.model.watch_interval >= Duration::from_millis(500),
-            format!("model.watch_interval_ms must be 0 (off) or >= 500, got {}", ms(self.model.watch_interval)),
-        );
-        check(self.inspect.recent_bytes <= 1 << 30, format!("inspect.recent_bytes must be <= 1073741824, got {}", self.inspect.recent_bytes));
-        check(self.inspect.thumbnail_px <= 512, format!("inspect.thumbnail_px must be <= 512, got {}", self.inspect.thumbnail_px));
-        for (name, topic) in [("topics.control", &self.topics.control), ("topics.control_audit", &self.topics.control_audit)] {
-            if let Some(topic) = topic {
-                check(
-                    !self.kafka.input_topics.contains(topic) && topic != &self.topics.scores && topic != &self.topics.dead_letter,
-                    format!("{name} ({topic:?}) must be a topic of its own"),
-                );
+            p.check(t != &self.topics.scores && t != &self.topics.dead_letter && Some(t) != self.topics.anomalies.as_ref(), || {
+                format!("kafka.input_topics contains output topic {t:?}")
+            });
+            for (name, topic) in [("topics.control", &self.topics.control), ("topics.control_audit", &self.topics.control_audit)] {
+                p.check(topic.as_ref() != Some(t), || format!("{name} ({t:?}) must be a topic of its own"));
             }
         }
-        check(
-            self.topics.control.is_none() || self.topics.control != self.topics.control_audit,
-            "topics.control_audit must differ from topics.control (one is compacted, the other keeps every change)".into(),
-        );
-        check(
-            self.control.signing_key.expose().is_none() || self.control.signing_key_file.is_none(),
-            "set control.signing_key or control.signing_key_file, not both".into(),
-        );
-        check(
-            self.control.signing_key.expose().is_none_or(|k| k.len() >= MIN_SIGNING_KEY_BYTES),
-            format!("control.signing_key must be at least {MIN_SIGNING_KEY_BYTES} bytes (e.g. openssl rand -hex 32)"),
-        );
-        check(self.model.max_bytes >= 1 << 20, format!("model.max_bytes must be >= 1048576, got {}", self.model.max_bytes));
-        check(ms(self.model.announced_wait) <= 3_600_000, format!("model.announced_wait_ms must be <= 3600000, got {}", ms(self.model.announced_wait)));
-        for (class, t) in &self.model.thresholds {
-            check(t.is_finite(), format!("model.thresholds.{class} must be a finite number"));
-        }
-        check((1..=64).contains(&self.engine.sessions), format!("engine.sessions must be in 1..=64, got {}", self.engine.sessions));
-        check(self.engine.intra_threads <= 256, format!("engine.intra_threads must be <= 256, got {}", self.engine.intra_threads));
-        check(self.engine.device_id >= 0, format!("engine.device_id must be >= 0, got {}", self.engine.device_id));
-        check((1..=1024).contains(&self.batch.max_batch), format!("batch.max_batch must be in 1..=1024, got {}", self.batch.max_batch));
-        check(ms(self.batch.max_delay) <= 60_000, format!("batch.max_delay_ms must be <= 60000, got {}", ms(self.batch.max_delay)));
-        check(
-            self.batch.queue_capacity >= self.batch.max_batch,
-            format!("batch.queue_capacity ({}) must be >= batch.max_batch ({})", self.batch.queue_capacity, self.batch.max_batch),
-        );
-        check(self.decode.max_payload_bytes >= 1024, format!("decode.max_payload_bytes must be >= 1024, got {}", self.decode.max_payload_bytes));
-        check(self.decode.max_pixels >= 1, "decode.max_pixels must be >= 1".into());
-        check(self.decode.workers <= 256, format!("decode.workers must be <= 256, got {}", self.decode.workers));
-        check(
-            self.pipeline.max_in_flight >= self.batch.max_batch,
-            format!("pipeline.max_in_flight ({}) must be >= batch.max_batch ({})", self.pipeline.max_in_flight, self.batch.max_batch),
-        );
-        check(
-            self.pipeline.max_in_flight_bytes >= 1 << 20,
-            format!("pipeline.max_in_flight_bytes must be >= 1048576, got {}", self.pipeline.max_in_flight_bytes),
-        );
-        check(ms(self.pipeline.stuck_after) >= 1000, format!("pipeline.stuck_after_ms must be >= 1000, got {}", ms(self.pipeline.stuck_after)));
-        check(
-            ms(self.pipeline.restart_stalled_after) == 0 || ms(self.pipeline.restart_stalled_after) >= ms(self.pipeline.stuck_after),
-            format!(
-                "pipeline.restart_stalled_after_ms must be 0 (never) or >= pipeline.stuck_after_ms ({}), got {}",
-                ms(self.pipeline.stuck_after),
-                ms(self.pipeline.restart_stalled_after)
-            ),
-        );
-        check(
-            (1000..=3_600_000).contains(&ms(self.pipeline.shutdown_timeout)),
-            format!("pipeline.shutdown_timeout_ms must be in 1000..=3600000, got {}", ms(self.pipeline.shutdown_timeout)),
-        );
-        check(
-            self.decode.max_decode_bytes == 0 || self.decode.max_decode_bytes >= 16 << 20,
-            format!("decode.max_decode_bytes must be 0 (auto) or >= 16777216, got {}", self.decode.max_decode_bytes),
-        );
-        check(ms(self.heatmap.write_timeout) >= 100, format!("heatmap.write_timeout_ms must be >= 100, got {}", ms(self.heatmap.write_timeout)));
-        check(ms(self.heatmap.s3.connect_timeout) >= 100, format!("heatmap.s3.connect_timeout_ms must be >= 100, got {}", ms(self.heatmap.s3.connect_timeout)));
-        check(ms(self.heatmap.s3.request_timeout) >= 100, format!("heatmap.s3.request_timeout_ms must be >= 100, got {}", ms(self.heatmap.s3.request_timeout)));
-        check(
-            self.heatmap.store.starts_with("file://") || self.heatmap.store.starts_with("s3://"),
-            format!("heatmap.store must start with file:// or s3://, got {:?}", self.heatmap.store),
-        );
-        check(
-            (1000..=900_000).contains(&ms(self.delivery.transaction_timeout)),
-            format!("delivery.transaction_timeout_ms must be in 1000..=900000, got {}", ms(self.delivery.transaction_timeout)),
-        );
-        check(
-            (10..=60_000).contains(&ms(self.delivery.commit_interval)),
-            format!("delivery.commit_interval_ms must be in 10..=60000, got {}", ms(self.delivery.commit_interval)),
-        );
-        check(
-            self.delivery.instance_id.as_deref().unwrap_or_default().chars().all(|c| crate::event::is_safe_char(c, crate::event::NAME_PUNCTUATION)),
-            format!("delivery.instance_id may only hold [A-Za-z0-9._-], got {:?}", self.delivery.instance_id),
-        );
-        check(
-            self.telemetry.http_addr.parse::<std::net::SocketAddr>().is_ok(),
-            format!("telemetry.http_addr must be host:port with an IP, got {:?}", self.telemetry.http_addr),
-        );
-        check(
-            tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_ok(),
-            format!("telemetry.log_level is not a valid filter: {:?}", self.telemetry.log_level),
-        );
-        check(
-            (1..self.telemetry.max_connections).contains(&self.telemetry.max_live_clients),
-            format!(
-                "telemetry.max_live_clients must be at least 1 and below telemetry.max_connections ({}), got {}",
-                self.telemetry.max_connections, self.telemetry.max_live_clients
-            ),
-        );
-        check(
-            self.telemetry.allowed_hosts.iter().all(|h| !h.is_empty() && !h.contains([':', '/', '@'])),
-            format!("telemetry.allowed_hosts holds host names without scheme or port, got {:?}", self.telemetry.allowed_hosts),
-        );
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("invalid configuration:\n  - {}", errors.join("\n  - "))
-        }
+        p.check(self.batch.queue_capacity >= self.batch.max_batch, || {
+            format!("batch.queue_capacity ({}) must be >= batch.max_batch ({})", self.batch.queue_capacity, self.batch.max_batch)
+        });
+        p.check(self.pipeline.max_in_flight >= self.batch.max_batch, || {
+            format!("pipeline.max_in_flight ({}) must be >= batch.max_batch ({})", self.pipeline.max_in_flight, self.batch.max_batch)
+        });
+        p.into_result()
     }
 
     /// The effective configuration as TOML, secrets masked: the secret fields, librdkafka
@@ -800,7 +1041,7 @@ impl Settings {
                 *value = MASK.into();
             }
         }
-        for url in [copy.telemetry.otlp_endpoint.as_mut(), copy.heatmap.s3.endpoint.as_mut(), Some(&mut copy.kafka.brokers)].into_iter().flatten() {
+        for url in [copy.telemetry.otlp_endpoint.as_mut(), copy.s3.endpoint.as_mut(), Some(&mut copy.kafka.brokers)].into_iter().flatten() {
             *url = mask_url_credentials(url);
         }
         // `Secret` fields print as the mask while this is set.
@@ -810,22 +1051,14 @@ impl Settings {
         text
     }
 
-    /// A copy with some keys replaced (`("kafka.brokers", "host:9092".into())`), validated like a
-    /// loaded file: how the tools that embed the operator (demo, bench) adapt it, so no caller
-    /// edits fields behind validation's back.
-    pub fn with_overrides(&self, overrides: &[(&str, serde_json::Value)]) -> Result<Self> {
-        let mut tree = serde_json::to_value(self).context("serialising settings")?;
-        for (key, value) in overrides {
-            let mut node = &mut tree;
-            for part in key.split('.') {
-                node = node.get_mut(part).with_context(|| format!("unknown setting {key}"))?;
-            }
-            *node = value.clone();
-        }
-        let mut settings: Settings = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("invalid override: {e}"))?;
-        settings.apply_engine_policy();
-        settings.validate()?;
-        Ok(settings)
+    /// A copy with some keys replaced (`("kafka.brokers", "host:9092")`), each read like the env var
+    /// of its key (lists comma-separated, `""` = off) over these settings and validated like a
+    /// loaded file: how the tools that embed the operator (demo, bench) adapt it, so no caller edits
+    /// fields behind validation's back.
+    pub fn with_overrides<V: ToString>(&self, overrides: &[(&str, V)]) -> Result<Self> {
+        let current = toml::to_string(self).context("serialising settings")?;
+        let env = overrides.iter().map(|(key, value)| (format!("DCAM__{}", env_name(key)), value.to_string()));
+        Self::layered(&current, None, env).context("invalid override")
     }
 
     /// Stable identity of this instance, used for the transactional id.
@@ -863,6 +1096,28 @@ mod tests {
     }
 
     #[test]
+    fn default_toml_is_the_types_defaults() {
+        let file: Settings = toml::from_str(DEFAULT_TOML).expect("config/default.toml parses");
+        assert_eq!(file, Settings::default(), "config/default.toml and the Default impls disagree");
+        Settings::default().validate().expect_err("max_batch 0 and sessions 0 are for the policy to fill");
+        let mut filled = Settings::default();
+        filled.apply_engine_policy();
+        filled.validate().expect("the defaults, with the policy applied, are valid");
+    }
+
+    #[test]
+    fn a_moved_section_says_where_it_went() {
+        let err = Settings::load_with_env(None, env(&[("DCAM__HEATMAP__S3__ENDPOINT", "http://minio:9000")])).unwrap_err();
+        assert!(format!("{err:#}").contains("heatmap.s3 moved to s3"), "{err:#}");
+        assert!(format!("{err:#}").contains("DCAM__S3__"), "{err:#}");
+        let file = write("[heatmap.s3]\nregion = \"eu-west-1\"\n");
+        let err = Settings::load_with_env(Some(file.path()), env(&[])).unwrap_err();
+        assert!(format!("{err:#}").contains("heatmap.s3 moved to s3"), "{err:#}");
+        let s = Settings::load_with_env(None, env(&[("DCAM__S3__REGION", "eu-west-1")])).unwrap();
+        assert_eq!(s.s3.region, "eu-west-1");
+    }
+
+    #[test]
     fn model_sources_are_directories_or_s3_prefixes() {
         let s = Settings::load_with_env(None, env(&[("DCAM__MODEL__ALLOWED_SOURCES", "/opt/models,file:///srv/m,s3://bucket/a/b/,s3://whole")])).unwrap();
         assert_eq!(
@@ -892,7 +1147,7 @@ mod tests {
     #[test]
     fn masked_output_hides_every_secret() {
         let f = write(
-            "[kafka]\nsasl_password = \"pw1\"\n[kafka.extra]\n\"sasl.oauthbearer.client.secret\" = \"pw2\"\n\"ssl.key.pem\" = \"pw3\"\n\"ssl.keystore.password\" = \"pw4\"\n\"ssl.keystore.location\" = \"/etc/ks.p12\"\n\"fetch.max.bytes\" = \"52428800\"\n[telemetry]\notlp_endpoint = \"http://user:pw5@collector:4317/?api_key=pw6\"\n[heatmap.s3]\nendpoint = \"https://k:pw7@s3.local\"\nsecret_access_key = \"pw8\"\n",
+            "[kafka]\nsasl_password = \"pw1\"\n[kafka.extra]\n\"sasl.oauthbearer.client.secret\" = \"pw2\"\n\"ssl.key.pem\" = \"pw3\"\n\"ssl.keystore.password\" = \"pw4\"\n\"ssl.keystore.location\" = \"/etc/ks.p12\"\n\"fetch.max.bytes\" = \"52428800\"\n[telemetry]\notlp_endpoint = \"http://user:pw5@collector:4317/?api_key=pw6\"\n[s3]\nendpoint = \"https://k:pw7@s3.local\"\nsecret_access_key = \"pw8\"\n",
         );
         let text = Settings::load_with_env(Some(f.path()), env(&[])).unwrap().to_toml_masked();
         for n in 1..=8 {
@@ -972,15 +1227,17 @@ mod tests {
         assert_eq!(s.topics.anomalies, None, "empty means off");
         assert!(!format!("{s:?}").contains("hunter2"), "Debug shows no secret");
         // Overrides round-trip through serde and keep the secret (and the `_ms` keys).
-        let o = s.with_overrides(&[("batch.max_delay_ms", 9.into()), ("kafka.brokers", "b:1".into())]).unwrap();
+        let o = s.with_overrides(&[("batch.max_delay_ms", "9"), ("kafka.brokers", "b:1")]).unwrap();
         assert_eq!(o.kafka.sasl_password.expose(), Some("hunter2"));
         assert_eq!((o.batch.max_delay, o.kafka.brokers.as_str()), (Duration::from_millis(9), "b:1"));
-        assert!(s.with_overrides(&[("batch.max_batch", 2000.into())]).unwrap_err().to_string().contains("batch.max_batch"), "overrides are validated");
-        let gpu = s.with_overrides(&[("engine.provider", "cuda".into()), ("engine.sessions", 0.into()), ("batch.max_batch", 0.into())]).unwrap();
+        assert!(format!("{:#}", s.with_overrides(&[("batch.max_batch", "2000")]).unwrap_err()).contains("batch.max_batch"), "overrides are validated");
+        let gpu = s.with_overrides(&[("engine.provider", "cuda"), ("engine.sessions", "0"), ("batch.max_batch", "0")]).unwrap();
         assert_eq!((gpu.engine.sessions, gpu.batch.max_batch), (1, 32), "the GPU policy, from an override");
-        let explicit = s.with_overrides(&[("engine.sessions", 1.into()), ("engine.intra_threads", 0.into()), ("batch.max_batch", 16.into())]).unwrap();
+        let explicit = s.with_overrides(&[("engine.sessions", "1"), ("engine.intra_threads", "0"), ("batch.max_batch", "16")]).unwrap();
         assert_eq!((explicit.engine.sessions, explicit.batch.max_batch), (1, 16), "set values stay");
-        assert!(s.with_overrides(&[("batch.nope", 1.into())]).is_err());
+        let lists = s.with_overrides(&[("kafka.input_topics", "a,b"), ("topics.control", "")]).unwrap();
+        assert_eq!((lists.kafka.input_topics.clone(), lists.topics.control), (vec!["a".to_string(), "b".to_string()], None));
+        assert!(format!("{:#}", s.with_overrides(&[("batch.nope", "1")]).unwrap_err()).contains("nope"));
     }
 
     #[test]

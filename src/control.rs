@@ -354,7 +354,7 @@ impl Control {
         };
         // The first images wait for the current values, but a slow broker does not hold the
         // operator forever: past the wait it starts with what it has, and catches up live.
-        let wait = settings.kafka.session_timeout.max(Duration::from_secs(10));
+        let wait = settings.control.catch_up_timeout;
         if tokio::task::spawn_blocking(move || caught_up_rx.recv_timeout(wait)).await?.is_err() {
             tracing::warn!(topic, ?wait, "control topic not read to the end in time; starting with the values read so far");
         }

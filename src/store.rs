@@ -17,7 +17,7 @@ pub(crate) enum BlobStore {
 }
 
 impl BlobStore {
-    pub(crate) fn from_settings(settings: &HeatmapSettings) -> Result<Self> {
+    pub(crate) fn new(settings: &HeatmapSettings, s3: &S3Settings) -> Result<Self> {
         let url = &settings.store;
         if let Some(path) = url.strip_prefix("file://") {
             if path.is_empty() {
@@ -30,7 +30,7 @@ impl BlobStore {
             if bucket.is_empty() {
                 bail!("heatmap.store s3:// needs a bucket name");
             }
-            let store = s3_client(&settings.s3, bucket, settings.write_timeout).context("configuring the S3 heatmap store")?;
+            let store = s3_client(s3, bucket, settings.write_timeout).context("configuring the S3 heatmap store")?;
             return Ok(Self::S3 { store: Arc::new(store), bucket: bucket.to_string(), prefix: prefix.trim_matches('/').to_string() });
         }
         bail!("heatmap.store must be file:// or s3://, got {url:?}")

@@ -125,11 +125,11 @@ fn structs_doc(path: &str) -> &'static str {
         "decode" => "Parsing and decoding inputs, with the limits that protect memory.\n\n",
         "pipeline" => "Back-pressure, stall detection and shutdown.\n\n",
         "heatmap" => "Which heatmaps are written and where.\n\n",
-        "heatmap.s3" => "The S3 client (heatmap stores, model sources, `s3://` image URIs).\n\n",
+        "s3" => "The S3 client (heatmap stores, model sources, `s3://` image URIs).\n\n",
         "delivery" => "At-least-once or exactly-once publishing, and commits.\n\n",
         "telemetry" => "Logs, traces, and the HTTP port (metrics, probes, page, API) with its access control.\n\n",
         "inspect" => "The inspection page's in-memory buffer.\n\n",
-        "control" => "Who may change the control topic (HMAC signing).\n\n",
+        "control" => "The control-topic reader: who may change it (HMAC signing) and how long start-up waits for it.\n\n",
         _ => "",
     }
 }

@@ -15,10 +15,10 @@ const READ: Duration = Duration::from_secs(180);
 fn with_s3(cfg: OperatorConfig, s3: &S3Server, store: &str) -> OperatorConfig {
     cfg.set("DCAM__HEATMAP__POLICY", "all")
         .set("DCAM__HEATMAP__STORE", store)
-        .set("DCAM__HEATMAP__S3__ENDPOINT", s3.endpoint.as_str())
-        .set("DCAM__HEATMAP__S3__ALLOW_HTTP", "true")
-        .set("DCAM__HEATMAP__S3__ACCESS_KEY_ID", "test")
-        .set("DCAM__HEATMAP__S3__SECRET_ACCESS_KEY", "test")
+        .set("DCAM__S3__ENDPOINT", s3.endpoint.as_str())
+        .set("DCAM__S3__ALLOW_HTTP", "true")
+        .set("DCAM__S3__ACCESS_KEY_ID", "test")
+        .set("DCAM__S3__SECRET_ACCESS_KEY", "test")
 }
 
 fn heatmap_count(op: &OperatorProcess, result: &str) -> usize {
@@ -118,10 +118,10 @@ fn a_store_that_never_answers_costs_each_heatmap_at_most_the_write_timeout() {
     let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &unique("group"), tmp.path())
         .set("DCAM__HEATMAP__POLICY", "all")
         .set("DCAM__HEATMAP__STORE", "s3://inspection/slow")
-        .set("DCAM__HEATMAP__S3__ENDPOINT", format!("http://127.0.0.1:{port}"))
-        .set("DCAM__HEATMAP__S3__ALLOW_HTTP", "true")
-        .set("DCAM__HEATMAP__S3__ACCESS_KEY_ID", "test")
-        .set("DCAM__HEATMAP__S3__SECRET_ACCESS_KEY", "test")
+        .set("DCAM__S3__ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .set("DCAM__S3__ALLOW_HTTP", "true")
+        .set("DCAM__S3__ACCESS_KEY_ID", "test")
+        .set("DCAM__S3__SECRET_ACCESS_KEY", "test")
         .set("DCAM__HEATMAP__WRITE_TIMEOUT_MS", "2000")
         .spawn("slow");
     op.wait_ready(READY);

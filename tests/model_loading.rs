@@ -145,10 +145,10 @@ fn model_checks_leave_no_files_and_stay_under_max_bytes() {
 
     let mut op = operator(&s, &configured)
         .set("TMPDIR", tmpdir.display().to_string())
-        .set("DCAM__HEATMAP__S3__ENDPOINT", s3.endpoint.as_str())
-        .set("DCAM__HEATMAP__S3__ALLOW_HTTP", "true")
-        .set("DCAM__HEATMAP__S3__ACCESS_KEY_ID", "test")
-        .set("DCAM__HEATMAP__S3__SECRET_ACCESS_KEY", "test")
+        .set("DCAM__S3__ENDPOINT", s3.endpoint.as_str())
+        .set("DCAM__S3__ALLOW_HTTP", "true")
+        .set("DCAM__S3__ACCESS_KEY_ID", "test")
+        .set("DCAM__S3__SECRET_ACCESS_KEY", "test")
         .set("DCAM__MODEL__ALLOWED_SOURCES", format!("{},s3://models/approved", allowed.display()))
         .set("DCAM__MODEL__MAX_BYTES", max_bytes.to_string())
         .spawn("op");

@@ -319,7 +319,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
         None => Some(MockCluster::new(1)?),
     };
     let brokers = opts.brokers.clone().unwrap_or_else(|| cluster.as_ref().expect("mock").bootstrap_servers());
-    let base = settings.with_overrides(&[("kafka.brokers", brokers.as_str().into())])?;
+    let base = settings.with_overrides(&[("kafka.brokers", brokers.as_str())])?;
     let producer: FutureProducer = kafka::producer_config(&base, None).create()?;
     if let Some(topic) = &opts.export_topic {
         match &cluster {
@@ -390,14 +390,14 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
 /// The operator's settings for one bench run on these topics.
 fn operator_settings(base: &Settings, input: &str, scores: &str, batch: usize, run_id: u32) -> Result<Settings> {
     base.with_overrides(&[
-        ("kafka.input_topics", serde_json::json!([input])),
-        ("kafka.group_id", format!("bench-{run_id}").into()),
-        ("kafka.session_timeout_ms", (base.kafka.session_timeout.as_millis().max(6000) as u64).into()),
+        ("kafka.input_topics", input.to_string()),
+        ("kafka.group_id", format!("bench-{run_id}")),
+        ("kafka.session_timeout_ms", base.kafka.session_timeout.as_millis().max(6000).to_string()),
         ("topics.scores", scores.into()),
-        ("topics.dead_letter", format!("{scores}.dlq").into()),
-        ("batch.max_batch", batch.into()),
-        ("batch.queue_capacity", base.batch.queue_capacity.max(batch * 4).into()),
-        ("pipeline.max_in_flight", base.pipeline.max_in_flight.max(batch * 8).into()),
+        ("topics.dead_letter", format!("{scores}.dlq")),
+        ("batch.max_batch", batch.to_string()),
+        ("batch.queue_capacity", base.batch.queue_capacity.max(batch * 4).to_string()),
+        ("pipeline.max_in_flight", base.pipeline.max_in_flight.max(batch * 8).to_string()),
         ("heatmap.policy", "none".into()),
         ("telemetry.http_addr", "127.0.0.1:0".into()),
         // The bench measures scoring; runtime control has nothing to do here.

@@ -65,18 +65,19 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
         cluster.create_topic(t, opts.partitions, 1)?;
     }
     let heatmaps = opts.heatmaps.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dcam-demo-heatmaps-{}", std::process::id())));
+    // The demo shows heatmaps: `none` becomes `anomalies`.
     let policy = match settings.heatmap.policy {
-        HeatmapPolicy::None => HeatmapPolicy::Anomalies,
-        p => p,
+        HeatmapPolicy::All => "all",
+        HeatmapPolicy::Anomalies | HeatmapPolicy::None => "anomalies",
     };
     let settings = settings.with_overrides(&[
-        ("kafka.brokers", brokers.as_str().into()),
-        ("kafka.session_timeout_ms", (settings.kafka.session_timeout.as_millis().max(6000) as u64).into()),
+        ("kafka.brokers", brokers.clone()),
+        ("kafka.session_timeout_ms", settings.kafka.session_timeout.as_millis().max(6000).to_string()),
         ("kafka.group_id", "dcam-demo".into()),
         ("telemetry.http_addr", "127.0.0.1:0".into()),
-        ("heatmap.store", format!("file://{}", heatmaps.display()).into()),
-        ("heatmap.overlay", true.into()),
-        ("heatmap.policy", serde_json::to_value(policy)?),
+        ("heatmap.store", format!("file://{}", heatmaps.display())),
+        ("heatmap.overlay", "true".into()),
+        ("heatmap.policy", policy.into()),
     ])?;
 
     println!("dcam-stream demo: in-process Kafka at {brokers}, {} images from {}", files.len(), opts.dataset.display());

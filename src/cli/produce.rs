@@ -32,7 +32,7 @@ pub(super) struct Args {
 
 pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     let settings = match &args.brokers {
-        Some(b) => settings.with_overrides(&[("kafka.brokers", b.as_str().into())])?,
+        Some(b) => settings.with_overrides(&[("kafka.brokers", b.as_str())])?,
         None => settings,
     };
     let mut files = dataset::list(&args.paths, args.split)?;

@@ -44,7 +44,7 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
 /// The settings with `model.path` replaced by a `--model` argument, if one was given.
 pub(super) fn with_model(settings: Settings, model: Option<&std::path::Path>) -> Result<Settings> {
     match model {
-        Some(m) => settings.with_overrides(&[("model.path", m.display().to_string().into())]),
+        Some(m) => settings.with_overrides(&[("model.path", m.display())]),
         None => Ok(settings),
     }
 }

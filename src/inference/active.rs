@@ -62,7 +62,7 @@ impl ModelSlot {
             current: RwLock::new(Arc::new(active)),
             previous: Mutex::new(None),
             loading: Arc::default(),
-            sources: ModelSources::from_settings(settings),
+            sources: ModelSources::new(&settings.model, &settings.s3),
             settings: Arc::new(settings.clone()),
         }
     }

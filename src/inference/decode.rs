@@ -67,10 +67,10 @@ impl Decoder {
     }
 
     /// The decoder the operator runs: with `s3://` image URIs when an async runtime is at hand.
-    pub fn from_settings(settings: &crate::config::Settings, size: u32) -> Self {
-        let d = Self::new(settings.decode.clone(), size);
+    pub fn with_s3_if_async(settings: &DecodeSettings, s3: &S3Settings, size: u32) -> Self {
+        let d = Self::new(settings.clone(), size);
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => d.with_s3(&settings.heatmap.s3, runtime),
+            Ok(runtime) => d.with_s3(s3, runtime),
             Err(_) => d,
         }
     }

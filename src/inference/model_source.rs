@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::config::{ModelSource, S3Settings, Settings};
+use crate::config::{ModelSettings, ModelSource, S3Settings};
 
 /// A model's bytes, read whole, and their SHA-256 (lower-case hex).
 pub(crate) struct ModelBytes {
@@ -49,10 +49,10 @@ enum Location {
 }
 
 impl ModelSources {
-    pub(crate) fn from_settings(settings: &Settings) -> Self {
-        let configured = absolute(Path::new(&settings.model.path));
+    pub(crate) fn new(model: &ModelSettings, s3_settings: &S3Settings) -> Self {
+        let configured = absolute(Path::new(&model.path));
         let default_dir = [ModelSource::Dir(configured.parent().map(Path::to_path_buf).unwrap_or_default())];
-        let sources = if settings.model.allowed_sources.is_empty() { &default_dir[..] } else { &settings.model.allowed_sources[..] };
+        let sources = if model.allowed_sources.is_empty() { &default_dir[..] } else { &model.allowed_sources[..] };
         let mut dirs = Vec::new();
         let mut s3 = Vec::new();
         for source in sources {
@@ -65,7 +65,7 @@ impl ModelSources {
                 ModelSource::S3 { bucket, prefix } => s3.push((bucket.clone(), prefix.clone())),
             }
         }
-        Self { dirs, s3, configured, max_bytes: settings.model.max_bytes, s3_settings: settings.heatmap.s3.clone() }
+        Self { dirs, s3, configured, max_bytes: model.max_bytes, s3_settings: s3_settings.clone() }
     }
 
     /// Reads the model `uri` names (a path, `file://` or `s3://`) if it is allowed, a regular file
@@ -177,6 +177,7 @@ fn absolute(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
 
     fn sources(dir: &Path, allowed: &str) -> ModelSources {
         let env = [
@@ -184,7 +185,8 @@ mod tests {
             ("DCAM__MODEL__ALLOWED_SOURCES".to_string(), allowed.to_string()),
             ("DCAM__MODEL__MAX_BYTES".to_string(), (1u64 << 20).to_string()),
         ];
-        ModelSources::from_settings(&Settings::load_with_env(None, env.into_iter().filter(|(_, v)| !v.is_empty())).unwrap())
+        let settings = Settings::load_with_env(None, env.into_iter().filter(|(_, v)| !v.is_empty())).unwrap();
+        ModelSources::new(&settings.model, &settings.s3)
     }
 
     #[test]

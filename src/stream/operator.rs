@@ -213,7 +213,7 @@ pub(crate) fn assemble(
 ) -> Result<Pipeline> {
     let store = match settings.heatmap.policy {
         HeatmapPolicy::None => None,
-        _ => Some(BlobStore::from_settings(&settings.heatmap)?),
+        _ => Some(BlobStore::new(&settings.heatmap, &settings.s3)?),
     };
     if let Some(store) = &store {
         tracing::info!(store = %store.describe(), "heatmaps go to the store");

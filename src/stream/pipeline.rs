@@ -114,7 +114,7 @@ impl Submitter {
 
 impl Pipeline {
     pub(crate) fn start(models: Arc<ModelSlot>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
-        let decoder = Decoder::from_settings(settings, models.current().engine.input_size());
+        let decoder = Decoder::with_s3_if_async(&settings.decode, &settings.s3, models.current().engine.input_size());
         Self::start_with(models, decoder, &settings.batch, metrics, sink)
     }
 

@@ -399,7 +399,7 @@ def test_sasl_ssl_s3_values():
     env = {e["name"]: e for e in c["env"]}
     ref = env["DCAM__KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "dcam-kafka-sasl", "key": "password"}
-    assert env["DCAM__HEATMAP__S3__SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "dcam-s3"
+    assert env["DCAM__S3__SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "dcam-s3"
     assert env["DCAM__KAFKA__SSL_KEY_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "tls.key.password"
     cfg = tomllib.loads(config_toml(docs))
     assert cfg["heatmap"]["store"] == "s3://dcam-heatmaps/prod"
@@ -480,7 +480,9 @@ def test_control_signing_key_and_writers_come_from_mounted_secrets():
     default_volumes = {v["name"] for v in workload(defaults)["spec"]["template"]["spec"]["volumes"]}
     assert not default_volumes & {"writers", "control-signing-key"}
     default_cfg = tomllib.loads(config_toml(defaults))
-    assert "control" not in default_cfg and "tokens_file" not in default_cfg["telemetry"]
+    assert "signing_key_file" not in default_cfg["control"] and "tokens_file" not in default_cfg["telemetry"]
+    assert cfg["control"]["catch_up_timeout_ms"] == default_cfg["control"]["catch_up_timeout_ms"] == 10000, \
+        "the chart adds the key file to config.control without dropping its other keys"
 
 
 def test_no_secret_in_configmap(values_set):
@@ -534,8 +536,8 @@ def test_config_keys_exist_in_default_toml(values_set):
 def test_chart_config_covers_default_toml():
     """values.yaml mirrors config/default.toml (apart from chart-managed keys and secrets)."""
     rendered = flat_keys(tomllib.loads(config_toml(manifests({}))))
-    chart_managed = {"kafka.sasl_password", "kafka.ssl_key_password", "heatmap.s3.secret_access_key",
-                     "heatmap.s3.access_key_id", "kafka.ssl_ca_location", "kafka.ssl_certificate_location",
+    chart_managed = {"kafka.sasl_password", "kafka.ssl_key_password", "s3.secret_access_key",
+                     "s3.access_key_id", "kafka.ssl_ca_location", "kafka.ssl_certificate_location",
                      "kafka.ssl_key_location", "engine.trt_engine_cache", "delivery.instance_id", "telemetry.api_token",
                      "telemetry.tokens_file", "control.signing_key", "control.signing_key_file",
                      "telemetry.read_token"}

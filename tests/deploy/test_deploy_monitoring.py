@@ -368,9 +368,9 @@ def test_stall_alert_fires_in_prometheus(tmp_path):
             # Every image gets a heatmap, written to an S3 endpoint that accepts and never answers,
             # with timeouts far beyond the test: inputs are scored but never finish.
             "DCAM__HEATMAP__POLICY": "all", "DCAM__HEATMAP__STORE": "s3://stalled/heatmaps",
-            "DCAM__HEATMAP__S3__ENDPOINT": f"http://127.0.0.1:{hole.port}", "DCAM__HEATMAP__S3__ALLOW_HTTP": "true",
-            "DCAM__HEATMAP__S3__ACCESS_KEY_ID": "test", "DCAM__HEATMAP__S3__SECRET_ACCESS_KEY": "test",
-            "DCAM__HEATMAP__WRITE_TIMEOUT_MS": "600000", "DCAM__HEATMAP__S3__REQUEST_TIMEOUT_MS": "600000",
+            "DCAM__S3__ENDPOINT": f"http://127.0.0.1:{hole.port}", "DCAM__S3__ALLOW_HTTP": "true",
+            "DCAM__S3__ACCESS_KEY_ID": "test", "DCAM__S3__SECRET_ACCESS_KEY": "test",
+            "DCAM__HEATMAP__WRITE_TIMEOUT_MS": "600000", "DCAM__S3__REQUEST_TIMEOUT_MS": "600000",
             "DCAM__PIPELINE__MAX_IN_FLIGHT": "8",
             # The stall clock is what the alert reads; keep the process alive while it runs.
             "DCAM__PIPELINE__STUCK_AFTER_MS": "1000", "DCAM__PIPELINE__RESTART_STALLED_AFTER_MS": "0",

@@ -495,8 +495,8 @@ def heatmap_path(uri: str) -> Path:
 def s3_nowhere() -> dict[str, str]:
     """S3 settings that fail at once (a closed local port), so the s3:// image_uri case never waits on a
     real endpoint or on credential discovery."""
-    return {"DCAM__HEATMAP__S3__ENDPOINT": f"http://127.0.0.1:{free_port()}", "DCAM__HEATMAP__S3__ALLOW_HTTP": "true",
-            "DCAM__HEATMAP__S3__ACCESS_KEY_ID": "test", "DCAM__HEATMAP__S3__SECRET_ACCESS_KEY": "test"}
+    return {"DCAM__S3__ENDPOINT": f"http://127.0.0.1:{free_port()}", "DCAM__S3__ALLOW_HTTP": "true",
+            "DCAM__S3__ACCESS_KEY_ID": "test", "DCAM__S3__SECRET_ACCESS_KEY": "test"}
 
 
 def cli_env(tmp: Path, brokers: str | None = None) -> dict[str, str]:

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from dcam.anomaly_map import GaussianBlur
-from dcam.backbones import _network, find_packaged_weights
+from dcam.backbones import _network, build_teacher, find_packaged_weights
 from dcam.data import carve_test_defects, load_carved_defects, load_test, load_train_val, resolve_data_root
 from dcam.evaluate import _auroc, au_pro, recall_at_fa
 from dcam.torch_model import Normalize
 
 torch.set_num_threads(1)
-CACHE = Path("/tmp/bank")
+# PROBE_BACKBONE=efficientnet_lite0 caches that network's stride-8/16 stages instead (PROBE_CACHE: where)
+BACKBONE = os.environ.get("PROBE_BACKBONE", "mobilenet_v2")
+CACHE = Path(os.environ.get("PROBE_CACHE", "/tmp/bank"))
 CLASSES = ["bottle", "magnetic_tile"]
 SPLITS = ("heldout", "valdef", "test", "train")
 STAGES = {"s8": (4, 7), "s16": (7, 14), "s32": (14, 17)}  # MobileNetV2 features[a:b] -> 32, 96, 160 ch
@@ -38,16 +40,21 @@ def cache():
     carved = carve_test_defects(root, CLASSES, 0.1, 0)
     splits = {"heldout": va, "valdef": load_carved_defects(root, CLASSES, 256, carved, False),
               "test": load_test(root, CLASSES, 256, False, exclude=carved), "train": tr}
-    f = _network("mobilenet_v2", find_packaged_weights("mobilenet_v2")).features.eval()
     norm = Normalize()
+    if BACKBONE == "mobilenet_v2":
+        f = _network("mobilenet_v2", find_packaged_weights("mobilenet_v2")).features.eval()
+        first, stages = f[:4], {k: f[a:b] for k, (a, b) in STAGES.items()}
+    else:  # the teacher's own stride-4/8/16 stages (backbones.build_backbone); no stride 32
+        net = build_teacher(BACKBONE)
+        first, stages = net.stages[0], {"s8": net.stages[1], "s16": net.stages[2]}
     for name, split in splits.items():
         t0 = time.time()
-        out = {k: [] for k in STAGES}
+        out = {k: [] for k in stages}
         with torch.no_grad():
             for i in range(0, len(split.images), 16):
-                x = f[:4](norm(torch.from_numpy(split.images[i:i + 16])))
-                for k, (a, b) in STAGES.items():
-                    x = f[a:b](x)
+                x = first(norm(torch.from_numpy(split.images[i:i + 16])))
+                for k, stage in stages.items():
+                    x = stage(x)
                     out[k].append(x.half().numpy())
         masks = split.masks if split.masks is not None and len(split.masks) else np.zeros((len(split.images), 1, 1), bool)
         np.savez(CACHE / f"{name}.npz", classes=np.asarray(split.classes), labels=np.asarray(split.labels),
@@ -164,7 +171,7 @@ def load(name):
 def evaluate(cfgs):
     data = {k: load(k) for k in SPLITS}
     # validation = held-out good + carved defects, as one split
-    val = {k: np.concatenate([data["heldout"][k], data["valdef"][k]]) for k in ("classes", "labels", *STAGES)}
+    val = {k: np.concatenate([data["heldout"][k], data["valdef"][k]]) for k in ("classes", "labels", *(k for k in STAGES if k in data["heldout"]))}
     hm = data["heldout"]["masks"]
     val["masks"] = np.concatenate([np.zeros((len(hm), 256, 256), bool), data["valdef"]["masks"]])
     blur = GaussianBlur(4.0)

@@ -141,7 +141,9 @@ Returns YAML (include + fromYaml keeps it a dict).
 {{- $_ := set $cfg.telemetry "tokens_file" (printf "%s/%s" (include "dcam-stream.writersDir" .) .Values.ui.tokensKey) }}
 {{- end }}
 {{- if .Values.control.signingKeySecret }}
-{{- $_ := set $cfg "control" (dict "signing_key_file" (printf "%s/%s" (include "dcam-stream.controlKeyDir" .) .Values.control.signingKeyKey)) }}
+{{- $control := get $cfg "control" | default dict }}
+{{- $_ := set $control "signing_key_file" (printf "%s/%s" (include "dcam-stream.controlKeyDir" .) .Values.control.signingKeyKey) }}
+{{- $_ := set $cfg "control" $control }}
 {{- end }}
 {{- /* The operator answers only to the Ingress's host and the Service's names (DNS rebinding) */}}
 {{- if and .Values.ui.ingress.enabled .Values.ui.ingress.host }}
@@ -283,12 +285,12 @@ overrides, then extraEnv.
       key: {{ .Values.kafka.tls.keyPasswordKey }}
 {{- end }}
 {{- if and (eq .Values.heatmaps.storage "s3") .Values.heatmaps.s3.existingSecret }}
-- name: DCAM__HEATMAP__S3__ACCESS_KEY_ID
+- name: DCAM__S3__ACCESS_KEY_ID
   valueFrom:
     secretKeyRef:
       name: {{ .Values.heatmaps.s3.existingSecret }}
       key: {{ .Values.heatmaps.s3.accessKeyIdKey }}
-- name: DCAM__HEATMAP__S3__SECRET_ACCESS_KEY
+- name: DCAM__S3__SECRET_ACCESS_KEY
   valueFrom:
     secretKeyRef:
       name: {{ .Values.heatmaps.s3.existingSecret }}
