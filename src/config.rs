@@ -748,6 +748,14 @@ impl S3Settings {
 }
 
 impl DeliverySettings {
+    /// Stable identity of this instance, used for the transactional id.
+    pub fn instance_id(&self) -> String {
+        if let Some(id) = &self.instance_id {
+            return id.clone();
+        }
+        hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "dcam-stream".into())
+    }
+
     fn validate(&self, p: &mut Problems) {
         p.check((1000..=900_000).contains(&ms(self.transaction_timeout)), || {
             format!("delivery.transaction_timeout_ms must be in 1000..=900000, got {}", ms(self.transaction_timeout))
@@ -1059,14 +1067,6 @@ impl Settings {
         let current = toml::to_string(self).context("serialising settings")?;
         let env = overrides.iter().map(|(key, value)| (format!("DCAM__{}", env_name(key)), value.to_string()));
         Self::layered(&current, None, env).context("invalid override")
-    }
-
-    /// Stable identity of this instance, used for the transactional id.
-    pub fn instance_id(&self) -> String {
-        if let Some(id) = &self.delivery.instance_id {
-            return id.clone();
-        }
-        hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "dcam-stream".into())
     }
 }
 

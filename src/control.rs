@@ -19,7 +19,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ControlSettings, Settings, MIN_SIGNING_KEY_BYTES};
+use crate::config::{ControlSettings, KafkaSettings, TopicSettings, MIN_SIGNING_KEY_BYTES};
 use crate::delivery::record::OutRecord;
 use crate::inference::model::{ModelInfo, RuntimeThresholds, DEFAULT_CLASS};
 use crate::kafka;
@@ -317,27 +317,29 @@ impl Control {
     /// follows it on a thread of its own. Threshold records are checked against `model` (the one
     /// serving) and the models loaded later (`ControlState::model_loaded`).
     pub(crate) async fn start(
-        settings: &Settings,
-        topic: &str,
+        settings: &ControlSettings,
+        connection: &KafkaSettings,
+        topics: &TopicSettings,
         thresholds: Arc<RuntimeThresholds>,
         metrics: Arc<Metrics>,
         model: &ModelInfo,
         shutdown: &Shutdown,
     ) -> Result<Self> {
-        let signing_key = SigningKey::from_settings(&settings.control)?.map(Arc::new);
+        let topic = topics.control.as_deref().context("topics.control is empty: runtime control is off")?;
+        let signing_key = SigningKey::from_settings(settings)?.map(Arc::new);
         if signing_key.is_none() {
             tracing::warn!(
                 topic,
                 "control.signing_key is not set: every record on the control topic is applied, whoever produced it; set a signing key (docs/DESIGN.md §9)"
             );
         }
-        ensure_topic(settings, topic, "compact").await?;
-        if let Some(audit) = &settings.topics.control_audit {
-            ensure_topic(settings, audit, "delete").await?;
+        ensure_topic(connection, topic, "compact").await?;
+        if let Some(audit) = &topics.control_audit {
+            ensure_topic(connection, audit, "delete").await?;
         }
         let state = Arc::new(ControlState::new(thresholds, metrics, model));
         let signals = Arc::new(ReaderSignals { stop: shutdown.child(), wake: AtomicBool::new(false) });
-        let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("{}-control-{}", settings.kafka.group_id, rand::random::<u32>()))
+        let consumer: BaseConsumer = kafka::consumer_config(connection, &format!("{}-control-{}", connection.group_id, rand::random::<u32>()))
             .set("isolation.level", "read_uncommitted")
             // A change should reach every replica well within a second.
             .set("fetch.wait.max.ms", "100")
@@ -354,14 +356,14 @@ impl Control {
         };
         // The first images wait for the current values, but a slow broker does not hold the
         // operator forever: past the wait it starts with what it has, and catches up live.
-        let wait = settings.control.catch_up_timeout;
+        let wait = settings.catch_up_timeout;
         if tokio::task::spawn_blocking(move || caught_up_rx.recv_timeout(wait)).await?.is_err() {
             tracing::warn!(topic, ?wait, "control topic not read to the end in time; starting with the values read so far");
         }
-        let producer_config = kafka::producer_config(settings, None);
+        let producer_config = kafka::producer_config(connection, None);
         Ok(Self {
             topic: topic.to_string(),
-            audit_topic: settings.topics.control_audit.clone(),
+            audit_topic: topics.control_audit.clone(),
             state,
             signing_key,
             producer_config,
@@ -553,8 +555,8 @@ fn grown_partitions(consumer: &BaseConsumer, topic: &str, next: &BTreeMap<i32, i
 
 /// Creates `topic` with `cleanup.policy` (`compact` for the control topic, `delete` for its audit
 /// topic) unless it exists.
-async fn ensure_topic(settings: &Settings, topic: &str, cleanup_policy: &str) -> Result<()> {
-    match kafka::ensure_topic(&settings.kafka, topic, &[("cleanup.policy", cleanup_policy)]).await {
+async fn ensure_topic(connection: &KafkaSettings, topic: &str, cleanup_policy: &str) -> Result<()> {
+    match kafka::ensure_topic(connection, topic, &[("cleanup.policy", cleanup_policy)]).await {
         Ok(created) => {
             if created {
                 tracing::info!(topic, cleanup_policy, "created a control-plane topic");

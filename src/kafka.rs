@@ -7,7 +7,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
-use crate::config::{KafkaSettings, OffsetReset, Settings};
+use crate::config::{DeliverySettings, KafkaSettings, OffsetReset};
 
 /// Connection and security settings, then the free-form pass-through (applied last, so it wins).
 pub(crate) fn base_config(k: &KafkaSettings) -> ClientConfig {
@@ -79,8 +79,7 @@ fn apply_extra(mut c: ClientConfig, k: &KafkaSettings) -> ClientConfig {
 }
 
 /// Consumer in the operator's group with manual offset handling.
-pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
-    let k = &s.kafka;
+pub fn consumer_config(k: &KafkaSettings, group_id: &str) -> ClientConfig {
     let mut c = base_config(k);
     c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
@@ -104,22 +103,21 @@ pub fn consumer_config(s: &Settings, group_id: &str) -> ClientConfig {
     apply_extra(c, k)
 }
 
-/// Idempotent producer; transactional when `transactional_id` is given.
-pub(crate) fn producer_config(s: &Settings, transactional_id: Option<&str>) -> ClientConfig {
-    let k = &s.kafka;
+/// Idempotent producer; transactional when `transaction` (id, timeout) is given.
+pub(crate) fn producer_config(k: &KafkaSettings, transaction: Option<(&str, Duration)>) -> ClientConfig {
     let mut c = base_config(k);
     c.set("enable.idempotence", "true").set("acks", "all").set("linger.ms", "5").set("message.max.bytes", "20971520").set("message.timeout.ms", "120000");
-    if let Some(id) = transactional_id {
+    if let Some((id, timeout)) = transaction {
         // librdkafka requires message.timeout.ms <= transaction.timeout.ms.
-        let txn = s.delivery.transaction_timeout.as_millis() as u64;
+        let txn = timeout.as_millis() as u64;
         c.set("transactional.id", id).set("transaction.timeout.ms", txn.to_string()).set("message.timeout.ms", txn.min(120_000).to_string());
     }
     apply_extra(c, k)
 }
 
 /// The transactional id of an instance: stable across restarts of the same pod (KIP-447 fencing).
-pub(crate) fn transactional_id(s: &Settings) -> String {
-    format!("{}-{}", s.kafka.group_id, s.instance_id())
+pub(crate) fn transactional_id(k: &KafkaSettings, d: &DeliverySettings) -> String {
+    format!("{}-{}", k.group_id, d.instance_id())
 }
 
 /// Removes from `ends` the partitions whose read position has reached their end offset although

@@ -84,9 +84,9 @@ struct Member {
 fn member(s: &Settings) -> Member {
     let tracker = Arc::new(OffsetTracker::new());
     let metrics = Metrics::new();
-    let delivery = Arc::new(Delivery::build(s, tracker.clone(), metrics.clone(), Default::default()).unwrap());
+    let delivery = Arc::new(Delivery::build(&s.delivery, &s.kafka, &s.topics.dead_letter, tracker.clone(), metrics.clone(), Default::default()).unwrap());
     let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+        kafka::consumer_config(&s.kafka, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
     Member { tracker, metrics, delivery, consumer }
 }
@@ -165,9 +165,9 @@ fn rewind_without_committed_offsets_goes_back_to_where_reading_started() {
     let s = settings_with(&brokers, &[("DCAM__KAFKA__AUTO_OFFSET_RESET", "latest")]);
     let tracker = Arc::new(OffsetTracker::new());
     let metrics = Metrics::new();
-    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), metrics, Default::default()).unwrap());
+    let delivery = Arc::new(Delivery::build(&s.delivery, &s.kafka, &s.topics.dead_letter, tracker.clone(), metrics, Default::default()).unwrap());
     let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+        kafka::consumer_config(&s.kafka, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
 
     // Publish until the member (positioned at the end when it joined) reads something.
@@ -224,9 +224,9 @@ fn a_refused_commit_goes_again_for_an_idle_partition() {
     publish_inputs(&rt, &plain, 5);
     let s = settings_with(&brokers, &[("DCAM__DELIVERY__MODE", "at_least_once")]);
     let tracker = Arc::new(OffsetTracker::new());
-    let delivery = Arc::new(Delivery::build(&s, tracker.clone(), Metrics::new(), Default::default()).unwrap());
+    let delivery = Arc::new(Delivery::build(&s.delivery, &s.kafka, &s.topics.dead_letter, tracker.clone(), Metrics::new(), Default::default()).unwrap());
     let consumer: BaseConsumer<SourceContext> =
-        kafka::consumer_config(&s, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
+        kafka::consumer_config(&s.kafka, "g").create_with_context(SourceContext::new(delivery.clone(), Duration::from_secs(30))).unwrap();
     consumer.subscribe(&["in"]).unwrap();
     assert_eq!(consume_and_finish(&consumer, &rt, &delivery, 5), vec![0, 1, 2, 3, 4]);
 

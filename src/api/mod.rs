@@ -25,7 +25,7 @@ use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::config::Settings;
+use crate::config::TelemetrySettings;
 use crate::control::{check_threshold, Change, Control, ThresholdRefusal};
 use crate::inference::active::{self, ModelSlot};
 use crate::inference::model::RuntimeThresholds;
@@ -43,7 +43,8 @@ pub(crate) struct ApiState {
     /// Off (`None`) when `topics.control` is empty: then nothing can be changed at runtime.
     pub control: Option<Arc<Control>>,
     pub writers: Arc<Writers>,
-    pub settings: Arc<Settings>,
+    /// The HTTP server's own section (limits, tokens, allowed hosts).
+    pub telemetry: Arc<TelemetrySettings>,
 }
 
 /// Time to send a request body (the API's are small JSON documents).
@@ -51,7 +52,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves until the task is dropped.
 pub(crate) async fn serve(listener: tokio::net::TcpListener, state: ApiState) {
-    let limits = &state.settings.telemetry;
+    let limits = &state.telemetry;
     let (max_connections, max_live_clients) = (limits.max_connections, limits.max_live_clients);
     let panel = live::LivePanel::start(state.clone(), max_live_clients);
     let probes_only = outer_layers(probes().fallback(too_busy), state.clone());
@@ -96,7 +97,7 @@ fn outer_layers(routes: Router<ApiState>, state: ApiState) -> Router {
 
 /// Middleware on the API's reads.
 async fn require_reader(State(s): State<ApiState>, request: Request, next: Next) -> Response {
-    if auth::may_read(&s.settings.telemetry.read_token, &s.writers, request.headers()) {
+    if auth::may_read(&s.telemetry.read_token, &s.writers, request.headers()) {
         next.run(request).await
     } else {
         auth::refuse(StatusCode::UNAUTHORIZED, "a valid bearer token (telemetry.read_token) is required for reads")
@@ -105,7 +106,7 @@ async fn require_reader(State(s): State<ApiState>, request: Request, next: Next)
 
 /// Middleware on every route: a request for another host name is refused (421).
 async fn require_known_host(State(s): State<ApiState>, request: Request, next: Next) -> Response {
-    if auth::known_host(&s.settings.telemetry.allowed_hosts, request.headers()) {
+    if auth::known_host(&s.telemetry.allowed_hosts, request.headers()) {
         next.run(request).await
     } else {
         auth::refuse(StatusCode::MISDIRECTED_REQUEST, "this host name is not in telemetry.allowed_hosts")
@@ -338,20 +339,19 @@ mod tests {
     /// With settings from `DCAM__...` variables.
     fn state_with(env: &[(&str, &str)]) -> ApiState {
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        let settings = Settings::load_with_env(None, env).unwrap();
+        let settings = crate::config::Settings::load_with_env(None, env).unwrap();
         // Loading the model is the slow part; the env variables these tests set do not touch it.
         static ENGINE: std::sync::OnceLock<Arc<crate::inference::engine::Engine>> = std::sync::OnceLock::new();
         let engine = ENGINE.get_or_init(|| crate::inference::engine::load_configured(&settings).unwrap()).clone();
-        let active = crate::inference::active::ActiveModel::new(engine, &settings, &settings.model.path).unwrap();
         ApiState {
             metrics: Metrics::new(),
             health: Health::new(),
             recent: Arc::new(Recent::new(1 << 20, 64)),
-            models: Arc::new(ModelSlot::new(active, &settings)),
+            models: Arc::new(ModelSlot::configured(engine, &settings).unwrap()),
             thresholds: Arc::new(RuntimeThresholds::default()),
             control: None,
             writers: Arc::default(),
-            settings: Arc::new(settings),
+            telemetry: Arc::new(settings.telemetry.clone()),
         }
     }
 

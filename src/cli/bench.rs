@@ -320,7 +320,7 @@ async fn measure(settings: Settings, opts: Args) -> Result<(Vec<Row>, Costs, Vec
     };
     let brokers = opts.brokers.clone().unwrap_or_else(|| cluster.as_ref().expect("mock").bootstrap_servers());
     let base = settings.with_overrides(&[("kafka.brokers", brokers.as_str())])?;
-    let producer: FutureProducer = kafka::producer_config(&base, None).create()?;
+    let producer: FutureProducer = kafka::producer_config(&base.kafka, None).create()?;
     if let Some(topic) = &opts.export_topic {
         match &cluster {
             Some(c) => c.create_topic(topic, 1, 1)?,

@@ -86,7 +86,7 @@ pub(super) async fn run(settings: Settings, opts: Args) -> Result<()> {
     let info = &model.engine.info;
     println!("model {} v{} ({} classes, {}px) on {}", info.name, info.version, info.classes.len(), info.input_size, model.engine.provider);
     println!("inspection page at http://{}/ui, metrics at http://{}/metrics", op.http_addr, op.http_addr);
-    let producer: FutureProducer = kafka::producer_config(&settings, None).create()?;
+    let producer: FutureProducer = kafka::producer_config(&settings.kafka, None).create()?;
     let mut reader = ScoreReader::start(kafka::base_config(&settings.kafka), &settings.topics.scores, files.len())?;
     let started = Instant::now();
     // Flow control: publish the next event only while few enough are waiting to be scored.

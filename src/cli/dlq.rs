@@ -111,7 +111,7 @@ struct KindSummary {
 }
 
 fn inspect(settings: &Settings, topic: &str, filter: &Filter) -> Result<()> {
-    let consumer: BaseConsumer = kafka::consumer_config(settings, &format!("dcam-dlq-inspect-{}", rand::random::<u32>())).create()?;
+    let consumer: BaseConsumer = kafka::consumer_config(&settings.kafka, &format!("dcam-dlq-inspect-{}", rand::random::<u32>())).create()?;
     let mut kinds: BTreeMap<String, KindSummary> = BTreeMap::new();
     let mut selected = 0usize;
     let read = read_to_end(&consumer, topic, Offset::Beginning, "dlq inspect", |m| {
@@ -149,11 +149,12 @@ fn redrive(settings: &Settings, topic: &str, to: &str, filter: &Filter, group: &
     if topic == to {
         bail!("--to must not be the dead-letter topic itself");
     }
-    let consumer: BaseConsumer = kafka::consumer_config(settings, group).create()?;
+    let consumer: BaseConsumer = kafka::consumer_config(&settings.kafka, group).create()?;
     let producer: Option<ThreadedProducer<DefaultProducerContext>> = if dry_run {
         None
     } else {
-        let p: ThreadedProducer<DefaultProducerContext> = kafka::producer_config(settings, Some(&format!("{group}-{topic}"))).create()?;
+        let p: ThreadedProducer<DefaultProducerContext> =
+            kafka::producer_config(&settings.kafka, Some((&format!("{group}-{topic}"), settings.delivery.transaction_timeout))).create()?;
         p.init_transactions(settings.delivery.transaction_timeout).context("init_transactions (is another redrive with this group running?)")?;
         Some(p)
     };

@@ -39,7 +39,7 @@ pub(super) async fn run(settings: Settings, args: Args) -> Result<()> {
     if let Some(n) = args.per_class {
         files = dataset::sample_per_class(files, n);
     }
-    let producer: FutureProducer = crate::kafka::producer_config(&settings, None).create()?;
+    let producer: FutureProducer = crate::kafka::producer_config(&settings.kafka, None).create()?;
     let n = publish(&producer, &args.topic, &files, args.format).await?;
     println!("published {n} images to {}", args.topic);
     Ok(())

@@ -24,7 +24,7 @@ pub(crate) use offsets::{Fatal, OffsetTracker, PartitionKey, Ticket};
 use record::OutRecord;
 use transaction::{Transactions, TxnError};
 
-use crate::config::{DeliveryMode, Settings};
+use crate::config::{DeliveryMode, DeliverySettings, KafkaSettings};
 use crate::kafka;
 use crate::telemetry::{InternalEvent, Metrics};
 
@@ -32,9 +32,9 @@ use crate::telemetry::{InternalEvent, Metrics};
 /// pod with the same identity takes its old place in the group at once instead of waiting for
 /// the dead member to be evicted. Only with a configured identity, or in exactly-once mode,
 /// where the transactional id makes it unique: two members sharing one would fence each other.
-pub(crate) fn static_member_id(settings: &Settings) -> Option<String> {
-    let wanted = settings.delivery.mode == DeliveryMode::ExactlyOnce || settings.delivery.instance_id.is_some();
-    (settings.kafka.static_membership && wanted).then(|| settings.instance_id())
+pub(crate) fn static_member_id(kafka: &KafkaSettings, delivery: &DeliverySettings) -> Option<String> {
+    let wanted = delivery.mode == DeliveryMode::ExactlyOnce || delivery.instance_id.is_some();
+    (kafka.static_membership && wanted).then(|| delivery.instance_id())
 }
 
 pub struct Delivery {
@@ -58,19 +58,27 @@ enum Mode {
 }
 
 impl Delivery {
-    /// The delivery `settings.delivery.mode` asks for. Blocking in exactly-once mode
-    /// (`init_transactions` fences older instances): call it off the executor.
-    pub fn build(settings: &Settings, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, fatal: Arc<Fatal>) -> Result<Self> {
-        match settings.delivery.mode {
-            DeliveryMode::AtLeastOnce => Self::at_least_once(settings, &settings.topics.dead_letter, tracker, metrics, fatal),
+    /// The delivery `delivery.mode` asks for, publishing through `connection`, refused outputs'
+    /// stand-ins to `dead_letter_topic`. Blocking in exactly-once mode (`init_transactions` fences
+    /// older instances): call it off the executor.
+    pub fn build(
+        delivery: &DeliverySettings,
+        connection: &KafkaSettings,
+        dead_letter_topic: &str,
+        tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+        fatal: Arc<Fatal>,
+    ) -> Result<Self> {
+        match delivery.mode {
+            DeliveryMode::AtLeastOnce => Self::at_least_once(connection, dead_letter_topic, tracker, metrics, fatal),
             DeliveryMode::ExactlyOnce => {
-                let id = kafka::transactional_id(settings);
-                let config = kafka::producer_config(settings, Some(&id));
-                let timeout = settings.delivery.transaction_timeout;
+                let id = kafka::transactional_id(connection, delivery);
+                let timeout = delivery.transaction_timeout;
+                let config = kafka::producer_config(connection, Some((&id, timeout)));
                 let tx =
                     Transactions::new(config, tracker.clone(), metrics.clone(), timeout).map_err(|e| anyhow!("creating the transactional producer: {e}"))?;
                 tracing::info!(transactional_id = %id, "exactly-once delivery: transactional producer ready");
-                let dead_letter_topic = settings.topics.dead_letter.clone();
+                let dead_letter_topic = dead_letter_topic.to_string();
                 Ok(Self {
                     mode: Mode::ExactlyOnce(Arc::new(tx)),
                     tracker,
@@ -85,8 +93,14 @@ impl Delivery {
     }
 
     /// At-least-once publishing whatever the configured mode (replays never commit).
-    pub fn at_least_once(settings: &Settings, dead_letter_topic: &str, tracker: Arc<OffsetTracker>, metrics: Arc<Metrics>, fatal: Arc<Fatal>) -> Result<Self> {
-        let producer = DirectProducer::new(kafka::producer_config(settings, None)).context("creating the producer")?;
+    pub fn at_least_once(
+        connection: &KafkaSettings,
+        dead_letter_topic: &str,
+        tracker: Arc<OffsetTracker>,
+        metrics: Arc<Metrics>,
+        fatal: Arc<Fatal>,
+    ) -> Result<Self> {
+        let producer = DirectProducer::new(kafka::producer_config(connection, None)).context("creating the producer")?;
         Ok(Self {
             mode: Mode::AtLeastOnce(Arc::new(producer)),
             tracker,

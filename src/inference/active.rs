@@ -4,12 +4,13 @@
 //! workers read the active model once per batch, so every image of a batch is scored, and
 //! labelled, by one model; nothing is re-read or dropped by a swap.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Context, Result};
 use tokio::sync::OwnedMutexGuard;
 
-use crate::config::Settings;
+use crate::config::{EngineSettings, ModelSettings, S3Settings, Settings};
 use crate::event::ModelRef;
 use crate::inference::engine::Engine;
 use crate::inference::model::Scorer;
@@ -26,8 +27,9 @@ pub(crate) struct ActiveModel {
 }
 
 impl ActiveModel {
-    pub(crate) fn new(engine: Arc<Engine>, settings: &Settings, source: &str) -> Result<Self> {
-        let scorer = Scorer::new(&engine.info, &settings.model.thresholds)?;
+    /// `engine` with `thresholds` (`model.thresholds`) over its calibration.
+    pub(crate) fn new(engine: Arc<Engine>, thresholds: &BTreeMap<String, f32>, source: &str) -> Result<Self> {
+        let scorer = Scorer::new(&engine.info, thresholds)?;
         let model = engine.info.model_ref();
         Ok(Self { engine, scorer, model, source: source.to_string() })
     }
@@ -53,18 +55,35 @@ pub(crate) struct ModelSlot {
     /// announcements never race their swaps.
     loading: Arc<tokio::sync::Mutex<()>>,
     sources: ModelSources,
-    settings: Arc<Settings>,
+    loading_settings: Arc<LoadingSettings>,
+}
+
+/// What a candidate model is built and checked with: the sections the slot reads.
+struct LoadingSettings {
+    engine: EngineSettings,
+    /// The warm-up batch's size follows the batches the model will see.
+    max_batch: usize,
+    thresholds: BTreeMap<String, f32>,
 }
 
 impl ModelSlot {
-    pub(crate) fn new(active: ActiveModel, settings: &Settings) -> Self {
+    /// Serves `active`; later models come from `model.allowed_sources` (through `s3` for
+    /// `s3://`) and run with `engine` at batches up to `max_batch`.
+    pub(crate) fn new(active: ActiveModel, model: &ModelSettings, engine: &EngineSettings, s3: &S3Settings, max_batch: usize) -> Self {
+        let loading_settings = LoadingSettings { engine: engine.clone(), max_batch, thresholds: model.thresholds.clone() };
         Self {
             current: RwLock::new(Arc::new(active)),
             previous: Mutex::new(None),
             loading: Arc::default(),
-            sources: ModelSources::new(&settings.model, &settings.s3),
-            settings: Arc::new(settings.clone()),
+            sources: ModelSources::new(model, s3),
+            loading_settings: Arc::new(loading_settings),
         }
+    }
+
+    /// The slot the operator runs: the configured model and sections of `settings`.
+    pub(crate) fn configured(engine: Arc<Engine>, settings: &Settings) -> Result<Self> {
+        let active = ActiveModel::new(engine, &settings.model.thresholds, &settings.model.path)?;
+        Ok(Self::new(active, &settings.model, &settings.engine, &settings.s3, settings.batch.max_batch))
     }
 
     /// The model to score the next batch with.
@@ -115,7 +134,7 @@ impl ModelSlot {
     /// back, so the lock is held for as long as the candidate exists, even when the caller gave
     /// up waiting for it.
     async fn candidate(&self, model: ModelBytes, uri: &str, guard: OwnedMutexGuard<()>) -> Result<(ActiveModel, OwnedMutexGuard<()>)> {
-        let (settings, active, uri) = (self.settings.clone(), self.current(), uri.to_string());
+        let (settings, active, uri) = (self.loading_settings.clone(), self.current(), uri.to_string());
         let (candidate, guard) = tokio::task::spawn_blocking(move || (validate(&model, &uri, &settings, &active), guard)).await?;
         Ok((candidate?, guard))
     }
@@ -124,12 +143,12 @@ impl ModelSlot {
 /// Loads a candidate and checks it can replace `active` without restarting anything: it follows
 /// the contract (checked while loading), has the same input size (the decoders resize to it)
 /// and answers a warm-up batch.
-fn validate(model: &ModelBytes, source: &str, settings: &Settings, active: &ActiveModel) -> Result<ActiveModel> {
+fn validate(model: &ModelBytes, source: &str, settings: &LoadingSettings, active: &ActiveModel) -> Result<ActiveModel> {
     let engine = Engine::from_bytes(model, source, &settings.engine).with_context(|| format!("model {source} was rejected"))?;
     let (new, old) = (engine.info.input_size, active.engine.info.input_size);
     if new != old {
         bail!("model {source} was rejected: its input size {new} differs from the active model's {old}; a different size needs a restart");
     }
-    engine.warm_up(settings).with_context(|| format!("model {source} failed its warm-up batch"))?;
-    ActiveModel::new(Arc::new(engine), settings, source)
+    engine.warm_up(&settings.engine, settings.max_batch).with_context(|| format!("model {source} failed its warm-up batch"))?;
+    ActiveModel::new(Arc::new(engine), &settings.thresholds, source)
 }

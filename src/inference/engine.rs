@@ -40,8 +40,8 @@ fn default_dylib_path() -> String {
 /// Model outputs for one batch.
 #[derive(Debug, Clone)]
 pub(crate) struct BatchOutput {
-    /// `n * size * size` raw anomaly maps, row-major per image.
-    pub maps: Vec<f32>,
+    /// `n * size * size` raw anomaly maps, row-major per image; shared by the images' `MapSlice`s.
+    pub maps: std::sync::Arc<Vec<f32>>,
     pub scores: Vec<f32>,
 }
 
@@ -106,18 +106,18 @@ impl Engine {
         if maps.len() != n * s * s || scores.len() != n {
             bail!("model returned anomaly_map {:?} and {} scores for a batch of {n}", &**map_shape, scores.len());
         }
-        Ok(BatchOutput { maps: maps.to_vec(), scores: scores.to_vec() })
+        Ok(BatchOutput { maps: std::sync::Arc::new(maps.to_vec()), scores: scores.to_vec() })
     }
 
     /// Runs `engine.warmup_batches` dummy batches (at least one: a model that cannot answer a
     /// batch is refused before it serves) of up to 8 images on every session, so the first real
     /// request is not slow.
-    pub(crate) fn warm_up(&self, settings: &crate::config::Settings) -> Result<()> {
-        let batch = settings.batch.max_batch.clamp(1, 8);
+    pub(crate) fn warm_up(&self, settings: &EngineSettings, max_batch: usize) -> Result<()> {
+        let batch = max_batch.clamp(1, 8);
         let s = self.info.input_size as usize;
         let zeros = vec![127u8; batch * s * s * 3];
         for slot in 0..self.sessions.len() {
-            for _ in 0..settings.engine.warmup_batches.max(1) {
+            for _ in 0..settings.warmup_batches.max(1) {
                 self.run(slot, &zeros, batch)?;
             }
         }
@@ -218,7 +218,7 @@ fn check_dynamic_batch(session: &Session) -> Result<()> {
 pub(crate) fn load_configured(settings: &crate::config::Settings) -> Result<std::sync::Arc<Engine>> {
     let model = read_file(Path::new(&settings.model.path), settings.model.max_bytes).context("model.path")?;
     let engine = Engine::from_bytes(&model, &settings.model.path, &settings.engine)?;
-    engine.warm_up(settings)?;
+    engine.warm_up(&settings.engine, settings.batch.max_batch)?;
     tracing::info!(model = %engine.info.name, version = %engine.info.version, provider = engine.provider, input_size = engine.info.input_size, classes = ?engine.info.classes, "model loaded");
     Ok(std::sync::Arc::new(engine))
 }

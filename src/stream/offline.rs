@@ -10,7 +10,7 @@ use anyhow::Result;
 use crate::config::Settings;
 use crate::dataset::ImageFile;
 use crate::delivery::Ticket;
-use crate::inference::active::{ActiveModel, ModelSlot};
+use crate::inference::active::ModelSlot;
 use crate::inference::engine::Engine;
 use crate::inference::heatmap;
 use crate::stream::pipeline::{Job, Outcome, Pipeline};
@@ -41,9 +41,9 @@ pub(crate) fn score_files(
     heatmap_dir: Option<&Path>,
     mut on_result: impl FnMut(&FileScore),
 ) -> Result<Vec<FileScore>> {
-    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, settings, &settings.model.path)?, settings));
+    let models = Arc::new(ModelSlot::configured(engine, settings)?);
     let (tx, rx) = crossbeam_channel::unbounded::<Outcome>();
-    let pipeline = Pipeline::start(models, settings, Metrics::new(), Arc::new(tx));
+    let pipeline = Pipeline::start(models, &settings.decode, &settings.s3, &settings.batch, Metrics::new(), Arc::new(tx));
     let submit = pipeline.submitter();
     let feeder_files: Vec<ImageFile> = files.to_vec();
     let feeder = std::thread::spawn(move || {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender};
 
-use crate::config::{BatchSettings, Settings};
+use crate::config::{BatchSettings, DecodeSettings, S3Settings};
 use crate::delivery::Ticket;
 use crate::event::{parse_event, ErrorKind, Headers, ImageEvent, ImageSource, Rejection, SourceRef, HEADER_CLASS, HEADER_IMAGE_ID};
 use crate::inference::active::{ActiveModel, ModelSlot};
@@ -53,8 +53,31 @@ pub(crate) struct Scored {
     pub event: ImageEvent,
     pub input: ModelInput,
     pub raw_score: f32,
-    pub map: Vec<f32>,
+    pub map: MapSlice,
     pub inference_ms: f64,
+}
+
+/// One image's anomaly map: a view into its batch's output maps, shared by the batch's images
+/// instead of copied out for each (most images never need theirs: no heatmap, no thumbnail).
+#[derive(Clone)]
+pub(crate) struct MapSlice {
+    maps: Arc<Vec<f32>>,
+    range: std::ops::Range<usize>,
+}
+
+impl MapSlice {
+    pub(crate) fn new(maps: Arc<Vec<f32>>, range: std::ops::Range<usize>) -> Self {
+        assert!(range.end <= maps.len(), "map range {range:?} past the batch's {} values", maps.len());
+        Self { maps, range }
+    }
+}
+
+impl std::ops::Deref for MapSlice {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        &self.maps[self.range.clone()]
+    }
 }
 
 pub(crate) enum Outcome {
@@ -113,9 +136,17 @@ impl Submitter {
 }
 
 impl Pipeline {
-    pub(crate) fn start(models: Arc<ModelSlot>, settings: &Settings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
-        let decoder = Decoder::with_s3_if_async(&settings.decode, &settings.s3, models.current().engine.input_size());
-        Self::start_with(models, decoder, &settings.batch, metrics, sink)
+    /// Decodes with `decode` (and `s3` for `s3://` URIs), batches with `batch`.
+    pub(crate) fn start(
+        models: Arc<ModelSlot>,
+        decode: &DecodeSettings,
+        s3: &S3Settings,
+        batch: &BatchSettings,
+        metrics: Arc<Metrics>,
+        sink: Arc<dyn OutcomeSink>,
+    ) -> Self {
+        let decoder = Decoder::with_s3_if_async(decode, s3, models.current().engine.input_size());
+        Self::start_with(models, decoder, batch, metrics, sink)
     }
 
     /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
@@ -309,7 +340,7 @@ fn engine_loop(slot: usize, batches: Receiver<Vec<Decoded>>, sink: &dyn OutcomeS
                             continue;
                         }
                     };
-                    let map = out.maps[i * s * s..(i + 1) * s * s].to_vec();
+                    let map = MapSlice::new(out.maps.clone(), i * s * s..(i + 1) * s * s);
                     let scored = Scored { job: d.job, model: model.clone(), event: d.event, input: d.input, raw_score, map, inference_ms };
                     sink.accept(Outcome::Scored(Box::new(scored)));
                 }

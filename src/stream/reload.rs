@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Settings;
+use crate::config::ModelSettings;
 use crate::control::{Change, ControlState};
 use crate::inference::active::{ActiveModel, ModelSlot};
 use crate::shutdown::Shutdown;
@@ -17,7 +17,7 @@ use crate::telemetry::{InternalEvent, Metrics};
 pub(crate) struct Reloader {
     pub models: Arc<ModelSlot>,
     pub control: Option<Arc<ControlState>>,
-    pub settings: Arc<Settings>,
+    pub settings: ModelSettings,
     pub metrics: Arc<Metrics>,
     pub runtime: tokio::runtime::Handle,
 }
@@ -28,8 +28,8 @@ impl Reloader {
     }
 
     fn run(&self, stop: &Shutdown) {
-        let watch = self.settings.model.watch_interval;
-        let path = Path::new(&self.settings.model.path).to_path_buf();
+        let watch = self.settings.watch_interval;
+        let path = Path::new(&self.settings.path).to_path_buf();
         let mut seen = modified(&path);
         let mut last_check = Instant::now();
         while !stop.is_requested() {
@@ -49,10 +49,10 @@ impl Reloader {
                 last_check = Instant::now();
                 let now = modified(&path);
                 // Only a file that is still the one serving is watched: an announced model wins.
-                if now != seen && self.models.current().source == self.settings.model.path {
+                if now != seen && self.models.current().source == self.settings.path {
                     seen = now;
                     tracing::info!(path = %path.display(), "model file changed");
-                    self.runtime.block_on(swap_in(&self.models, self.control.as_deref(), &self.metrics, &self.settings.model.path));
+                    self.runtime.block_on(swap_in(&self.models, self.control.as_deref(), &self.metrics, &self.settings.path));
                 }
             }
         }
@@ -97,14 +97,14 @@ pub(crate) struct AnnouncedModel {
 }
 
 impl AnnouncedModel {
-    pub(crate) fn start(control: &Arc<ControlState>, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &Settings) -> Option<Self> {
+    pub(crate) fn start(control: &Arc<ControlState>, models: Arc<ModelSlot>, metrics: Arc<Metrics>, settings: &ModelSettings) -> Option<Self> {
         let Some(Change::Model { uri, .. }) = control.next_model(Duration::ZERO) else { return None };
         tracing::info!(uri, "loading the model announced on the control topic before reading any record");
         let loading = {
             let (uri, control) = (uri.clone(), control.clone());
             tokio::spawn(async move { swap_in(&models, Some(&control), &metrics, &uri).await })
         };
-        Some(Self { uri, loading, deadline: tokio::time::Instant::now() + settings.model.announced_wait })
+        Some(Self { uri, loading, deadline: tokio::time::Instant::now() + settings.announced_wait })
     }
 
     /// Waits until the announced model serves, was refused, or the deadline passed (then it goes

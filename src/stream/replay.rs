@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Settings;
 use crate::delivery::{Delivery, OffsetTracker};
-use crate::inference::active::{ActiveModel, ModelSlot};
+use crate::inference::active::ModelSlot;
 use crate::kafka;
 use crate::stream::operator::assemble;
 use crate::stream::sink::{Oversight, SinkSettings};
@@ -131,7 +131,7 @@ pub(crate) async fn replay_topic(settings: Settings, req: ReplayRequest) -> Resu
     // End-of-partition events close a partition whose last offsets hold no record to deliver:
     // a transaction's commit marker, or an aborted transaction skipped by read_committed.
     let consumer: BaseConsumer =
-        kafka::consumer_config(&settings, &group).set("enable.partition.eof", "true").create().context("creating the replay consumer")?;
+        kafka::consumer_config(&settings.kafka, &group).set("enable.partition.eof", "true").create().context("creating the replay consumer")?;
     let ranges = {
         let (c, r) = (&consumer, &req);
         tokio::task::block_in_place(|| resolve_ranges(c, r))?
@@ -142,11 +142,11 @@ pub(crate) async fn replay_topic(settings: Settings, req: ReplayRequest) -> Resu
     let metrics = Metrics::new();
     let tracker = Arc::new(OffsetTracker::new());
     let dead_letter_topic = req.dead_letter_topic.clone().unwrap_or_else(|| format!("{}.dlq", req.output_topic));
-    let delivery = Arc::new(Delivery::at_least_once(&settings, &dead_letter_topic, tracker.clone(), metrics.clone(), Arc::default())?);
+    let delivery = Arc::new(Delivery::at_least_once(&settings.kafka, &dead_letter_topic, tracker.clone(), metrics.clone(), Arc::default())?);
     let sink_settings = SinkSettings::for_replay(&settings, &req.output_topic, &dead_letter_topic, &id);
     // A replay judges with the model's calibration and the configured thresholds, not with
     // runtime changes: it answers "what would this model have said".
-    let models = Arc::new(ModelSlot::new(ActiveModel::new(engine, &settings, &settings.model.path)?, &settings));
+    let models = Arc::new(ModelSlot::configured(engine, &settings)?);
     let pipeline = assemble(&settings, models, sink_settings, Oversight::default(), delivery.clone(), metrics.clone())?;
     let fatal = delivery.fatal().clone();
 
