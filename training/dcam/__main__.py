@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from . import __version__
 from .anomaly_map import SCORE_RULES
 from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, RULES, calibrate, calibrate_oof, left_out_alarms
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import RunInfo, load_checkpoint, save_checkpoint
 from .config import VARIANTS, variant_config
 from .data import (REPO_ROOT, carve_test_defects, discover_classes, list_images, load_carved_defects, load_image,
                    load_test, load_train_val, load_val_defects, resolve_data_root)
@@ -153,13 +154,14 @@ def cmd_train(args) -> Path:
                     "hardware": f"CPU, {torch.get_num_threads()} threads"}
     (out / "train.json").write_text(json.dumps({"train_config": train_config, **info}, indent=2))
     print(f"[train] student done in {info['train_time_s']:.0f}s, best epoch {info['best_epoch']}")
-    return _fit_heads_and_save(args, model, root, classes, train_split, val_split, train_config,
-                               {"teacher_weights": args.teacher_weights}, out / "model.pt")
+    return _fit_heads_and_save(args, model, root, train_split, val_split, RunInfo(classes, train_config, teacher_weights=args.teacher_weights),
+                               out / "model.pt")
 
 
-def _fit_heads_and_save(args, model, root, classes, train_split, val_split, train_config: dict, extra: dict,
-                        path: Path) -> Path:
-    """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save."""
+def _fit_heads_and_save(args, model, root, train_split, val_split, run: RunInfo, path: Path) -> Path:
+    """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save `run`
+    with them."""
+    classes, train_config = run.classes, run.train_config
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     feats = None
@@ -185,8 +187,8 @@ def _fit_heads_and_save(args, model, root, classes, train_split, val_split, trai
     est["cutpaste"] = {"kind": "CutPaste-style fakes of held-out good images (easier)", "per_class": cut["per_class"],
                        "mean": cut["mean"]}
     train_config["validation_estimate_kind"] = est["kind"]
-    save_checkpoint(model, path, {**extra, "classes": classes, "calibration": cal, "calibration_report": report,
-                                  "train_config": train_config, "data_root": str(root), "validation_estimate": est})
+    save_checkpoint(model, path, replace(run, calibration=cal, calibration_report=report, data_root=str(root),
+                                         validation_estimate=est))
     (path.parent / "validation_estimate.json").write_text(json.dumps(est, indent=2))
     print(f"[train] calibration: {json.dumps(cal)}")
     _print_calibration_report(report)
@@ -257,47 +259,46 @@ def cmd_fit_heads(args) -> Path:
     """Fit the heads on an existing student (a checkpoint, or the student inside an exported ONNX)."""
     if args.from_onnx:
         model, meta = student_model_from_onnx(args.from_onnx, args.teacher_weights)
-        classes, extra = json.loads(meta["dcam.classes"]), {"student_from": str(args.from_onnx)}
         tc = {**json.loads(meta["dcam.train_config"]), "student_from": str(args.from_onnx)}
+        run = RunInfo(json.loads(meta["dcam.classes"]), tc, student_from=str(args.from_onnx))
     else:
-        model, ckpt = load_checkpoint(args.checkpoint, args.teacher_weights)
-        classes, tc = ckpt["classes"], dict(ckpt["train_config"])
-        extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "heads", "classes", "calibration",
-                                                               "train_config", "validation_estimate")}
+        model, old = load_checkpoint(args.checkpoint, args.teacher_weights)
+        # The student and where it came from carry over; what the heads produce is made anew.
+        run = RunInfo(old.classes, dict(old.train_config), data_root=old.data_root, teacher_weights=old.teacher_weights,
+                      student_from=old.student_from)
     model.reconfigure(**_head_overrides(args))
+    tc = run.train_config
     tc.update(model.cfg.to_dict())
     root = resolve_data_root(args.data_root)
-    train_split, val_split = load_train_val(root, classes, model.cfg.input_size, tc.get("val_fraction", 0.15),
+    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, tc.get("val_fraction", 0.15),
                                             tc.get("seed", 0), not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return _fit_heads_and_save(args, model, root, classes, train_split, val_split, tc, extra, out / "model.pt")
+    return _fit_heads_and_save(args, model, root, train_split, val_split, run, out / "model.pt")
 
 
 def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     ckpt_path = Path(checkpoint or args.checkpoint)
-    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
-    root = resolve_data_root(args.data_root or ckpt.get("data_root"))
-    classes = ckpt["classes"]
+    model, run = load_checkpoint(ckpt_path, args.teacher_weights)
+    root = resolve_data_root(args.data_root or run.data_root)
+    classes, tc = run.classes, run.train_config
     s = model.cfg.input_size
     out = Path(args.out_eval or ckpt_path.parent / "eval")
-    _, val_split = load_train_val(root, classes, s, ckpt["train_config"]["val_fraction"], ckpt["train_config"]["seed"],
-                                  not args.quiet)
+    _, val_split = load_train_val(root, classes, s, tc["val_fraction"], tc["seed"], not args.quiet)
     val_metrics = synthetic_val_metrics(model, val_split, not args.quiet)
-    tc = ckpt["train_config"]
     carved = carve_test_defects(root, classes, tc.get("val_from_test", 0.0), tc["seed"])  # validation, not test
     test = load_test(root, classes, s, not args.quiet, exclude=carved)
     t0 = time.time()
-    metrics, maps, scores = evaluate_split(model, test, not args.quiet, calibration=ckpt["calibration"])
-    metrics["calibration"] = _promised_vs_measured(ckpt.get("calibration_report") or {}, metrics)
+    metrics, maps, scores = evaluate_split(model, test, not args.quiet, calibration=run.calibration)
+    metrics["calibration"] = _promised_vs_measured(run.calibration_report or {}, metrics)
     metrics["inference_s_per_image"] = round((time.time() - t0) / max(len(test), 1), 4)
     metrics["test_images"] = len(test)
     metrics["validation_defects_from_test"] = [str(Path(p).relative_to(root)) for p in carved]
     metrics["val_synthetic"] = val_metrics  # CutPaste fakes (the old proxy; kept for comparison)
-    if ckpt.get("validation_estimate"):
-        metrics["validation_estimate"] = ckpt["validation_estimate"]
+    if run.validation_estimate:
+        metrics["validation_estimate"] = run.validation_estimate
     metrics["score_rules"] = score_rules(test, maps)  # reported only; the rule is chosen on val_synthetic
-    write_reports(metrics, test, maps, scores, ckpt["calibration"], out)
+    write_reports(metrics, test, maps, scores, run.calibration, out)
     print(markdown_table(metrics, f"test ({ckpt_path.parent.name})"))
     for c, r in metrics["calibration"].items():
         if "promised_fa" in r and "measured_fa" in r:
@@ -336,17 +337,17 @@ def _promised_vs_measured(report: dict, metrics: dict) -> dict:
 
 def cmd_export(args, checkpoint: Path | None = None) -> Path:
     ckpt_path = Path(checkpoint or args.checkpoint)
-    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
+    model, run = load_checkpoint(ckpt_path, args.teacher_weights)
     metrics_path = Path(args.out_eval or ckpt_path.parent / "eval") / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     summary = {k: metrics[k] for k in ("per_class", "mean", "calibration", "val_synthetic", "validation_estimate") if k in metrics}
-    if "calibration" not in summary and ckpt.get("calibration_report"):
-        summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in ckpt["calibration_report"].items()}
+    if "calibration" not in summary and run.calibration_report:
+        summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in run.calibration_report.items()}
     out = Path(args.output)
-    name = args.model_name or (f"{ckpt['train_config'].get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
+    name = args.model_name or (f"{run.train_config.get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
                                .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else "")
                                + ("-bank" if model.cfg.bank_fraction > 0 else ""))
-    export_onnx(model, out, ckpt["classes"], ckpt["calibration"], summary, ckpt["train_config"], name, args.model_version)
+    export_onnx(model, out, run.classes, run.calibration, summary, run.train_config, name, args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
     m_ort, s_ort = run_onnx(out, imgs)
@@ -354,7 +355,7 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     print(f"[export] {out} ({out.stat().st_size / 1e6:.1f} MB); ORT vs torch: max|dscore|={np.abs(s_ort - s_pt).max():.2e} "
           f"max|dmap|={np.abs(m_ort - m_pt).max():.2e}")
     if args.fp16:
-        _write_fp16(out, resolve_data_root(args.data_root or ckpt.get("data_root")), args.parity_images)
+        _write_fp16(out, resolve_data_root(args.data_root or run.data_root), args.parity_images)
     return out
 
 
@@ -394,20 +395,19 @@ def cmd_calibrate(args) -> Path:
     image-score rule) and write a new checkpoint next to the old one. The heads stay as they are; with the
     oof rule (default) copies of them are refitted without each held-out image to score it (oof.py)."""
     ckpt_path = Path(args.checkpoint)
-    model, ckpt = load_checkpoint(ckpt_path, args.teacher_weights)
-    tc = dict(ckpt["train_config"])
+    model, run = load_checkpoint(ckpt_path, args.teacher_weights)
+    tc = dict(run.train_config)
     if args.score_rule and model.heads is not None:
         raise SystemExit("the heads' map-score statistics depend on the score rule: use fit-heads --score-rule instead")
     if args.score_rule:
         model.reconfigure(score_rule=args.score_rule)  # a model without heads (refused above otherwise)
         tc["score_rule"] = args.score_rule
-    root = resolve_data_root(args.data_root or ckpt.get("data_root"))
-    train_split, val_split = load_train_val(root, ckpt["classes"], model.cfg.input_size, tc["val_fraction"], tc["seed"],
+    root = resolve_data_root(args.data_root or run.data_root)
+    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, tc["val_fraction"], tc["seed"],
                                             not args.quiet)
     cal, report, _ = _calibration(args, model, train_split, val_split, tc)
     out = Path(args.output_checkpoint or ckpt_path.with_name(ckpt_path.stem + "-calibrated.pt"))
-    extra = {k: v for k, v in ckpt.items() if k not in ("config", "state_dict", "heads")}
-    save_checkpoint(model, out, {**extra, "calibration": cal, "calibration_report": report, "train_config": tc})
+    save_checkpoint(model, out, replace(run, calibration=cal, calibration_report=report, train_config=tc))
     print(f"[calibrate] {out}: {json.dumps(cal)}")
     _print_calibration_report(report)
     return out

@@ -1,5 +1,8 @@
-"""Checkpoints: the config, the trained (non-teacher) weights, the head classes and run metadata."""
+"""Checkpoints: the config, the trained (non-teacher) weights, the head classes and the run's record
+(`RunInfo`)."""
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -22,20 +25,37 @@ def upgrade_state(state: dict) -> dict:
     return {("loss." + k if k.startswith("attention.") else k): v for k, v in state.items()}
 
 
-def save_checkpoint(model: DistillModel, path, extra: dict | None = None) -> None:
+@dataclass
+class RunInfo:
+    """What a checkpoint records beside the weights. `train_config` stays a dict: it is written as-is
+    into the exported model (`dcam.train_config`), where its keys are the contract."""
+    classes: list[str] = field(default_factory=list)
+    train_config: dict = field(default_factory=dict)
+    calibration: dict | None = None          # dcam.calibration
+    calibration_report: dict | None = None   # the promise behind each threshold (calibrate.py)
+    validation_estimate: dict | None = None
+    data_root: str | None = None
+    teacher_weights: str | None = None       # None: the packaged ImageNet weights
+    student_from: str | None = None          # fit-heads --from-onnx: the file the student came from
+
+
+_RUN_FIELDS = {f.name for f in fields(RunInfo)}
+
+
+def save_checkpoint(model: DistillModel, path, info: RunInfo | None = None) -> None:
     h = model.heads
     heads = ({"classes": h.classes, "groups": h.density.groups, "bank_entries": h.bank.entries if h.bank is not None else 0}
              if h is not None else None)
-    torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **(extra or {})}, path)
+    torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **asdict(info or RunInfo())}, path)
 
 
-def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, dict]:
+def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, RunInfo]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])),
-                         teacher_weights or ckpt.get("teacher_weights"))
+    info = RunInfo(**{k: v for k, v in ckpt.items() if k in _RUN_FIELDS})
+    model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])), teacher_weights or info.teacher_weights)
     if ckpt.get("heads"):
         model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"), ckpt["heads"].get("bank_entries", 0))
     missing, unexpected = model.load_state_dict(upgrade_state(ckpt["state_dict"]), strict=False)
     assert not unexpected and all(_is_teacher(k) for k in missing), (missing, unexpected)
     model.eval()
-    return model, ckpt
+    return model, info

@@ -14,7 +14,7 @@ import dcam.density
 from dcam.density import DensityHead, fit_gaussian, kmeans_groups
 from dcam.evaluate import evaluate_split, markdown_table, predict, validation_estimate
 from dcam.export import check_contract, export_onnx, run_onnx
-from dcam.checkpoint import load_checkpoint, save_checkpoint
+from dcam.checkpoint import RunInfo, load_checkpoint, save_checkpoint
 from dcam.config import variant_config
 from dcam.torch_model import DistillModel
 from dcam.pixel_norm import PixelNorm
@@ -170,7 +170,7 @@ def test_density_groups_export_and_reload(headed, tmp_path):
     rebuilt = model_from_onnx(path)
     assert rebuilt.heads.density.groups == [2, 1]
     assert np.abs(predict(rebuilt, va.images, progress=False)[1] - s_pt).max() <= 1e-4
-    save_checkpoint(model, tmp_path / "g.pt", {"classes": classes})
+    save_checkpoint(model, tmp_path / "g.pt", RunInfo(classes))
     again, _ = load_checkpoint(tmp_path / "g.pt")
     assert again.heads.density.groups == [2, 1]
     assert np.allclose(predict(again, va.images, progress=False)[1], s_pt, atol=1e-5)
@@ -197,14 +197,14 @@ def test_tied_groups_export_and_reload(headed, tmp_path, monkeypatch):
     rebuilt = model_from_onnx(path)
     assert rebuilt.heads.density.tied == [False, False, True]
     assert np.abs(predict(rebuilt, va.images, progress=False)[1] - s_pt).max() <= 1e-4
-    save_checkpoint(model, tmp_path / "t.pt", {"classes": classes})
+    save_checkpoint(model, tmp_path / "t.pt", RunInfo(classes))
     again, _ = load_checkpoint(tmp_path / "t.pt")
     assert np.allclose(predict(again, va.images, progress=False)[1], s_pt, atol=1e-5)
 
 
 def test_heads_checkpoint_roundtrip(headed, tmp_path):
     model, _, classes, _, va = headed
-    save_checkpoint(model, tmp_path / "m.pt", {"classes": classes})
+    save_checkpoint(model, tmp_path / "m.pt", RunInfo(classes))
     again, _ = load_checkpoint(tmp_path / "m.pt")
     _, a = predict(model, va.images, progress=False)
     _, b = predict(again, va.images, progress=False)

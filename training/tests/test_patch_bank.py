@@ -7,7 +7,7 @@ import torch
 
 import dcam.patch_bank
 from dcam.calibrate import calibrate
-from dcam.checkpoint import load_checkpoint, save_checkpoint
+from dcam.checkpoint import RunInfo, load_checkpoint, save_checkpoint
 from dcam.config import variant_config
 from dcam.data import load_test, load_train_val
 from dcam.evaluate import predict
@@ -100,7 +100,7 @@ def test_bank_export_parity_and_reload(banked, mvtec_root, tmp_path):
     assert rebuilt.heads.bank.entries == model.heads.bank.entries
     m_re, s_re = predict(rebuilt, test.images, progress=False)
     assert np.abs(s_re - s_pt).max() <= 1e-4 and np.abs(m_re - m_pt).max() <= 1e-4
-    save_checkpoint(model, tmp_path / "b.pt", {"classes": classes})
+    save_checkpoint(model, tmp_path / "b.pt", RunInfo(classes))
     again, _ = load_checkpoint(tmp_path / "b.pt")
     assert np.allclose(predict(again, va.images, progress=False)[1], predict(model, va.images, progress=False)[1], atol=1e-5)
 

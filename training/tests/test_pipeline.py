@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
+from dcam.checkpoint import load_checkpoint
 from dcam.__main__ import main
 from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
@@ -106,6 +107,13 @@ def test_cli_all(mvtec_root, tmp_path):
           "top1pct_mean", "--output-checkpoint", str(out / "cal.pt"), "--quiet"])
     main(["export", "--checkpoint", str(out / "cal.pt"), "--output", str(tmp_path / "cal.onnx"), "--quiet"])
     assert json.loads(read_metadata(tmp_path / "cal.onnx")["dcam.train_config"])["score_rule"] == "top1pct_mean"
+    # Heads fitted anew on the checkpoint's student: its run record carries over, the heads' outputs are new.
+    main(["fit-heads", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--density", "map",
+          "--out", str(tmp_path / "heads"), "--quiet"])
+    _, before = load_checkpoint(out / "model.pt")
+    _, after = load_checkpoint(tmp_path / "heads" / "model.pt")
+    assert (after.classes, after.teacher_weights, after.train_config["seed"]) == (before.classes, before.teacher_weights, before.train_config["seed"])
+    assert after.train_config["density"] == "map" and after.calibration and after.calibration_report and after.validation_estimate
 
 
 def test_cli_ablation(mvtec_root, tmp_path):
