@@ -76,6 +76,10 @@ pub(crate) fn record_name(topic: &str, partition: i32, offset: i64) -> String {
 /// Where the image bytes are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageSource {
+    /// The record value itself is the image (a raw-bytes event): decoded from the record's bytes,
+    /// which stay with the job for a dead letter, rather than from a copy of them.
+    RecordValue,
+    /// Decoded from the envelope's base64.
     Inline(Vec<u8>),
     Uri(String),
 }
@@ -176,7 +180,7 @@ pub fn parse_event(value: Option<&[u8]>, header_id: Option<&str>, header_class: 
         Ok(ImageEvent {
             image_id,
             class: header_class.map(str::to_string),
-            image: ImageSource::Inline(value.to_vec()),
+            image: ImageSource::RecordValue,
             content_type: None,
             captured_at: None,
             attributes: serde_json::Value::Null,
@@ -352,6 +356,7 @@ mod tests {
         assert_eq!(e.class.as_deref(), Some("bottle"));
         let e = parse_event(Some(b"\xff\xd8\xff"), None, None, &src()).unwrap();
         assert_eq!(e.image_id, "images-2-41");
+        assert_eq!(e.image, ImageSource::RecordValue, "raw bytes are decoded from the record itself, not copied");
         assert_eq!(e.class, None);
     }
 

@@ -214,7 +214,8 @@ fn core_costs(settings: &Settings, payloads: &[Payload], batches: &[usize], cost
     one.intra_threads = 1;
     let engine = Engine::load(std::path::Path::new(&settings.model.path), &one)?;
     let decoder = Decoder::new(settings.decode.clone(), engine.input_size());
-    let (decode_ms, inputs) = mean_ms(&events, |e| decoder.decode(&e.image).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
+    let with_records: Vec<_> = events.iter().zip(payloads).collect();
+    let (decode_ms, inputs) = mean_ms(&with_records, |(e, p)| decoder.decode(&e.image, &p.value).map(|m| m.rgb).map_err(|e| anyhow::anyhow!("decode: {e}")))?;
     let large_jpeg = if large.is_empty() {
         None
     } else {

@@ -83,9 +83,11 @@ impl Decoder {
         &self.budget
     }
 
-    /// Full path from an event's image to the model input.
-    pub fn decode(&self, source: &ImageSource) -> Result<ModelInput, Rejection> {
+    /// Full path from an event's image to the model input; `record_value` is the record the event
+    /// came in (the image itself for `ImageSource::RecordValue`).
+    pub fn decode(&self, source: &ImageSource, record_value: &[u8]) -> Result<ModelInput, Rejection> {
         match source {
+            ImageSource::RecordValue => self.decode_bytes(record_value),
             ImageSource::Inline(bytes) => self.decode_bytes(bytes),
             ImageSource::Uri(uri) => {
                 let bytes = self.fetch(uri)?;
@@ -398,14 +400,14 @@ mod tests {
         let mut l = limits();
         let off = Decoder::new(l.clone(), 8);
         let uri = format!("file://{}", dir.path().join("a.png").display());
-        assert_eq!(off.decode(&ImageSource::Uri(uri.clone())).unwrap_err().kind, ErrorKind::Fetch);
+        assert_eq!(off.decode(&ImageSource::Uri(uri.clone()), &[]).unwrap_err().kind, ErrorKind::Fetch);
         l.file_uri_root = Some(dir.path().display().to_string());
         let on = Decoder::new(l, 8);
-        assert_eq!(on.decode(&ImageSource::Uri(uri)).unwrap().rgb.len(), 8 * 8 * 3);
+        assert_eq!(on.decode(&ImageSource::Uri(uri), &[]).unwrap().rgb.len(), 8 * 8 * 3);
         let missing = format!("file://{}", dir.path().join("missing.png").display());
-        assert_eq!(on.decode(&ImageSource::Uri(missing)).unwrap_err().kind, ErrorKind::Fetch);
-        assert_eq!(on.decode(&ImageSource::Uri("file:///etc/passwd".into())).unwrap_err().kind, ErrorKind::Fetch);
-        assert_eq!(on.decode(&ImageSource::Uri("http://x/y.png".into())).unwrap_err().kind, ErrorKind::Fetch);
+        assert_eq!(on.decode(&ImageSource::Uri(missing), &[]).unwrap_err().kind, ErrorKind::Fetch);
+        assert_eq!(on.decode(&ImageSource::Uri("file:///etc/passwd".into()), &[]).unwrap_err().kind, ErrorKind::Fetch);
+        assert_eq!(on.decode(&ImageSource::Uri("http://x/y.png".into()), &[]).unwrap_err().kind, ErrorKind::Fetch);
     }
 
     #[test]
@@ -419,7 +421,7 @@ mod tests {
         let root = dir.path().display();
         // localhost and percent-encoding are URI syntax, not part of the path.
         for uri in [format!("file://localhost{root}/my%20dir/a.png"), format!("file://{root}/my%20dir/a.png")] {
-            assert_eq!(d.decode(&ImageSource::Uri(uri.clone())).unwrap_or_else(|e| panic!("{uri}: {e}")).rgb.len(), 8 * 8 * 3);
+            assert_eq!(d.decode(&ImageSource::Uri(uri.clone()), &[]).unwrap_or_else(|e| panic!("{uri}: {e}")).rgb.len(), 8 * 8 * 3);
         }
         // Outside the root, an existing and a missing path get the same answer.
         let exists = d.fetch("file:///etc/hostname").unwrap_err().message.replace("/etc/hostname", "P");

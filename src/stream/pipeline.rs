@@ -207,7 +207,7 @@ pub(crate) fn prepare(job: &Job, decoder: &Decoder) -> Result<(ImageEvent, Model
     let id = crate::event::header_str(&job.headers, HEADER_IMAGE_ID);
     let class = crate::event::header_str(&job.headers, HEADER_CLASS);
     let mut event = parse_event(value, id, class, &job.source())?;
-    let input = decoder.decode(&event.image)?;
+    let input = decoder.decode(&event.image, value.unwrap_or_default())?;
     event.image = ImageSource::Inline(Vec::new());
     Ok((event, input))
 }
