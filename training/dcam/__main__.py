@@ -11,17 +11,17 @@ import numpy as np
 import torch
 
 from . import __version__
-from .anomaly_map import SCORE_RULES
 from .backbones import BACKBONES, build_teacher
 from .calibrate import DEFAULT_FPR, RULES, calibrate, calibrate_oof, left_out_alarms
 from .checkpoint import RunInfo, load_checkpoint, save_checkpoint
-from .config import VARIANTS, variant_config
+from .config import VARIANTS, Density, PixelNormMode, ScoreRule, variant_config
 from .data import (REPO_ROOT, carve_test_defects, discover_classes, list_images, load_carved_defects, load_image,
                    load_test, load_train_val, load_val_defects, resolve_data_root)
 from .evaluate import (evaluate_split, markdown_table, predict, score_rules, synthetic_val_metrics, synthetic_val_split,
                        validation_estimate, write_reports)
 from .export import export_onnx, read_metadata, run_onnx
 from .oof import oof_scores
+from .record import TrainRecord
 from .recover import student_model_from_onnx
 from .torch_model import DistillModel
 from .train import cache_teacher, train
@@ -77,14 +77,18 @@ SHIPPED_HEADS = dict(score_rule="max", density="deep", tta_views=1, pixel_norm="
                      bank_w_student=0.1)
 
 
+def _values(mode) -> list[str]:
+    return [m.value for m in mode]
+
+
 def _head_args(p: argparse.ArgumentParser) -> None:
     d = SHIPPED_HEADS
-    p.add_argument("--score-rule", default=d["score_rule"], choices=SCORE_RULES, help="map score rule")
-    p.add_argument("--density", default=d["density"], choices=["none", "map", "deep"],
+    p.add_argument("--score-rule", default=d["score_rule"], choices=_values(ScoreRule), help="map score rule")
+    p.add_argument("--density", default=d["density"], choices=_values(Density),
                    help="image density head: pooled map stages, + stride-32 stages (deep), or none")
     p.add_argument("--tta-views", type=int, default=d["tta_views"], choices=[1, 2, 4, 8],
                    help="flip/transpose views averaged for the density features")
-    p.add_argument("--pixel-norm", default=d["pixel_norm"], choices=["none", "score", "map"],
+    p.add_argument("--pixel-norm", default=d["pixel_norm"], choices=_values(PixelNormMode),
                    help="per-class per-pixel map normalisation from held-out normals: off, for the image score "
                         "only (output map raw), or for the output map too")
     p.add_argument("--w-map", type=float, default=d["w_map"], help="fused score = z_density + w_map * z_map")
@@ -108,8 +112,7 @@ def _head_args(p: argparse.ArgumentParser) -> None:
 
 
 def _head_overrides(args) -> dict:
-    return dict(score_rule=args.score_rule, density="" if args.density == "none" else args.density,
-                tta_views=args.tta_views, pixel_norm="" if args.pixel_norm == "none" else args.pixel_norm,
+    return dict(score_rule=args.score_rule, density=args.density, tta_views=args.tta_views, pixel_norm=args.pixel_norm,
                 w_map=args.w_map, density_groups=args.density_groups, density_tie_dim=args.density_tie_dim,
                 bank_fraction=args.bank_fraction, bank_max_entries=args.bank_max_entries, bank_dims=args.bank_dims,
                 bank_w_student=args.bank_w_student)
@@ -146,38 +149,37 @@ def cmd_train(args) -> Path:
     model = DistillModel(cfg, args.teacher_weights)
     info = train(model, train_split.images, val_split.images, args.epochs, args.batch_size, args.lr, args.seed,
                  args.max_steps, not args.quiet, state_path=out / "train_state.pt", resume=args.resume)
-    train_config = {**cfg.to_dict(), "variant": args.variant, "classes": classes, "epochs": args.epochs,
-                    "max_steps": args.max_steps, "batch_size": args.batch_size, "lr": args.lr, "optimizer": "adam+cosine",
-                    "val_fraction": args.val_fraction, "seed": args.seed, "calibration_fpr": args.fpr,
-                    "n_train": len(train_split), "n_val": len(val_split), "steps": info["steps"],
-                    "best_epoch": info["best_epoch"], "train_time_s": info["train_time_s"],
-                    "hardware": f"CPU, {torch.get_num_threads()} threads"}
-    (out / "train.json").write_text(json.dumps({"train_config": train_config, **info}, indent=2))
+    record = TrainRecord(args.variant, classes, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                         lr=args.lr, optimizer="adam+cosine", val_fraction=args.val_fraction, seed=args.seed,
+                         calibration_fpr=args.fpr, n_train=len(train_split), n_val=len(val_split), steps=info["steps"],
+                         best_epoch=info["best_epoch"], train_time_s=info["train_time_s"],
+                         hardware=f"CPU, {torch.get_num_threads()} threads")
+    (out / "train.json").write_text(json.dumps({"train_config": record.to_dict(cfg), **info}, indent=2))
     print(f"[train] student done in {info['train_time_s']:.0f}s, best epoch {info['best_epoch']}")
-    return _fit_heads_and_save(args, model, root, train_split, val_split, RunInfo(classes, train_config, teacher_weights=args.teacher_weights),
+    return _fit_heads_and_save(args, model, root, train_split, val_split, RunInfo(classes, record, teacher_weights=args.teacher_weights),
                                out / "model.pt")
 
 
 def _fit_heads_and_save(args, model, root, train_split, val_split, run: RunInfo, path: Path) -> Path:
     """Fit the heads (if any), calibrate on held-out good, print the validation estimate, save `run`
     with them."""
-    classes, train_config = run.classes, run.train_config
+    classes, record = run.classes, run.train_config
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     feats = None
-    if model.cfg.density:
+    if model.cfg.has_heads:
         heads = model.attach_heads(classes)
         if model.cfg.bank_fraction > 0:
             model.fit_bank(train_split.images, train_split.classes, val_split.images)
-            train_config["bank_entries"] = heads.bank.entries  # recover.model_from_onnx needs it
+            record.bank_entries = heads.bank.entries
         print(f"[heads] density: {len(train_split)} train images, {heads.views} view(s)")
         feats = _head_features(model, train_split, val_split)
         heads.fit_features(model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2], val_split.classes,
                            model.cfg.density_groups)
-        train_config["density_groups_per_class"] = heads.density.groups  # recover.model_from_onnx needs them
-    train_config["heads_fit_s"] = round(time.time() - t0, 1)
-    cal, report, good_scores = _calibration(args, model, train_split, val_split, train_config, feats)
-    defects, source = _validation_defects(args, root, classes, model.cfg.input_size, train_config)
+        record.density_groups_per_class = heads.density.groups
+    record.heads_fit_s = round(time.time() - t0, 1)
+    cal, report, good_scores = _calibration(args, model, train_split, val_split, record, feats)
+    defects, source = _validation_defects(args, root, classes, model.cfg.input_size, record)
     est = validation_estimate(model, val_split, defects, progress=not args.quiet, source=source, calibration=cal,
                               good_scores=good_scores, good_alarms=None if good_scores is None else
                               left_out_alarms(good_scores, val_split.classes, args.fpr))
@@ -186,7 +188,7 @@ def _fit_heads_and_save(args, model, root, train_split, val_split, run: RunInfo,
     cut = synthetic_val_metrics(model, val_split, not args.quiet)
     est["cutpaste"] = {"kind": "CutPaste-style fakes of held-out good images (easier)", "per_class": cut["per_class"],
                        "mean": cut["mean"]}
-    train_config["validation_estimate_kind"] = est["kind"]
+    record.validation_estimate_kind = est["kind"]
     save_checkpoint(model, path, replace(run, calibration=cal, calibration_report=report, data_root=str(root),
                                          validation_estimate=est))
     (path.parent / "validation_estimate.json").write_text(json.dumps(est, indent=2))
@@ -209,12 +211,11 @@ def _head_features(model, train_split, val_split):
     return tp, vp, vm
 
 
-def _calibration(args, model, train_split, val_split, train_config: dict, feats=None):
+def _calibration(args, model, train_split, val_split, record: TrainRecord, feats=None):
     """(dcam.calibration, its report, the held-out good scores it rests on, out-of-fold where the rule is oof).
     oof: each held-out image is scored by heads whose normalisations were fitted without it (oof.py); a model
     without heads fits nothing on the held-out images, so its scores of them are out-of-sample already."""
-    train_config["calibration_fpr"] = args.fpr
-    train_config["calibration_rule"] = args.calibration
+    record.calibration_fpr, record.calibration_rule = args.fpr, args.calibration
     if args.calibration == "in-sample":
         _, val_scores = predict(model, val_split.images, progress=not args.quiet)
         return calibrate(val_scores, val_split.classes, args.fpr), {"_rule": "in-sample quantile"}, None
@@ -225,9 +226,9 @@ def _calibration(args, model, train_split, val_split, train_config: dict, feats=
         t0 = time.time()
         good = oof_scores(model.heads, model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2],
                           val_split.classes, model.cfg.density_groups, k=args.oof_folds or len(val_split),
-                          seed=train_config.get("seed", 0))["val"]
+                          seed=record.seed)["val"]
         print(f"[calibrate] out-of-fold scores of {len(good)} held-out good images in {time.time() - t0:.0f}s")
-    train_config["oof_folds"] = args.oof_folds or "leave-one-out"
+    record.oof_folds = args.oof_folds or "leave-one-out"
     cal, report = calibrate_oof(good, val_split.classes, args.fpr)
     report["_rule"] = ("threshold = the k-th smallest of a class's n out-of-fold held-out good scores, k = ceil((n+1)(1-fpr)) "
                        "(at most n); promised false-alarm rate (n+1-k)/(n+1), 95 % interval Beta(n+1-k, k)")
@@ -242,13 +243,13 @@ def _print_calibration_report(report: dict) -> None:
                   f" for target {100 * r['target_fpr']:.1f} %")
 
 
-def _validation_defects(args, root: Path, classes: list[str], size: int, train_config: dict):
+def _validation_defects(args, root: Path, classes: list[str], size: int, record: TrainRecord):
     """The real defects of the validation estimate, and where they come from: --val-defects, else the
-    --val-from-test share of the test split (recorded in train_config, so `evaluate` leaves them out)."""
-    train_config["val_from_test"] = 0.0 if args.val_defects else args.val_from_test
+    --val-from-test share of the test split (recorded in the run's record, so `evaluate` leaves them out)."""
+    record.val_from_test = 0.0 if args.val_defects else args.val_from_test
     if args.val_defects:
         return load_val_defects(resolve_data_root(args.val_defects), classes, size, not args.quiet), "--val-defects"
-    carved = carve_test_defects(root, classes, args.val_from_test, train_config.get("seed", 0))
+    carved = carve_test_defects(root, classes, args.val_from_test, record.seed)
     if not carved:
         return None, ""
     return (load_carved_defects(root, classes, size, carved, not args.quiet),
@@ -259,19 +260,18 @@ def cmd_fit_heads(args) -> Path:
     """Fit the heads on an existing student (a checkpoint, or the student inside an exported ONNX)."""
     if args.from_onnx:
         model, meta = student_model_from_onnx(args.from_onnx, args.teacher_weights)
-        tc = {**json.loads(meta["dcam.train_config"]), "student_from": str(args.from_onnx)}
-        run = RunInfo(json.loads(meta["dcam.classes"]), tc, student_from=str(args.from_onnx))
+        record = replace(TrainRecord.from_dict(json.loads(meta["dcam.train_config"])), student_from=str(args.from_onnx))
+        run = RunInfo(json.loads(meta["dcam.classes"]), record, student_from=str(args.from_onnx))
     else:
         model, old = load_checkpoint(args.checkpoint, args.teacher_weights)
         # The student and where it came from carry over; what the heads produce is made anew.
-        run = RunInfo(old.classes, dict(old.train_config), data_root=old.data_root, teacher_weights=old.teacher_weights,
+        run = RunInfo(old.classes, replace(old.train_config), data_root=old.data_root, teacher_weights=old.teacher_weights,
                       student_from=old.student_from)
     model.reconfigure(**_head_overrides(args))
-    tc = run.train_config
-    tc.update(model.cfg.to_dict())
+    record = run.train_config
     root = resolve_data_root(args.data_root)
-    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, tc.get("val_fraction", 0.15),
-                                            tc.get("seed", 0), not args.quiet)
+    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, record.val_fraction, record.seed,
+                                            not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return _fit_heads_and_save(args, model, root, train_split, val_split, run, out / "model.pt")
@@ -281,12 +281,12 @@ def cmd_evaluate(args, checkpoint: Path | None = None) -> dict:
     ckpt_path = Path(checkpoint or args.checkpoint)
     model, run = load_checkpoint(ckpt_path, args.teacher_weights)
     root = resolve_data_root(args.data_root or run.data_root)
-    classes, tc = run.classes, run.train_config
+    classes, record = run.classes, run.train_config
     s = model.cfg.input_size
     out = Path(args.out_eval or ckpt_path.parent / "eval")
-    _, val_split = load_train_val(root, classes, s, tc["val_fraction"], tc["seed"], not args.quiet)
+    _, val_split = load_train_val(root, classes, s, record.val_fraction, record.seed, not args.quiet)
     val_metrics = synthetic_val_metrics(model, val_split, not args.quiet)
-    carved = carve_test_defects(root, classes, tc.get("val_from_test", 0.0), tc["seed"])  # validation, not test
+    carved = carve_test_defects(root, classes, record.val_from_test, record.seed)  # validation, not test
     test = load_test(root, classes, s, not args.quiet, exclude=carved)
     t0 = time.time()
     metrics, maps, scores = evaluate_split(model, test, not args.quiet, calibration=run.calibration)
@@ -344,10 +344,11 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
     if "calibration" not in summary and run.calibration_report:
         summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in run.calibration_report.items()}
     out = Path(args.output)
-    name = args.model_name or (f"{run.train_config.get('variant', model.cfg.method)}-multi-{model.cfg.backbone}"
-                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.density else "")
+    name = args.model_name or (f"{run.train_config.variant}-multi-{model.cfg.backbone}"
+                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.has_heads else "")
                                + ("-bank" if model.cfg.bank_fraction > 0 else ""))
-    export_onnx(model, out, run.classes, run.calibration, summary, run.train_config, name, args.model_version)
+    export_onnx(model, out, run.classes, run.calibration, summary, run.train_config.to_dict(model.cfg), name,
+                args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.
     imgs = np.random.default_rng(0).integers(0, 256, (3, model.cfg.input_size, model.cfg.input_size, 3), dtype=np.uint8)
     m_ort, s_ort = run_onnx(out, imgs)
@@ -396,18 +397,17 @@ def cmd_calibrate(args) -> Path:
     oof rule (default) copies of them are refitted without each held-out image to score it (oof.py)."""
     ckpt_path = Path(args.checkpoint)
     model, run = load_checkpoint(ckpt_path, args.teacher_weights)
-    tc = dict(run.train_config)
+    record = replace(run.train_config)
     if args.score_rule and model.heads is not None:
         raise SystemExit("the heads' map-score statistics depend on the score rule: use fit-heads --score-rule instead")
     if args.score_rule:
         model.reconfigure(score_rule=args.score_rule)  # a model without heads (refused above otherwise)
-        tc["score_rule"] = args.score_rule
     root = resolve_data_root(args.data_root or run.data_root)
-    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, tc["val_fraction"], tc["seed"],
+    train_split, val_split = load_train_val(root, run.classes, model.cfg.input_size, record.val_fraction, record.seed,
                                             not args.quiet)
-    cal, report, _ = _calibration(args, model, train_split, val_split, tc)
+    cal, report, _ = _calibration(args, model, train_split, val_split, record)
     out = Path(args.output_checkpoint or ckpt_path.with_name(ckpt_path.stem + "-calibrated.pt"))
-    save_checkpoint(model, out, replace(run, calibration=cal, calibration_report=report, train_config=tc))
+    save_checkpoint(model, out, replace(run, calibration=cal, calibration_report=report, train_config=record))
     print(f"[calibrate] {out}: {json.dumps(cal)}")
     _print_calibration_report(report)
     return out
@@ -492,7 +492,7 @@ def main(argv=None) -> None:
     p_fit.add_argument("--checkpoint", default=None)
     p_fit.add_argument("--teacher-weights", default=None)
     p_fit.add_argument("--out", required=True, help="run directory for the new checkpoint")
-    p_cal.add_argument("--score-rule", default=None, choices=SCORE_RULES)
+    p_cal.add_argument("--score-rule", default=None, choices=_values(ScoreRule))
     _calibration_args(p_cal)
     p_cal.add_argument("--output-checkpoint", default=None)
     for p in (p_eval, p_exp, p_cal):

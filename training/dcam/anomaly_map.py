@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Combine, ScoreRule
+
 
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     radius = int(4 * sigma + 0.5)
@@ -28,18 +30,14 @@ class GaussianBlur(nn.Module):
         return F.conv2d(F.pad(x, (0, 0, self.pad, self.pad), mode="reflect"), self.ky)
 
 
-SCORE_RULES = ("max", "top1pct_mean")
-
-
 class AnomalyMap(nn.Module):
     """Per scale 1 - cos over channels at each position, upsampled to S x S, summed (DCAM) or
     multiplied (STFPM) over scales, then blurred. Score = max of the map, or the mean of its top 1 %
     of values (less sensitive to a single noisy pixel; chosen on validation data, see MODEL_CARD)."""
 
-    def __init__(self, size: int, combine: str = "sum", sigma: float = 4.0, score_rule: str = "max"):
+    def __init__(self, size: int, combine: Combine = Combine.SUM, sigma: float = 4.0, score_rule: ScoreRule = ScoreRule.MAX):
         super().__init__()
-        assert combine in ("sum", "prod") and score_rule in SCORE_RULES
-        self.size, self.combine, self.score_rule = size, combine, score_rule
+        self.size, self.combine, self.score_rule = size, Combine(combine), ScoreRule(score_rule)
         self.k = max(1, size * size // 100)
         self.blur = GaussianBlur(sigma) if sigma > 0 else nn.Identity()
 
@@ -50,14 +48,14 @@ class AnomalyMap(nn.Module):
             d = F.interpolate(d, size=(self.size, self.size), mode="bilinear", align_corners=False)
             if amap is None:
                 amap = d
-            elif self.combine == "sum":
+            elif self.combine is Combine.SUM:
                 amap = amap + d
             else:
                 amap = amap * d
         return self.blur(amap).squeeze(1)
 
     def score(self, amap: torch.Tensor) -> torch.Tensor:
-        if self.score_rule == "max":
+        if self.score_rule is ScoreRule.MAX:
             return amap.flatten(1).amax(dim=1)
         return torch.topk(amap.flatten(1), self.k, dim=1).values.mean(dim=1)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from .config import ModelConfig
+from .record import TrainRecord
 from .torch_model import DistillModel
 
 
@@ -27,10 +28,9 @@ def upgrade_state(state: dict) -> dict:
 
 @dataclass
 class RunInfo:
-    """What a checkpoint records beside the weights. `train_config` stays a dict: it is written as-is
-    into the exported model (`dcam.train_config`), where its keys are the contract."""
+    """What a checkpoint records beside the weights."""
     classes: list[str] = field(default_factory=list)
-    train_config: dict = field(default_factory=dict)
+    train_config: TrainRecord = field(default_factory=TrainRecord)  # exported as dcam.train_config
     calibration: dict | None = None          # dcam.calibration
     calibration_report: dict | None = None   # the promise behind each threshold (calibrate.py)
     validation_estimate: dict | None = None
@@ -46,12 +46,15 @@ def save_checkpoint(model: DistillModel, path, info: RunInfo | None = None) -> N
     h = model.heads
     heads = ({"classes": h.classes, "groups": h.density.groups, "bank_entries": h.bank.entries if h.bank is not None else 0}
              if h is not None else None)
-    torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **asdict(info or RunInfo())}, path)
+    info = info or RunInfo()
+    run = {**asdict(info), "train_config": info.train_config.to_dict(model.cfg)}  # flat, as exported
+    torch.save({"config": model.cfg.to_dict(), "state_dict": trained_state(model), "heads": heads, **run}, path)
 
 
 def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillModel, RunInfo]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     info = RunInfo(**{k: v for k, v in ckpt.items() if k in _RUN_FIELDS})
+    info.train_config = TrainRecord.from_dict(info.train_config or {})
     model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])), teacher_weights or info.teacher_weights)
     if ckpt.get("heads"):
         model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"), ckpt["heads"].get("bank_entries", 0))

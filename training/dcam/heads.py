@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import PixelNormMode
 from .density import DensityHead, pool
 from .patch_bank import PatchBank
 from .pixel_norm import PixelNorm
@@ -41,16 +42,16 @@ def view(x: torch.Tensor, v: tuple[bool, bool, bool]) -> torch.Tensor:
 
 
 class ImageHeads(nn.Module):
-    def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: str = "",
+    def __init__(self, classes: list[str], dims: list[int], size: int, views: int = 1, pixel_norm: PixelNormMode = PixelNormMode.NONE,
                  w_map: float = 1.0, deep: nn.Module | None = None, groups: list[int] | None = None, tie_dim: int = 0,
                  bank: PatchBank | None = None):
         super().__init__()
         self.bank = bank
-        assert views in (1, 2, 4, 8) and pixel_norm in ("", "score", "map")
-        self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, pixel_norm
+        assert views in (1, 2, 4, 8)
+        self.classes, self.views, self.w_map, self.norm_mode = list(classes), views, w_map, PixelNormMode(pixel_norm)
         self.deep = deep  # frozen teacher stages past stride 16 (density only); not saved in checkpoints
         self.density = DensityHead(classes, dims, groups, tie_dim)  # groups: Gaussians per class, as fitted (density.py)
-        self.pixel_norm = PixelNorm(len(classes), size) if pixel_norm else None
+        self.pixel_norm = PixelNorm(len(classes), size) if self.norm_mode is not PixelNormMode.NONE else None
         self.register_buffer("map_mu", torch.zeros(len(classes)))
         self.register_buffer("map_sd", torch.ones(len(classes)))
         self.register_buffer("out_mu", torch.zeros(len(classes)))  # output-map scale (raw or normalised map)
@@ -70,7 +71,7 @@ class ImageHeads(nn.Module):
     def fuse(self, amap: torch.Tensor, map_score_fn, pooled: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         z, idx = self.density(pooled).min(dim=1)
         nmap = self.pixel_norm(amap, idx) if self.pixel_norm is not None else amap
-        out = nmap if self.norm_mode == "map" else amap
+        out = nmap if self.norm_mode is PixelNormMode.MAP else amap
         # [idx].view(): keeps the buffer names in ONNX (recover.model_from_onnx reads them back)
         out = (out - self.out_mu[idx].view(-1, 1, 1)) / self.out_sd[idx].view(-1, 1, 1)
         if self.w_map == 0:
@@ -114,13 +115,13 @@ class ImageHeads(nn.Module):
         maps = np.asarray(val_maps, dtype=np.float32)
         cls = np.asarray(val_classes)
         idx = torch.from_numpy(np.array([self.classes.index(c) for c in val_classes]))
-        if self.norm_mode != "map":
+        if self.norm_mode is not PixelNormMode.MAP:
             self._fit_stats(self.out_mu, self.out_sd, map_score_fn(torch.from_numpy(maps)).numpy(), cls)
         if self.pixel_norm is not None:
             self.pixel_norm.fit(maps, val_classes, self.classes)
             maps = self.pixel_norm(torch.from_numpy(maps), idx).numpy()
         self._fit_stats(self.map_mu, self.map_sd, map_score_fn(torch.from_numpy(maps)).numpy(), cls)
-        if self.norm_mode == "map":
+        if self.norm_mode is PixelNormMode.MAP:
             self.out_mu.copy_(self.map_mu); self.out_sd.copy_(self.map_sd)
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import CBAM
-from .config import ModelConfig
+from .config import Method, ModelConfig
 
 PARTS = ("cos", "kl", "pos", "stfpm")  # the names a loss reports its terms under
 
@@ -118,7 +118,7 @@ class DCAMFixedLoss(DCAMLoss):
 
 def build_loss(cfg: ModelConfig, channels: list[int]) -> DistillLoss:
     """The loss module of a config (the only place that looks at cfg.method for training)."""
-    if cfg.method == "stfpm":
+    if cfg.method is Method.STFPM:
         return STFPMLoss(cfg.scale_weights)
     dcam = dict(scale_weights=cfg.scale_weights, attention=cfg.attention, reduction=cfg.reduction, w_cos=cfg.w_cos,
                 w_kl=cfg.w_kl, temperature=cfg.temperature)

@@ -16,6 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from .config import config_from_train_config
+from .record import TrainRecord
 from .export import read_metadata
 from .torch_model import DistillModel
 
@@ -80,10 +81,11 @@ def model_from_onnx(path, teacher_weights=None) -> DistillModel:
     """The PyTorch model an exported file was made from: `student_model_from_onnx`, plus the fitted
     head buffers from the initializers of the same name (used for parity tests)."""
     model, meta = student_model_from_onnx(path, teacher_weights)
-    if model.cfg.density:
-        tc = json.loads(meta["dcam.train_config"])
-        groups = tc.get("density_groups_per_class")  # absent up to v0.2.0: 1 each
-        heads = model.attach_heads(json.loads(meta["dcam.classes"]), groups, tc.get("bank_entries", 0))
+    if model.cfg.has_heads:
+        record = TrainRecord.from_dict(json.loads(meta["dcam.train_config"]))
+        # density_groups_per_class is absent up to v0.2.0: 1 Gaussian each
+        heads = model.attach_heads(json.loads(meta["dcam.classes"]), record.density_groups_per_class,
+                                   record.bank_entries or 0)
         init = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
         persistent = set(heads.state_dict())  # not the blur kernels, which the model makes itself
         for name, buf in heads.named_buffers():

@@ -9,7 +9,7 @@ from torch import nn
 
 from .anomaly_map import AnomalyMap
 from .backbones import build_backbone, build_deep_teacher, build_teacher
-from .config import ModelConfig
+from .config import Density, ModelConfig
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .heads import ImageHeads
 from .losses import build_loss
@@ -45,7 +45,7 @@ class DistillModel(nn.Module):
 
     def _anomaly_map(self) -> AnomalyMap:
         cfg = self.cfg
-        return AnomalyMap(cfg.input_size, cfg.map_combine, cfg.blur_sigma, cfg.score_rule)
+        return AnomalyMap(cfg.input_size, cfg.combine, cfg.blur_sigma, cfg.score_rule)
 
     def reconfigure(self, **changes) -> None:
         """New map/head settings for a trained student (fit-heads, calibrate): drops fitted heads."""
@@ -57,7 +57,7 @@ class DistillModel(nn.Module):
         """Unfitted heads of cfg; `groups` / `bank_entries`: the density Gaussians per class and the bank size
         of a fitted model being loaded (fit_bank sizes a new bank itself)."""
         cfg = self.cfg
-        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density == "deep" else None
+        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density is Density.DEEP else None
         dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
         bank = self._bank(bank_entries) if bank_entries else None
         self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep,

@@ -22,6 +22,7 @@ from dcam.anomaly_map import GaussianBlur
 from dcam.backbones import _network, build_teacher, find_packaged_weights
 from dcam.data import carve_test_defects, load_carved_defects, load_test, load_train_val, resolve_data_root
 from dcam.evaluate import _auroc, au_pro, recall_at_fa
+from dcam.patch_bank import descriptors, greedy_coreset
 from dcam.torch_model import Normalize
 
 torch.set_num_threads(1)
@@ -65,36 +66,8 @@ def cache():
 
 
 def patches(d: dict, layers: list[str], agg: int) -> torch.Tensor:
-    """[N, D, H, W]: each layer averaged over agg x agg neighbourhoods, resized to the first layer's grid."""
-    out, size = [], None
-    for k in layers:
-        x = torch.from_numpy(d[k]).float()
-        if agg > 1:
-            x = F.avg_pool2d(x, agg, 1, agg // 2)
-        size = size or x.shape[-1]
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        out.append(x)
-    return torch.cat(out, 1)
-
-
-def coreset(x: torch.Tensor, m: int, seed: int = 0, pool: int = 200_000) -> torch.Tensor:
-    """Greedy k-centre selection of m rows of x, as PatchCore: distances on a 32-dim random projection,
-    candidates a random subset of at most `pool` rows (the full greedy pass over 660k rows takes ~20 min)."""
-    if m >= len(x):
-        return x
-    g = torch.Generator().manual_seed(seed)
-    if len(x) > pool:
-        x = x[torch.randperm(len(x), generator=g)[:pool]]
-    p = x @ torch.randn(x.shape[1], 32, generator=g)
-    sq = (p ** 2).sum(1)
-    sel = [int(torch.randint(len(x), (1,), generator=g))]
-    dist = sq - 2 * (p @ p[sel[0]]) + sq[sel[0]]
-    for _ in range(m - 1):
-        i = int(dist.argmax())
-        sel.append(i)
-        dist = torch.minimum(dist, sq - 2 * (p @ p[i]) + sq[i])
-    return x[torch.tensor(sel)]
+    """[N, D, H, W]: the cached stages `layers` as the bank's descriptors (`dcam.patch_bank.descriptors`)."""
+    return descriptors([torch.from_numpy(d[k]).float() for k in layers], tuple(range(len(layers))), agg)
 
 
 def nn_dist(q: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -142,7 +115,7 @@ def build(train, layers, agg, per_class, dims, seed=0):
         if m < 1:  # fraction
             m = int(m * len(p))
         t0 = time.time()
-        banks.append(coreset(p, m, seed))
+        banks.append(p[greedy_coreset(p, m, seed)])
         print(f"  bank {cname}: {len(p)} patches -> {len(banks[-1])} ({time.time() - t0:.0f}s)", flush=True)
     return torch.cat(banks), mean, proj
 

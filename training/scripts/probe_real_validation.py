@@ -9,19 +9,22 @@ validation's good half. Every row prints validation (held-out good vs the set-as
     PYTHONPATH=training python training/scripts/probe_real_validation.py eval    # the table + paired bootstrap
     PYTHONPATH=training python training/scripts/probe_real_validation.py pixel   # per-defect pixel AUROC of map variants
 
-numpy re-implementations of `dcam/density.py` (one Gaussian per k-means group; `tie`: the 1280-channel stage
-shares one covariance per class, fitted on the within-group residuals) and of the fused score
-(`dcam/heads.py`: z_density + w * z_map, z_map = the pixel-normalised top-1 % map score of the committed map).
+The candidates are the package's own heads on cached features: `dcam/density.py` (one Gaussian per k-means
+group; `tie`: the 1280-channel stage shares one covariance per class) and the fused score of `dcam/heads.py`
+(z_density + w * z_map, z_map = the pixel-normalised top-1 % map score of the committed map).
 """
 import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
+import torch
 from sklearn.metrics import roc_auc_score
 
+from dcam.anomaly_map import AnomalyMap
+from dcam.config import ScoreRule
 from dcam.data import DEFAULT_DATA_ROOT, carve_test_defects
-from dcam.density import fit_gaussian
+from dcam.density import DensityHead, fit_gaussian
+from dcam.pixel_norm import PixelNorm
 
 C = ["bottle", "magnetic_tile"]
 OUT = Path("/tmp/p13")
@@ -32,7 +35,6 @@ def cache() -> None:
     """Pooled teacher features of the 6 stages under the 8 D4 views, stride-16/32 maps of view 0, and the
     committed model's map and score, for train / held-out good / test."""
     import onnxruntime as ort
-    import torch
     from dcam.backbones import build_deep_teacher, build_teacher
     from dcam.constants import IMAGENET_MEAN, IMAGENET_STD
     from dcam.data import load_test, load_train_val
@@ -78,50 +80,26 @@ def auc(y, s):
     return 100 * roc_auc_score(y, s)
 
 
-def density_z(d, views=1, k_max=12, min_per_group=50, tie=True, seed=0):
-    """[N, C] per-class z-scores (held-out good) of the min-over-groups distance, for val and test."""
-    feats = {k: [d[k][f"pool{j}"][:, :views].mean(1).astype(np.float64) for j in range(6)] for k in d}
-    z = {"val": [], "test": []}
-    for c in C:
-        own = [x[d["train"]["cls"] == c] for x in feats["train"]]
-        k = max(1, min(k_max, len(own[0]) // min_per_group))
-        lab = np.zeros(len(own[0]), int)
-        if k > 1:
-            std = np.concatenate([(x - x.mean(0)) / (x.std(0) + 1e-6) / np.sqrt(x.shape[1]) for x in own], 1)
-            lab = KMeans(k, n_init=10, random_state=seed).fit_predict(std)
-        tied = fit_gaussian(np.concatenate([own[5][lab == g] - own[5][lab == g].mean(0) for g in range(k)]), True)[1] \
-            if tie else None
-        dist = {s: np.full(len(feats[s][0]), np.inf) for s in z}
-        for g in range(k):
-            gs = [fit_gaussian(x[lab == g]) for x in own]
-            if tie:
-                gs[5] = (own[5][lab == g].mean(0), tied)
-            for s in z:
-                dd = sum(np.einsum("nd,de,ne->n", feats[s][j] - mu, p, feats[s][j] - mu) / len(mu) for j, (mu, p) in enumerate(gs))
-                dist[s] = np.minimum(dist[s], dd)
-        ref = dist["val"][d["val"]["cls"] == c]
-        for s in z:
-            z[s].append((dist[s] - ref.mean()) / ref.std())
-    return {s: np.stack(v, 1) for s, v in z.items()}
+def density_z(d, views=1, k_max=12, tie=True):
+    """[N, C] per-class z-scores (held-out good) of the density head (`dcam/density.py`) fitted on train,
+    for val and test; tie: the 1280-channel stage shares one covariance per class."""
+    feats = {k: [d[k][f"pool{j}"][:, :views].mean(1) for j in range(6)] for k in d}
+    head = DensityHead(C, list(DIMS), tie_dim=1024 if tie else 0)
+    head.fit(feats["train"], list(d["train"]["cls"]), max_groups=k_max)
+    head.fit_normalisation(feats["val"], list(d["val"]["cls"]))
+    with torch.no_grad():
+        return {s: head([torch.from_numpy(x).float() for x in feats[s]]).numpy() for s in ("val", "test")}
 
 
 def map_z(d, cls_idx):
-    """z-scored top-1 % mean of the committed map after per-class per-pixel normalisation (held-out good)."""
-    def top1(m):
-        f = m.reshape(len(m), -1)
-        return np.sort(f, 1)[:, -f.shape[1] // 100:].mean(1)
-    out = {}
-    stats = []
-    for c in C:
-        g = d["val"]["maps"][d["val"]["cls"] == c].astype(np.float32)
-        sd = g.std(0)
-        stats.append((g.mean(0), np.maximum(sd, np.median(sd))))
-    for s in ("val", "test"):
-        m, v = d[s]["maps"].astype(np.float32), np.zeros(len(d[s]["maps"]))
-        for k, (mu, sd) in enumerate(stats):
-            sel = cls_idx[s] == k
-            v[sel] = top1((m[sel] - mu) / sd)
-        out[s] = v
+    """z-scored top-1 % mean of the committed map after per-class per-pixel normalisation (held-out good):
+    `dcam/pixel_norm.py` and the map score of `dcam/anomaly_map.py`, put on z by `dcam/heads.py`'s rule."""
+    norm = PixelNorm(len(C), 256)
+    norm.fit(d["val"]["maps"].astype(np.float32), list(d["val"]["cls"]), C)
+    top1 = AnomalyMap(256, score_rule=ScoreRule.TOP1PCT_MEAN).score
+    with torch.no_grad():
+        out = {s: top1(norm(torch.from_numpy(d[s]["maps"].astype(np.float32)), torch.from_numpy(cls_idx[s]))).double().numpy()
+               for s in ("val", "test")}
     for k, c in enumerate(C):
         ref = out["val"][d["val"]["cls"] == c]
         for s in out:
@@ -178,7 +156,6 @@ def evaluate() -> None:
 
 def pixel() -> None:
     """Per-defect-type pixel AUROC on magnetic_tile's test images: the committed map and stride-32 variants."""
-    import torch
     import torch.nn.functional as F
     d, c = load(), "magnetic_tile"
     te = d["test"]

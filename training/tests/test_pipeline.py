@@ -11,7 +11,7 @@ from dcam.calibrate import calibrate
 from dcam.data import load_test, load_train_val
 from dcam.evaluate import evaluate_split, predict
 from dcam.export import check_contract, export_onnx, read_metadata, run_onnx
-from dcam.config import VARIANTS, variant_config
+from dcam.config import VARIANTS, Density, variant_config
 from dcam.torch_model import DistillModel
 from dcam.train import train
 
@@ -111,9 +111,11 @@ def test_cli_all(mvtec_root, tmp_path):
     main(["fit-heads", "--checkpoint", str(out / "model.pt"), "--data-root", str(mvtec_root), "--density", "map",
           "--out", str(tmp_path / "heads"), "--quiet"])
     _, before = load_checkpoint(out / "model.pt")
-    _, after = load_checkpoint(tmp_path / "heads" / "model.pt")
-    assert (after.classes, after.teacher_weights, after.train_config["seed"]) == (before.classes, before.teacher_weights, before.train_config["seed"])
-    assert after.train_config["density"] == "map" and after.calibration and after.calibration_report and after.validation_estimate
+    model, after = load_checkpoint(tmp_path / "heads" / "model.pt")
+    assert (after.classes, after.teacher_weights, after.train_config.seed, after.train_config.steps) == \
+        (before.classes, before.teacher_weights, before.train_config.seed, before.train_config.steps)
+    assert model.cfg.density is Density.MAP and after.train_config.density_groups_per_class == [1] * len(after.classes)
+    assert after.calibration and after.calibration_report and after.validation_estimate
 
 
 def test_cli_ablation(mvtec_root, tmp_path):
@@ -135,7 +137,7 @@ def test_cli_defaults_are_the_shipped_recipe(mvtec_root, tmp_path):
     tc = json.loads(read_metadata(tmp_path / "d.onnx")["dcam.train_config"])
     assert (tc["variant"], tc["score_rule"], tc["density"], tc["tta_views"], tc["pixel_norm"], tc["w_map"],
             tc["density_groups"], tc["density_tie_dim"], tc["val_from_test"], tc["bank_fraction"], tc["bank_dims"],
-            tc["bank_w_student"]) == ("stfpm", "max", "deep", 1, "", 1.0, 12, 1024, 0.1, 0.01, 64, 0.1)
+            tc["bank_w_student"]) == ("stfpm", "max", "deep", 1, "none", 1.0, 12, 1024, 0.1, 0.01, 64, 0.1)
     assert tc["bank_entries"] > 0
     est = json.loads((out / "validation_estimate.json").read_text())
     assert all("real labelled" in m["estimate_kind"] for m in est["per_class"].values())
