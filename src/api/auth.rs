@@ -79,6 +79,7 @@ fn holds(token: &Secret, headers: &HeaderMap) -> bool {
 }
 
 /// The name of the writer whose bearer token the request carries, or the refusal to send.
+#[allow(clippy::result_large_err)] // the refusal is the handler's response, returned as it is
 pub(super) fn writer(writers: &Writers, headers: &HeaderMap) -> Result<String, Response> {
     if writers.0.is_empty() {
         return Err(refuse(StatusCode::FORBIDDEN, "writes are off: no telemetry.api_token or telemetry.tokens_file is configured"));

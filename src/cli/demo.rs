@@ -107,7 +107,7 @@ fn report(files: &[ImageFile], records: &[ScoreRecord], elapsed: Duration, heatm
     let mut rows: Vec<&ScoreRecord> = records.iter().collect();
     rows.sort_by(|a, b| a.image_id.cmp(&b.image_id));
     if !quiet {
-        println!("\n{:<44} {:<14} {:<16} {:>6} {:>9}  {}", "image_id", "class", "truth", "score", "verdict", "heatmap");
+        println!("\n{:<44} {:<14} {:<16} {:>6} {:>9}  heatmap", "image_id", "class", "truth", "score", "verdict");
         for r in &rows {
             let truth = by_id.get(r.image_id.as_str()).and_then(|f| f.label.clone()).unwrap_or_default();
             let verdict = if r.is_anomaly { "ANOMALY" } else { "ok" };

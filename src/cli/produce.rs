@@ -61,7 +61,7 @@ impl WireFormat {
         match self {
             Self::Json => true,
             Self::Raw => false,
-            Self::Mixed => i % 2 == 0,
+            Self::Mixed => i.is_multiple_of(2),
         }
     }
 }

@@ -130,6 +130,7 @@ pub(crate) struct Submitter {
 
 impl Submitter {
     /// Sends a job in; blocks while the first stage is full (back-pressure to the source).
+    #[allow(clippy::result_large_err)] // a stopped pipeline hands the job back by value, as crossbeam's send does
     pub(crate) fn send(&self, job: Job) -> Result<(), Job> {
         self.jobs.send((job, self.models.current())).map_err(|e| e.0 .0)
     }

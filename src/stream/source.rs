@@ -222,7 +222,10 @@ pub(crate) fn run(
     if !tracker.wait_drained(None, ctx.drain_timeout) {
         tracing::warn!("in-flight work did not drain in time; it will be re-scored after restart");
     }
-    handle_commit(consumer, CommitMode::Sync)?;
+    if handle_commit(consumer, CommitMode::Sync)? != CommitOutcome::Committed {
+        // Nothing is lost: the group's offsets stay at the last commit, so the next owner re-reads these.
+        tracing::warn!("the last transaction did not commit at shutdown; its inputs are scored again after restart");
+    }
     consumer.unsubscribe();
     Ok(())
 }

@@ -167,15 +167,15 @@ def _fit_heads_and_save(args, model, root, train_split, val_split, run: RunInfo,
     t0 = time.time()
     model.eval()  # BatchNorm must not update its running statistics while the heads are fitted
     feats = None
-    if model.cfg.has_heads:
+    if model.cfg.heads.enabled:
         heads = model.attach_heads(classes)
-        if model.cfg.bank_fraction > 0:
+        if model.cfg.heads.bank_fraction > 0:
             model.fit_bank(train_split.images, train_split.classes, val_split.images)
             record.bank_entries = heads.bank.entries
         print(f"[heads] density: {len(train_split)} train images, {heads.views} view(s)")
         feats = _head_features(model, train_split, val_split)
         heads.fit_features(model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2], val_split.classes,
-                           model.cfg.density_groups)
+                           model.cfg.heads.density_groups)
         record.density_groups_per_class = heads.density.groups
     record.heads_fit_s = round(time.time() - t0, 1)
     cal, report, good_scores = _calibration(args, model, train_split, val_split, record, feats)
@@ -225,7 +225,7 @@ def _calibration(args, model, train_split, val_split, record: TrainRecord, feats
         feats = feats or _head_features(model, train_split, val_split)
         t0 = time.time()
         good = oof_scores(model.heads, model.anomaly_map.score, feats[0], train_split.classes, feats[1], feats[2],
-                          val_split.classes, model.cfg.density_groups, k=args.oof_folds or len(val_split),
+                          val_split.classes, model.cfg.heads.density_groups, k=args.oof_folds or len(val_split),
                           seed=record.seed)["val"]
         print(f"[calibrate] out-of-fold scores of {len(good)} held-out good images in {time.time() - t0:.0f}s")
     record.oof_folds = args.oof_folds or "leave-one-out"
@@ -345,8 +345,8 @@ def cmd_export(args, checkpoint: Path | None = None) -> Path:
         summary["calibration"] = {c: (r if c.startswith("_") else _report_pct(r)) for c, r in run.calibration_report.items()}
     out = Path(args.output)
     name = args.model_name or (f"{run.train_config.variant}-multi-{model.cfg.backbone}"
-                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.has_heads else "")
-                               + ("-bank" if model.cfg.bank_fraction > 0 else ""))
+                               .replace("_", "").replace("-v2", "v2") + ("-density" if model.cfg.heads.enabled else "")
+                               + ("-bank" if model.cfg.heads.bank_fraction > 0 else ""))
     export_onnx(model, out, run.classes, run.calibration, summary, run.train_config.to_dict(model.cfg), name,
                 args.model_version)
     # Parity check on random images: ONNX Runtime vs PyTorch.

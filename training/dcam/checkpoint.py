@@ -55,7 +55,7 @@ def load_checkpoint(path, teacher_weights: str | None = None) -> tuple[DistillMo
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     info = RunInfo(**{k: v for k, v in ckpt.items() if k in _RUN_FIELDS})
     info.train_config = TrainRecord.from_dict(info.train_config or {})
-    model = DistillModel(ModelConfig(**ModelConfig.field_values(ckpt["config"])), teacher_weights or info.teacher_weights)
+    model = DistillModel(ModelConfig.from_dict(ckpt["config"]), teacher_weights or info.teacher_weights)
     if ckpt.get("heads"):
         model.attach_heads(ckpt["heads"]["classes"], ckpt["heads"].get("groups"), ckpt["heads"].get("bank_entries", 0))
     missing, unexpected = model.load_state_dict(upgrade_state(ckpt["state_dict"]), strict=False)

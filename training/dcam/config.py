@@ -1,7 +1,7 @@
 """Model configuration and the named ablation variants."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 
@@ -45,11 +45,48 @@ class PixelNormMode(Mode):
     MAP = "map"        # for the output map too
 
 
-_MODES = {"method": Method, "combine": Combine, "score_rule": ScoreRule, "density": Density, "pixel_norm": PixelNormMode}
+def _as_modes(obj, modes: dict) -> None:
+    # Strings from the CLI, a checkpoint or an exported file become modes (a wrong one fails here).
+    for name, mode in modes.items():
+        value = getattr(obj, name)
+        if value is not None:
+            setattr(obj, name, mode(value))
+
+
+def _plain(d: dict) -> dict:
+    return {k: (v.value if isinstance(v, Mode) else v) for k, v in d.items()}
+
+
+@dataclass
+class HeadsConfig:
+    """The heads fitted on a trained student without gradient steps (heads.py); density none = the score is
+    the map score alone (the model before heads)."""
+    density: Density = Density.NONE
+    tta_views: int = 1                 # flip/transpose views averaged for the density features (1, 2, 4, 8)
+    pixel_norm: PixelNormMode = PixelNormMode.NONE  # per-pixel map normalisation from held-out normals
+    w_map: float = 1.0                 # fused score = z_density + w_map * z_map
+    density_groups: int = 1            # up to this many Gaussians per class (k-means groups, >= 50 images each)
+    density_tie_dim: int = 0           # stages at least this wide share one covariance across a class's groups (0: none)
+    bank_fraction: float = 0.0         # local patch bank (patch_bank.py): share of each class's training positions kept (0: none)
+    bank_max_entries: int = 10_000     # the bank's size cap over all classes (the search's cost grows with it; 0: none)
+    bank_dims: int = 64                # PCA dimensions of the bank's descriptors (0: all 128)
+    bank_w_student: float = 0.0        # the student's map in the raw map, relative to the bank map (both at their held-out 99th pct.)
+
+    def __post_init__(self):
+        _as_modes(self, {"density": Density, "pixel_norm": PixelNormMode})
+
+    @property
+    def enabled(self) -> bool:
+        return self.density is not Density.NONE
+
+
+_HEAD_KEYS = frozenset(f.name for f in fields(HeadsConfig))
 
 
 @dataclass
 class ModelConfig:
+    """The student, its training objective and the map (their fields), and the heads (`heads`). Exported
+    flat (`to_dict`): the keys of `dcam.train_config`."""
     method: Method = Method.DCAM       # dcam (sum of maps) or stfpm (product of maps, STFPM loss)
     backbone: str = "mobilenet_v2"
     input_size: int = 256
@@ -63,43 +100,39 @@ class ModelConfig:
     scale_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     blur_sigma: float = 4.0
     combine: Combine | None = None     # how per-scale maps are merged; None: sum for dcam, prod for stfpm
-    score_rule: ScoreRule = ScoreRule.MAX  # image score: max of the map or the mean of its top 1 % (anomaly_map.py)
-    # Heads fitted after training (heads.py); density none = the score is the map score alone (the old model).
-    density: Density = Density.NONE
-    tta_views: int = 1                 # flip/transpose views averaged for the density features (1, 2, 4, 8)
-    pixel_norm: PixelNormMode = PixelNormMode.NONE  # per-pixel map normalisation from held-out normals
-    w_map: float = 1.0                 # fused score = z_density + w_map * z_map
-    density_groups: int = 1            # up to this many Gaussians per class (k-means groups, >= 50 images each)
-    density_tie_dim: int = 0           # stages at least this wide share one covariance across a class's groups (0: none)
-    bank_fraction: float = 0.0         # local patch bank (patch_bank.py): share of each class's training positions kept (0: none)
-    bank_max_entries: int = 10_000     # the bank's size cap over all classes (the search's cost grows with it; 0: none)
-    bank_dims: int = 64                # PCA dimensions of the bank's descriptors (0: all 128)
-    bank_w_student: float = 0.0        # the student's map in the raw map, relative to the bank map (both at their held-out 99th pct.)
+    score_rule: ScoreRule = ScoreRule.MAX  # map score: its max or the mean of its top 1 % (anomaly_map.py)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
 
     def __post_init__(self):
-        # Strings from the CLI, a checkpoint or an exported file become modes (a wrong one fails here).
-        for name, mode in _MODES.items():
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, mode(value))
+        _as_modes(self, {"method": Method, "combine": Combine, "score_rule": ScoreRule})
         if self.combine is None:
             self.combine = Combine.PROD if self.method is Method.STFPM else Combine.SUM
 
-    @property
-    def has_heads(self) -> bool:
-        return self.density is not Density.NONE
-
     def to_dict(self) -> dict:
-        return {k: (v.value if isinstance(v, Mode) else v) for k, v in asdict(self).items()}
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "heads"}
+        return _plain({**own, **asdict(self.heads)})
+
+    def with_changes(self, **changes) -> ModelConfig:
+        """A copy with `changes` (flat keys, as `to_dict` writes them) applied to the model or its heads."""
+        heads = {k: v for k, v in changes.items() if k in _HEAD_KEYS}
+        own = {k: v for k, v in changes.items() if k not in _HEAD_KEYS}
+        return replace(self, **own, heads=replace(self.heads, **heads))
 
     @classmethod
-    def field_values(cls, d: dict) -> dict:
-        """The entries of `d` (a saved config or a train_config) that are fields, JSON lists as tuples."""
-        names = {f.name for f in fields(cls)}
+    def known(cls, d: dict) -> dict:
+        """The entries of `d` (a saved config or a train_config, flat) that are fields of the model or its
+        heads, JSON lists as tuples; "" for combine (written before the modes were typed) = the method's own."""
+        names = ({f.name for f in fields(cls)} - {"heads"}) | _HEAD_KEYS
         values = {k: (tuple(v) if k == "scale_weights" else v) for k, v in d.items() if k in names}
-        if values.get("combine") == "":  # before the modes were typed "" meant the method's own
+        if values.get("combine") == "":
             values["combine"] = None
         return values
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        values = cls.known(d)
+        return cls(**{k: v for k, v in values.items() if k not in _HEAD_KEYS},
+                   heads=HeadsConfig(**{k: v for k, v in values.items() if k in _HEAD_KEYS}))
 
 
 # Ablation variants; "dcam" is the method as specified in the paper/issue.
@@ -119,10 +152,9 @@ VARIANTS: dict[str, ModelConfig] = {
 def variant_config(name: str, **overrides) -> ModelConfig:
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return replace(VARIANTS[name], **overrides)
+    return VARIANTS[name].with_changes(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def config_from_train_config(tc: dict) -> ModelConfig:
     """The config an exported file (its `dcam.train_config`) was made with: its variant, then its fields."""
-    return replace(variant_config(tc.get("variant", "stfpm")), **ModelConfig.field_values(tc))
+    return variant_config(tc.get("variant", "stfpm")).with_changes(**ModelConfig.known(tc))

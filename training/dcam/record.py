@@ -48,6 +48,6 @@ class TrainRecord:
         """The record of a `dcam.train_config` or a checkpoint's; the model config's own keys are not part of
         it (config.config_from_train_config reads those)."""
         names = {f.name for f in fields(cls)} - {"other"}
-        model_keys = {f.name for f in fields(ModelConfig)}
+        model_keys = set(ModelConfig.known(d))
         return cls(**{k: v for k, v in d.items() if k in names},
                    other={k: v for k, v in d.items() if k not in names and k not in model_keys})

@@ -81,7 +81,7 @@ def model_from_onnx(path, teacher_weights=None) -> DistillModel:
     """The PyTorch model an exported file was made from: `student_model_from_onnx`, plus the fitted
     head buffers from the initializers of the same name (used for parity tests)."""
     model, meta = student_model_from_onnx(path, teacher_weights)
-    if model.cfg.has_heads:
+    if model.cfg.heads.enabled:
         record = TrainRecord.from_dict(json.loads(meta["dcam.train_config"]))
         # density_groups_per_class is absent up to v0.2.0: 1 Gaussian each
         heads = model.attach_heads(json.loads(meta["dcam.classes"]), record.density_groups_per_class,

@@ -2,8 +2,6 @@
 map and (after training) the fitted heads. Its eval `forward` is exactly what `export.py` exports."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -49,7 +47,7 @@ class DistillModel(nn.Module):
 
     def reconfigure(self, **changes) -> None:
         """New map/head settings for a trained student (fit-heads, calibrate): drops fitted heads."""
-        self.cfg = replace(self.cfg, **changes)
+        self.cfg = self.cfg.with_changes(**changes)
         self.anomaly_map = self._anomaly_map()
         self.heads = None
 
@@ -57,20 +55,20 @@ class DistillModel(nn.Module):
         """Unfitted heads of cfg; `groups` / `bank_entries`: the density Gaussians per class and the bank size
         of a fitted model being loaded (fit_bank sizes a new bank itself)."""
         cfg = self.cfg
-        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.density is Density.DEEP else None
+        deep = build_deep_teacher(cfg.backbone, self._teacher_weights) if cfg.heads.density is Density.DEEP else None
         dims = list(self.teacher.channels) + (list(deep.channels) if deep is not None else [])
         bank = self._bank(bank_entries) if bank_entries else None
-        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.tta_views, cfg.pixel_norm, cfg.w_map, deep,
-                                groups, cfg.density_tie_dim, bank).eval()
+        self.heads = ImageHeads(classes, dims, cfg.input_size, cfg.heads.tta_views, cfg.heads.pixel_norm, cfg.heads.w_map, deep,
+                                groups, cfg.heads.density_tie_dim, bank).eval()
         return self.heads
 
     def _bank(self, entries: int) -> PatchBank:
-        return PatchBank(self.cfg.input_size, sum(self.teacher.channels[i] for i in LAYERS), entries, self.cfg.bank_dims,
+        return PatchBank(self.cfg.input_size, sum(self.teacher.channels[i] for i in LAYERS), entries, self.cfg.heads.bank_dims,
                          sigma=self.cfg.blur_sigma).eval()
 
     @torch.no_grad()
     def fit_bank(self, train_images, train_classes: list[str], val_images, batch_size: int = 16, log=print) -> None:
-        """The heads' patch bank (cfg.bank_fraction > 0): descriptors of the training images, thinned per class;
+        """The heads' patch bank (cfg.heads.bank_fraction > 0): descriptors of the training images, thinned per class;
         then the scales of the bank and student maps from the held-out good images (before anything is fitted
         on the raw map, which they define)."""
         feats = [[] for _ in LAYERS]
@@ -84,7 +82,7 @@ class DistillModel(nn.Module):
         cls = list(train_classes)
         positions = full[LAYERS[0]].shape[-1] * full[LAYERS[0]].shape[-2]
         entries = PatchBank.entries_per_class(self.heads.classes, {c: cls.count(c) for c in self.heads.classes}, positions,
-                                              self.cfg.bank_fraction, self.cfg.bank_max_entries)
+                                              self.cfg.heads.bank_fraction, self.cfg.heads.bank_max_entries)
         self.heads.bank = self._bank(sum(entries.values()))
         self.heads.bank.fit(full, cls, entries)
         log(f"[heads] patch bank: {entries} descriptors of {positions} positions per image")
@@ -94,15 +92,15 @@ class DistillModel(nn.Module):
             t = self.teacher(x)
             bank_maps.append(self.heads.bank.map(t))
             student_maps.append(self.anomaly_map.map(t, self.student(x)))
-        self.heads.bank.fit_scales(torch.cat(bank_maps), torch.cat(student_maps), self.cfg.bank_w_student)
+        self.heads.bank.fit_scales(torch.cat(bank_maps), torch.cat(student_maps), self.cfg.heads.bank_w_student)
 
     def fit_heads(self, classes: list[str], train_images, train_classes, val_images, val_classes, log=print) -> ImageHeads:
         """Attach the heads of cfg and fit them (heads.ImageHeads.fit) with this model's teacher and map."""
         heads = self.attach_heads(classes)
-        if self.cfg.bank_fraction > 0:
+        if self.cfg.heads.bank_fraction > 0:
             self.fit_bank(train_images, train_classes, val_images, log=log)
         heads.fit(self.teacher, self.normalize, self.student_map, self.anomaly_map.score,
-                  train_images, train_classes, val_images, val_classes, log=log, max_groups=self.cfg.density_groups)
+                  train_images, train_classes, val_images, val_classes, log=log, max_groups=self.cfg.heads.density_groups)
         return heads
 
     @torch.no_grad()

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from dcam.config import Combine, Density, Method, ModelConfig, PixelNormMode, ScoreRule, config_from_train_config
+from dcam.config import (Combine, Density, HeadsConfig, Method, ModelConfig, PixelNormMode, ScoreRule,
+                         config_from_train_config, variant_config)
 from dcam.record import TrainRecord
 
 # dcam.train_config of a file exported before the modes were typed (v0.5.0, abridged): "" meant off / the method's own.
@@ -16,18 +17,28 @@ OLD = {"method": "stfpm", "backbone": "mobilenet_v2", "input_size": 256, "attent
 
 def test_old_files_read_as_modes():
     cfg = config_from_train_config(OLD)
-    assert (cfg.method, cfg.combine, cfg.density, cfg.pixel_norm, cfg.score_rule) == \
+    assert (cfg.method, cfg.combine, cfg.heads.density, cfg.heads.pixel_norm, cfg.score_rule) == \
         (Method.STFPM, Combine.PROD, Density.DEEP, PixelNormMode.NONE, ScoreRule.MAX)
-    assert cfg.has_heads and cfg.scale_weights == (1.0, 1.0, 1.0)
-    assert not ModelConfig(density="").has_heads and ModelConfig().combine is Combine.SUM
+    assert cfg.heads.enabled and cfg.heads.density_groups == 1 and cfg.scale_weights == (1.0, 1.0, 1.0)
+    assert not HeadsConfig(density="").enabled and ModelConfig().combine is Combine.SUM
 
 
 def test_a_wrong_mode_fails_at_construction():
     with pytest.raises(ValueError, match="'sums'"):
         ModelConfig(combine="sums")
     with pytest.raises(ValueError):
-        ModelConfig(combine="")  # only density and pixel norm have an off value; the old "" is read by field_values
-    assert ModelConfig(**ModelConfig.field_values({"combine": ""})).combine is Combine.SUM
+        ModelConfig(combine="")  # only density and pixel norm have an off value; the old "" is read by from_dict
+    assert ModelConfig.from_dict({"combine": ""}).combine is Combine.SUM
+    assert ModelConfig.from_dict({"method": "stfpm", "combine": ""}).combine is Combine.PROD
+
+
+def test_flat_keys_reach_the_model_or_its_heads():
+    cfg = variant_config("stfpm", input_size=64, density="map", bank_fraction=0.5, score_rule="top1pct_mean")
+    assert (cfg.input_size, cfg.score_rule, cfg.heads.density, cfg.heads.bank_fraction) == \
+        (64, ScoreRule.TOP1PCT_MEAN, Density.MAP, 0.5)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg and "heads" not in cfg.to_dict()
+    with pytest.raises(TypeError):
+        cfg.with_changes(densty="map")  # a misspelt key fails instead of vanishing
 
 
 def test_the_record_round_trips_and_keeps_unknown_keys():

@@ -114,7 +114,7 @@ def test_cli_all(mvtec_root, tmp_path):
     model, after = load_checkpoint(tmp_path / "heads" / "model.pt")
     assert (after.classes, after.teacher_weights, after.train_config.seed, after.train_config.steps) == \
         (before.classes, before.teacher_weights, before.train_config.seed, before.train_config.steps)
-    assert model.cfg.density is Density.MAP and after.train_config.density_groups_per_class == [1] * len(after.classes)
+    assert model.cfg.heads.density is Density.MAP and after.train_config.density_groups_per_class == [1] * len(after.classes)
     assert after.calibration and after.calibration_report and after.validation_estimate
 
 
