@@ -8,6 +8,7 @@
 # Extra arguments go to `dcam-stream bench` (e.g. --images 192 --batches 1,8,32).
 #   PY_BATCH=32        the Python consumer's batch size
 #   ROUNDS=3           runs of each side in the fair comparison
+#   PACED_FRACTION=0.8 then the latency at this share of the operator's median throughput (0: not measured)
 #   SKIP_PYTHON=1      skip the fair comparison
 #   LARGE_JPEGS=16     bottle images re-encoded as 2048x2048 JPEG (q90) into a temp dir: decode + resize
 #                      per image, reduced-scale IDCT vs full decode vs Pillow (plain and draft()); 0 = off
@@ -76,4 +77,4 @@ count=$("$DCAM_BIN" produce "${DCAM_DATASETS:-../shared/datasets}" --topic "$fai
 echo
 ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$fair_topic" --count "$count" \
   --bin "$DCAM_BIN" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --rounds "${ROUNDS:-3}" --py-batch "${PY_BATCH:-32}" \
-  --broker-pgid "$broker" --stages "$data/bench.txt" --logs "$data"
+  --broker-pgid "$broker" --stages "$data/bench.txt" --logs "$data" --paced-fraction "${PACED_FRACTION:-0.8}"

@@ -105,6 +105,11 @@ def read_scores(brokers, topic, count, timeout):
     """Record timestamps (s) of the first `count` records of `topic`, read after the run: a
     consumer reading while the side runs would spin against noida-db (it answers an empty fetch at
     once) and take a core's share from both sides."""
+    return [m.timestamp()[1] / 1000.0 for m in read_records(brokers, topic, count, timeout)]
+
+
+def read_records(brokers, topic, count, timeout):
+    """The first `count` records of `topic` (fewer when the timeout passes first)."""
     from confluent_kafka import Consumer
 
     consumer = Consumer(
@@ -117,16 +122,16 @@ def read_scores(brokers, topic, count, timeout):
         }
     )
     consumer.subscribe([topic])
-    stamps, deadline = [], time.monotonic() + timeout
+    records, deadline = [], time.monotonic() + timeout
     try:
-        while len(stamps) < count and time.monotonic() < deadline:
+        while len(records) < count and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
             if msg is None or msg.error():
                 continue
-            stamps.append(msg.timestamp()[1] / 1000.0)
+            records.append(msg)
     finally:
         consumer.close()
-    return stamps
+    return records
 
 
 def operator_done(port, count):
@@ -149,6 +154,86 @@ def free_port():
         return s.getsockname()[1]
 
 
+def operator_env(args, tag, port, topic):
+    """`dcam-stream run` with the default config: its own group, score topic and metrics port."""
+    env = dict(
+        os.environ,
+        DCAM__KAFKA__BROKERS=args.brokers,
+        DCAM__KAFKA__INPUT_TOPICS=topic,
+        DCAM__KAFKA__GROUP_ID=tag,
+        DCAM__DELIVERY__INSTANCE_ID=tag,
+        DCAM__TOPICS__SCORES=tag,
+        DCAM__TOPICS__DEAD_LETTER=f"{tag}.dlq",
+        DCAM__MODEL__PATH=args.model,
+        DCAM__HEATMAP__POLICY="none",
+        DCAM__TELEMETRY__HTTP_ADDR=f"127.0.0.1:{port}",
+        DCAM__TELEMETRY__LOG_LEVEL="warn",
+    )
+    if args.op_batch:
+        env["DCAM__BATCH__MAX_BATCH"] = str(args.op_batch)
+    env.update(kv.split("=", 1) for kv in args.op_set)
+    return env
+
+
+def stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_scored(port, count, proc, deadline):
+    while proc.poll() is None and time.monotonic() < deadline and not operator_done(port, count):
+        time.sleep(0.2)
+    return operator_done(port, count)
+
+
+def paced_latency(args, rate):
+    """Latency at `rate` events/s below what the operator sustains: a running `dcam-stream run` (default
+    config; group joined, model warm, one event scored) gets --paced-count events one at a time, evenly
+    spaced; per image, record timestamp -> score published (the score's latency_ms: queue + total)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    events = [(m.key(), m.value(), m.headers()) for m in read_records(args.brokers, args.topic, args.paced_count + 1, 120)]
+    if len(events) < 2:
+        sys.exit(f"paced: only {len(events)} events in {args.topic}")
+    tag, port = f"fair-paced-{uuid.uuid4().hex[:6]}", free_port()
+    topic = f"{tag}-in"
+    admin = AdminClient({"bootstrap.servers": args.brokers})  # kept alive until the topic exists
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": args.brokers, "linger.ms": 0})
+    warm, paced = events[0], events[1:]
+    producer.produce(topic, warm[1], warm[0], headers=warm[2])
+    producer.flush(30)
+    proc = subprocess.Popen([args.bin, "run"], env=operator_env(args, tag, port, topic), stdout=subprocess.DEVNULL,
+                            stderr=open(f"{args.logs}/{tag}.log", "w"), start_new_session=True)
+    try:
+        if not wait_scored(port, 1, proc, time.monotonic() + args.timeout):
+            sys.exit(f"paced: the warm-up event was not scored (log: {args.logs}/{tag}.log)")
+        t0 = time.monotonic()
+        for i, (key, value, headers) in enumerate(paced):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            producer.produce(topic, value, key, headers=headers)
+            producer.poll(0)
+        producer.flush(30)
+        sent_s = time.monotonic() - t0
+        wait_scored(port, len(events), proc, time.monotonic() + args.timeout)
+    finally:
+        stop(proc)
+    scores = [json.loads(m.value()) for m in read_records(args.brokers, tag, len(events), 60)]
+    lat = sorted(s["latency_ms"]["queue"] + s["latency_ms"]["total"] for s in scores if s["source"]["offset"] > 0)
+    if len(lat) < len(paced):
+        sys.exit(f"paced: only {len(lat)} of {len(paced)} scores (log: {args.logs}/{tag}.log)")
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    return {"rate": len(paced) / sent_s, "p50": pct(0.5), "p99": pct(0.99), "max": lat[-1], "n": len(lat)}
+
+
 def measure(side, argv, env, scores_topic, args, metrics_port=None):
     """Runs one side until it scored args.count events; its window figures."""
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.logs}/{scores_topic}.log", "w"), start_new_session=True)
@@ -164,13 +249,7 @@ def measure(side, argv, env, scores_topic, args, metrics_port=None):
     finally:
         sampler.stop.set()
         sampler.join()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
     stamps = read_scores(args.brokers, scores_topic, args.count, 60)
     if len(stamps) < args.count:
         sys.exit(f"{side}: only {len(stamps)} of {args.count} scores within {args.timeout} s (log: {args.logs}/{scores_topic}.log)")
@@ -222,6 +301,10 @@ def main():
     p.add_argument("--stages", help="`dcam-stream bench` output with the (c) table, for eta")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--logs", default="/tmp")
+    p.add_argument("--paced-fraction", type=float, default=0.0,
+                   help="then the latency at this share of the operator's median throughput (0: not measured)")
+    p.add_argument("--paced-count", type=int, default=300, help="events sent one at a time for the latency")
+    p.add_argument("--max-delay-ms", type=float, default=10.0, help="the config's batch.max_delay_ms, for the latency bound")
     args = p.parse_args()
 
     cores = os.cpu_count()
@@ -237,22 +320,7 @@ def main():
         for side in order:
             tag, port = f"fair-{side}-{r}-{uuid.uuid4().hex[:6]}", free_port()
             if side == "operator":
-                env = dict(
-                    os.environ,
-                    DCAM__KAFKA__BROKERS=args.brokers,
-                    DCAM__KAFKA__INPUT_TOPICS=args.topic,
-                    DCAM__KAFKA__GROUP_ID=tag,
-                    DCAM__DELIVERY__INSTANCE_ID=tag,
-                    DCAM__TOPICS__SCORES=tag,
-                    DCAM__TOPICS__DEAD_LETTER=f"{tag}.dlq",
-                    DCAM__MODEL__PATH=args.model,
-                    DCAM__HEATMAP__POLICY="none",
-                    DCAM__TELEMETRY__HTTP_ADDR=f"127.0.0.1:{port}",
-                    DCAM__TELEMETRY__LOG_LEVEL="warn",
-                )
-                if args.op_batch:
-                    env["DCAM__BATCH__MAX_BATCH"] = str(args.op_batch)
-                env.update(kv.split("=", 1) for kv in args.op_set)
+                env = operator_env(args, tag, port, args.topic)
                 argv = [args.bin, "run"]
             else:
                 env = dict(os.environ)
@@ -288,6 +356,17 @@ def main():
         print(f"stage sum = parse {parse:.2f} + decode {decode:.2f} + inference at batch {at} {infer:.2f} = {stages:.2f} ms/image")
         print(f"operator CPU per image (median) = {cpu:.2f} ms; available cores (median) = {avail:.2f}")
         print(f"e2e / (available cores / stage sum) = {e2e / (avail * 1000 / stages):.2f}")
+    if args.paced_fraction > 0:
+        rate = args.paced_fraction * statistics.median(x["img_s"] for x in op)
+        lat = paced_latency(args, rate)
+        print(f"\nlatency, paced at {args.paced_fraction:.2f} x the operator's median throughput ({rate:.1f} img/s asked, "
+              f"{lat['rate']:.1f} sent), record timestamp -> score published, {lat['n']} images:")
+        line = f"p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms"
+        if args.stages:
+            bound = args.max_delay_ms + 3 * at * infer
+            line += f"; bound max_delay_ms + 3 x batch inference ({at} x {infer:.1f} ms) = {bound:.0f} ms; p99 / bound = {lat['p99'] / bound:.2f}"
+        print(line)
+    if args.stages:
         print(f"efficiency = {eta:.2f}")
 
 

@@ -1,6 +1,7 @@
 //! Decode: image bytes (inline or fetched by URI) → RGB, resized to the model's S×S.
 //! Runs on the decode worker pool, never on the async executor.
 
+use std::cell::RefCell;
 use std::io::Cursor;
 use std::path::{Component, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,21 @@ use crate::memory::{default_decode_budget, MemoryBudget};
 
 /// Formats we accept; anything else sniffed is `unsupported_format`.
 const SUPPORTED: [ImageFormat; 6] = [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::Bmp, ImageFormat::Tiff, ImageFormat::Gif, ImageFormat::WebP];
+
+/// A decode worker keeps the pixels of its last image up to this size for the next one; a larger
+/// frame's buffer is freed after use, so a burst of huge images does not stay resident per worker.
+const KEEP_PIXEL_BYTES: usize = 16 << 20;
+
+/// Per decode worker (each is a thread of its own): the resizer with its scratch buffers and the
+/// decoded pixels, reused from image to image instead of allocated for each.
+struct Scratch {
+    resizer: fr::Resizer,
+    pixels: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch { resizer: fr::Resizer::new(), pixels: Vec::new() });
+}
 
 /// An image ready for the model: `size*size*3` RGB bytes, channels last.
 #[derive(Debug, Clone)]
@@ -202,9 +218,23 @@ impl Decoder {
                 format!("decoding this {w}x{h} {:?} image needs {need} bytes, over decode.max_decode_bytes = {}", decoder.color_type(), self.budget.limit()),
             ));
         };
-        let img = image::DynamicImage::from_decoder(decoder).map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode {format:?}: {e}")))?;
-        let rgb = img.into_rgb8();
-        let resized = resize_rgb(rgb.as_raw(), w, h, self.size).map_err(|e| Rejection::new(ErrorKind::Decode, e))?;
+        let failed = |e: image::ImageError| Rejection::new(ErrorKind::Decode, format!("cannot decode {format:?}: {e}"));
+        let resized = if decoder.color_type() == image::ColorType::Rgb8 {
+            // Already what the model takes: decoded straight into this worker's pixel buffer.
+            SCRATCH.with_borrow_mut(|scratch| {
+                let Scratch { resizer, pixels } = scratch;
+                pixels.clear();
+                pixels.resize(native as usize, 0);
+                let resized = decoder.read_image(pixels).map_err(failed).and_then(|()| resize_with(resizer, pixels, w, h, self.size));
+                if pixels.capacity() > KEEP_PIXEL_BYTES {
+                    *pixels = Vec::new();
+                }
+                resized
+            })?
+        } else {
+            let rgb = image::DynamicImage::from_decoder(decoder).map_err(failed)?.into_rgb8();
+            resize_rgb(rgb.as_raw(), w, h, self.size)?
+        };
         Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
     }
 }
@@ -252,7 +282,7 @@ impl Decoder {
             P::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
             _ => pixels,
         };
-        let resized = resize_rgb(&rgb, sw, sh, self.size).map_err(|e| Rejection::new(ErrorKind::Decode, e))?;
+        let resized = resize_rgb(&rgb, sw, sh, self.size)?;
         Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
     }
 }
@@ -317,15 +347,20 @@ fn too_large_bytes(len: usize, max: usize) -> Rejection {
     Rejection::new(ErrorKind::TooLarge, format!("payload is {len} bytes, over decode.max_payload_bytes = {max}"))
 }
 
-/// Bilinear (antialiased, like PIL's) resize of packed RGB with SIMD.
-pub(crate) fn resize_rgb(rgb: &[u8], w: u32, h: u32, size: u32) -> Result<Vec<u8>, String> {
+/// Bilinear (antialiased, like PIL's) resize of packed RGB with SIMD, with this thread's resizer.
+fn resize_rgb(rgb: &[u8], w: u32, h: u32, size: u32) -> Result<Vec<u8>, Rejection> {
+    SCRATCH.with_borrow_mut(|scratch| resize_with(&mut scratch.resizer, rgb, w, h, size))
+}
+
+fn resize_with(resizer: &mut fr::Resizer, rgb: &[u8], w: u32, h: u32, size: u32) -> Result<Vec<u8>, Rejection> {
     if w == size && h == size {
         return Ok(rgb.to_vec());
     }
-    let src = fr::images::ImageRef::new(w, h, rgb, fr::PixelType::U8x3).map_err(|e| format!("resize source: {e}"))?;
+    let failed = |what: &str, e: &dyn std::fmt::Display| Rejection::new(ErrorKind::Decode, format!("{what}: {e}"));
+    let src = fr::images::ImageRef::new(w, h, rgb, fr::PixelType::U8x3).map_err(|e| failed("resize source", &e))?;
     let mut dst = fr::images::Image::new(size, size, fr::PixelType::U8x3);
     let options = fr::ResizeOptions::new().resize_alg(fr::ResizeAlg::Convolution(fr::FilterType::Bilinear));
-    fr::Resizer::new().resize(&src, &mut dst, &options).map_err(|e| format!("resize: {e}"))?;
+    resizer.resize(&src, &mut dst, &options).map_err(|e| failed("resize", &e))?;
     Ok(dst.into_vec())
 }
 
@@ -348,6 +383,36 @@ mod tests {
         let mut out = Vec::new();
         img.write_to(&mut Cursor::new(&mut out), format).unwrap();
         out
+    }
+
+    #[test]
+    fn a_worker_reuses_its_buffers_without_carrying_pixels_over() {
+        let d = Decoder::new(limits(), 32);
+        let big = encode(image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(300, 200, |x, y| image::Rgb([x as u8, y as u8, 7]))), ImageFormat::Png);
+        let small = png(48, 40);
+        let fresh = std::thread::spawn({
+            let (d, small) = (d.clone(), small.clone());
+            move || d.decode_bytes(&small).unwrap().rgb
+        })
+        .join()
+        .unwrap();
+        d.decode_bytes(&big).unwrap();
+        let kept = SCRATCH.with_borrow(|s| s.pixels.capacity());
+        assert!(kept >= 300 * 200 * 3, "the big image's pixel buffer is kept for the next image ({kept})");
+        assert_eq!(d.decode_bytes(&small).unwrap().rgb, fresh, "the next image decodes as on a fresh worker");
+        assert_eq!(SCRATCH.with_borrow(|s| s.pixels.capacity()), kept, "the same buffer served the smaller image");
+    }
+
+    #[test]
+    fn a_frame_over_the_kept_size_frees_its_buffer_after_use() {
+        let mut limits = limits();
+        limits.max_payload_bytes = 64 << 20;
+        limits.max_pixels = 8_000_000;
+        let d = Decoder::new(limits, 32);
+        let huge = encode(image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(2600, 2200, image::Rgb([9, 9, 9]))), ImageFormat::Png);
+        assert!(2600 * 2200 * 3 > KEEP_PIXEL_BYTES);
+        assert_eq!(d.decode_bytes(&huge).unwrap().rgb.len(), 32 * 32 * 3);
+        assert_eq!(SCRATCH.with_borrow(|s| s.pixels.capacity()), 0);
     }
 
     #[test]

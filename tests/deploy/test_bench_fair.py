@@ -38,7 +38,7 @@ def test_both_sides_are_measured_the_same_way_and_the_summary_parses(tmp_path):
         out = subprocess.run(
             [sys.executable, str(SCRIPT), "--brokers", broker.brokers, "--topic", "fair-images", "--count", "24", "--bin", str(binary),
              "--rounds", "1", "--op-batch", "4", "--py-batch", "4", "--broker-pgid", str(broker.proc.pid), "--stages", str(stages),
-             "--logs", str(tmp_path), "--timeout", "240"],
+             "--logs", str(tmp_path), "--timeout", "240", "--paced-fraction", "0.5", "--paced-count", "6"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
     finally:
@@ -52,5 +52,8 @@ def test_both_sides_are_measured_the_same_way_and_the_summary_parses(tmp_path):
         assert broker_cores > 0, f"the broker's CPU is sampled apart: {row}"
     assert re.search(r"^throughput operator / python, per round: min [0-9.]+, median [0-9.]+, max [0-9.]+$", out.stdout, re.M), out.stdout
     assert re.search(r"^stage sum = parse [0-9.]+ \+ decode [0-9.]+ \+ inference at batch 4 [0-9.]+ = [0-9.]+ ms/image$", out.stdout, re.M), out.stdout
+    lat = re.search(r"^p50 (\d+) ms, p99 (\d+) ms, max (\d+) ms; bound max_delay_ms \+ 3 x batch inference \(4 x [0-9.]+ ms\) = \d+ ms; "
+                    r"p99 / bound = [0-9.]+$", out.stdout, re.M)
+    assert lat and 0 < int(lat.group(1)) <= int(lat.group(2)) <= int(lat.group(3)), out.stdout  # every paced image was scored
     eta = re.search(r"^efficiency = ([0-9.]+)$", out.stdout.splitlines()[-1])
     assert eta and float(eta.group(1)) > 0, out.stdout
