@@ -12,6 +12,7 @@
 #   SKIP_PYTHON=1      skip the fair comparison
 #   LARGE_JPEGS=16     bottle images re-encoded as 2048x2048 JPEG (q90) into a temp dir: decode + resize
 #                      per image, reduced-scale IDCT vs full decode vs Pillow (plain and draft()); 0 = off
+#   BACKLOG_ROUNDS=8   then those JPEGs published this many times as a backlog: the operator's peak RSS
 #   NO_SETUP=1         use the existing .ort and .venv as they are (no fetch-ort.sh / setup-python.sh)
 #   DCAM_BIN=path      use this dcam-stream binary instead of building target/release/dcam-stream
 set -euo pipefail
@@ -68,6 +69,23 @@ print(f"operator/pillow decode speed = {pil['pillow_ms'] / scaled:.2f} (vs plain
 PY
 fi
 [ "${SKIP_PYTHON:-0}" = 1 ] && exit 0
+
+# Memory under a backlog of camera-size images: the large JPEGs published BACKLOG_ROUNDS times as raw
+# records (noida-db answers a fetch with everything it holds, so the topic stays under librdkafka's
+# 100 MB receive limit), then `dcam-stream run` with the default config reads them all; peak RSS.
+if [ ${#large_args[@]} -gt 0 ] && [ "${BACKLOG_ROUNDS:-8}" -gt 0 ]; then
+  backlog_topic="bench-backlog-$RANDOM"
+  backlog=0
+  for _ in $(seq "${BACKLOG_ROUNDS:-8}"); do
+    n=$("$DCAM_BIN" produce "$data/large" --format raw --topic "$backlog_topic" --brokers "127.0.0.1:$port" | sed -n 's/^published \([0-9]*\) images.*/\1/p')
+    backlog=$((backlog + n))
+  done
+  echo
+  echo "A backlog of $backlog camera-size JPEGs (2048x2048, raw records), dcam-stream run with the default config:"
+  ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$backlog_topic" \
+    --count "$backlog" --bin "$DCAM_BIN" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --rounds 1 --operator-only \
+    --broker-pgid "$broker" --logs "$data"
+fi
 
 # The operator (`dcam-stream run`, default config) and the Python consumer on the same events: every
 # test image of the datasets once, as JSON envelopes, each side its own process, ROUNDS times each,

@@ -227,11 +227,13 @@ def paced_latency(args, rate):
     finally:
         stop(proc)
     scores = [json.loads(m.value()) for m in read_records(args.brokers, tag, len(events), 60)]
-    lat = sorted(s["latency_ms"]["queue"] + s["latency_ms"]["total"] for s in scores if s["source"]["offset"] > 0)
+    parts = [s["latency_ms"] for s in scores if s["source"]["offset"] > 0]
+    lat = sorted(p["queue"] + p["total"] for p in parts)
     if len(lat) < len(paced):
         sys.exit(f"paced: only {len(lat)} of {len(paced)} scores (log: {args.logs}/{tag}.log)")
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-    return {"rate": len(paced) / sent_s, "p50": pct(0.5), "p99": pct(0.99), "max": lat[-1], "n": len(lat)}
+    median = {k: statistics.median(p[k] for p in parts) for k in ("queue", "inference", "total")}
+    return {"rate": len(paced) / sent_s, "p50": pct(0.5), "p99": pct(0.99), "max": lat[-1], "n": len(lat), "median": median}
 
 
 def measure(side, argv, env, scores_topic, args, metrics_port=None):
@@ -366,6 +368,9 @@ def main():
             bound = args.max_delay_ms + 3 * at * infer
             line += f"; bound max_delay_ms + 3 x batch inference ({at} x {infer:.1f} ms) = {bound:.0f} ms; p99 / bound = {lat['p99'] / bound:.2f}"
         print(line)
+        m = lat["median"]
+        print(f"medians: in the topic before consume {m['queue']:.0f} ms, consume -> publish {m['total']:.0f} ms "
+              f"(of which the batch's model run {m['inference']:.0f} ms)")
     if args.stages:
         print(f"efficiency = {eta:.2f}")
 

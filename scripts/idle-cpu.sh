@@ -32,7 +32,7 @@ measure() {
   local name=$1 brokers=$2 control=$3 broker_pg=${4:-}
   local port; port=$(free_port)
   DCAM__KAFKA__BROKERS="$brokers" DCAM__KAFKA__INPUT_TOPICS=idle-images DCAM__KAFKA__GROUP_ID="idle-$RANDOM" \
-  DCAM__TOPICS__SCORES=idle-scores DCAM__TOPICS__DEAD_LETTER=idle-dlq DCAM__TOPICS__CONTROL="$control" \
+  DCAM__TOPICS__SCORES=idle-scores DCAM__TOPICS__DEAD_LETTER=idle-dlq DCAM__TOPICS__CONTROL="$control" DCAM__TOPICS__CONTROL_AUDIT=idle-audit \
   DCAM__KAFKA__SESSION_TIMEOUT_MS=10000 DCAM__TELEMETRY__HTTP_ADDR="127.0.0.1:$port" DCAM__TELEMETRY__LOG_LEVEL=warn \
     setsid "$BIN" run >"$work/$name.log" 2>&1 &
   local op=$!
@@ -56,7 +56,7 @@ echo "idle cost over ${SECONDS_IDLE} s, $BIN; load before: $(cut -d' ' -f1-3 /pr
 echo "| broker | control topic | operator % of a core | broker % of a core |"
 echo "|---|---|---|---|"
 
-setsid $PY scripts/idle_mock_broker.py idle-images idle-scores idle-dlq idle-control >"$work/mock.addr" 2>"$work/mock.log" &
+setsid $PY scripts/idle_mock_broker.py idle-images idle-scores idle-dlq idle-control idle-audit >"$work/mock.addr" 2>"$work/mock.log" &
 mock=$!
 pids+=("$mock")
 for _ in $(seq 1 100); do [ -s "$work/mock.addr" ] && break; sleep 0.1; done
