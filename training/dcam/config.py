@@ -116,6 +116,8 @@ class ModelConfig:
         """A copy with `changes` (flat keys, as `to_dict` writes them) applied to the model or its heads."""
         heads = {k: v for k, v in changes.items() if k in _HEAD_KEYS}
         own = {k: v for k, v in changes.items() if k not in _HEAD_KEYS}
+        if "method" in own and "combine" not in own:
+            own["combine"] = None  # a new method brings its own merge unless one is given
         return replace(self, **own, heads=replace(self.heads, **heads))
 
     @classmethod

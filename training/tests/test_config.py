@@ -39,6 +39,8 @@ def test_flat_keys_reach_the_model_or_its_heads():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg and "heads" not in cfg.to_dict()
     with pytest.raises(TypeError):
         cfg.with_changes(densty="map")  # a misspelt key fails instead of vanishing
+    assert cfg.with_changes(method="dcam").combine is Combine.SUM and cfg.combine is Combine.PROD
+    assert cfg.with_changes(method="dcam", combine="prod").combine is Combine.PROD
 
 
 def test_the_record_round_trips_and_keeps_unknown_keys():
