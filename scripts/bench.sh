@@ -9,6 +9,7 @@
 #   PY_BATCH=32        the Python consumer's batch size
 #   ROUNDS=3           runs of each side in the fair comparison
 #   PACED_FRACTION=0.8 then the latency at this share of the operator's median throughput (0: not measured)
+#   LATENCY_FRACTION=0.8 the latency against librdkafka's mock cluster at this share of a burst's throughput
 #   SKIP_PYTHON=1      skip the fair comparison
 #   LARGE_JPEGS=16     bottle images re-encoded as 2048x2048 JPEG (q90) into a temp dir: decode + resize
 #                      per image, reduced-scale IDCT vs full decode vs Pillow (plain and draft()); 0 = off
@@ -85,6 +86,15 @@ if [ ${#large_args[@]} -gt 0 ] && [ "${BACKLOG_ROUNDS:-8}" -gt 0 ]; then
   ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_fair.py --brokers "127.0.0.1:$port" --topic "$backlog_topic" \
     --count "$backlog" --bin "$DCAM_BIN" --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --rounds 1 --operator-only \
     --broker-pgid "$broker" --logs "$data"
+fi
+
+# Latency against a broker that does not spin (librdkafka's mock cluster): small events paced at
+# LATENCY_FRACTION (0.8) of a burst's throughput (scripts/bench_latency_mock.py).
+if [ "${LATENCY_FRACTION:-0.8}" != 0 ]; then
+  echo
+  ORT_DYLIB_PATH="$PWD/.ort/libonnxruntime.so" .venv/bin/python scripts/bench_latency_mock.py --bin "$DCAM_BIN" \
+    --model "${DCAM__MODEL__PATH:-models/dcam.onnx}" --dataset "${DCAM_DATASETS:-../shared/datasets}" \
+    --fraction "${LATENCY_FRACTION:-0.8}" --stages "$data/bench.txt" --logs "$data"
 fi
 
 # The operator (`dcam-stream run`, default config) and the Python consumer on the same events: every
