@@ -191,6 +191,28 @@ def wait_scored(port, count, proc, deadline):
     return operator_done(port, count)
 
 
+def send_paced(producer, topic, events, rate):
+    """Publishes (key, value, headers) events one at a time, evenly spaced at `rate` per second; the seconds it took."""
+    t0 = time.monotonic()
+    for i, (key, value, headers) in enumerate(events):
+        delay = t0 + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        producer.produce(topic, value, key, headers=headers)
+        producer.poll(0)
+    producer.flush(30)
+    return time.monotonic() - t0
+
+
+def latency_summary(parts):
+    """Of the scores' latency_ms: record timestamp -> score published (queue + total), p50/p99/max, and the
+    medians of each part."""
+    lat = sorted(p["queue"] + p["total"] for p in parts)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    median = {k: statistics.median(p[k] for p in parts) for k in ("queue", "inference", "total")}
+    return {"p50": pct(0.5), "p99": pct(0.99), "max": lat[-1], "n": len(lat), "median": median}
+
+
 def paced_latency(args, rate):
     """Latency at `rate` events/s below what the operator sustains: a running `dcam-stream run` (default
     config; group joined, model warm, one event scored) gets --paced-count events one at a time, evenly
@@ -214,26 +236,15 @@ def paced_latency(args, rate):
     try:
         if not wait_scored(port, 1, proc, time.monotonic() + args.timeout):
             sys.exit(f"paced: the warm-up event was not scored (log: {args.logs}/{tag}.log)")
-        t0 = time.monotonic()
-        for i, (key, value, headers) in enumerate(paced):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            producer.produce(topic, value, key, headers=headers)
-            producer.poll(0)
-        producer.flush(30)
-        sent_s = time.monotonic() - t0
+        sent_s = send_paced(producer, topic, paced, rate)
         wait_scored(port, len(events), proc, time.monotonic() + args.timeout)
     finally:
         stop(proc)
     scores = [json.loads(m.value()) for m in read_records(args.brokers, tag, len(events), 60)]
     parts = [s["latency_ms"] for s in scores if s["source"]["offset"] > 0]
-    lat = sorted(p["queue"] + p["total"] for p in parts)
-    if len(lat) < len(paced):
-        sys.exit(f"paced: only {len(lat)} of {len(paced)} scores (log: {args.logs}/{tag}.log)")
-    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-    median = {k: statistics.median(p[k] for p in parts) for k in ("queue", "inference", "total")}
-    return {"rate": len(paced) / sent_s, "p50": pct(0.5), "p99": pct(0.99), "max": lat[-1], "n": len(lat), "median": median}
+    if len(parts) < len(paced):
+        sys.exit(f"paced: only {len(parts)} of {len(paced)} scores (log: {args.logs}/{tag}.log)")
+    return {"rate": len(paced) / sent_s, **latency_summary(parts)}
 
 
 def measure(side, argv, env, scores_topic, args, metrics_port=None):

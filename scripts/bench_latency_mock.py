@@ -19,7 +19,6 @@ import base64
 import glob
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -49,7 +48,8 @@ def main():
     if not files:
         sys.exit(f"no magnetic_tile test images under {args.dataset}")
     files = (files * (need // len(files) + 1))[:need]
-    events = [json.dumps({"image_id": f"lat-{i}", "class": "magnetic_tile", "image": base64.b64encode(open(f, "rb").read()).decode()}).encode()
+    events = [(None, json.dumps({"image_id": f"lat-{i}", "class": "magnetic_tile",
+                                  "image": base64.b64encode(open(f, "rb").read()).decode()}).encode(), None)
               for i, f in enumerate(files)]
 
     mock = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "idle_mock_broker.py"), *TOPICS],
@@ -62,75 +62,52 @@ def main():
 
 
 def run(args, brokers, events):
-    from confluent_kafka import Consumer, Producer
+    from confluent_kafka import Producer
 
     tag, port = f"lat-{uuid.uuid4().hex[:6]}", bf.free_port()
     cfg = os.path.join(args.logs, f"{tag}.toml")
     with open(cfg, "w") as f:
         f.write('[kafka.extra]\n"fetch.wait.max.ms" = "10"\n')
-    env = dict(os.environ, DCAM_CONFIG=cfg, DCAM__KAFKA__BROKERS=brokers, DCAM__KAFKA__INPUT_TOPICS="lat-in", DCAM__KAFKA__GROUP_ID=tag,
-               DCAM__DELIVERY__INSTANCE_ID=tag, DCAM__TOPICS__SCORES="lat-scores", DCAM__TOPICS__DEAD_LETTER="lat-dlq",
-               DCAM__TOPICS__CONTROL="lat-control", DCAM__TOPICS__CONTROL_AUDIT="lat-audit", DCAM__MODEL__PATH=args.model,
-               DCAM__HEATMAP__POLICY="none", DCAM__TELEMETRY__HTTP_ADDR=f"127.0.0.1:{port}", DCAM__TELEMETRY__LOG_LEVEL="warn")
-    if args.max_batch:
-        env["DCAM__BATCH__MAX_BATCH"] = str(args.max_batch)
+    # The mock answers no CreateTopics: the operator uses the topics it was started with.
+    topics = dict(zip(("SCORES", "DEAD_LETTER", "CONTROL", "CONTROL_AUDIT"), TOPICS[1:]))
+    operator = argparse.Namespace(brokers=brokers, model=args.model, op_batch=args.max_batch,
+                                  op_set=[f"DCAM__TOPICS__{k}={v}" for k, v in topics.items()])
+    env = dict(bf.operator_env(operator, tag, port, TOPICS[0]), DCAM_CONFIG=cfg)
     producer = Producer({"bootstrap.servers": brokers, "linger.ms": 0})
     proc = subprocess.Popen([args.bin, "run"], env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.logs}/{tag}.log", "w"),
                             start_new_session=True)
     burst, paced = events[1:1 + args.burst], events[1 + args.burst:]
     deadline = lambda: time.monotonic() + 300
     try:
-        producer.produce("lat-in", events[0])
-        producer.flush(10)
+        bf.send_paced(producer, TOPICS[0], events[:1], 1.0)
         if not bf.wait_scored(port, 1, proc, deadline()):
             sys.exit(f"the warm-up event was not scored (log: {args.logs}/{tag}.log)")
         t0 = time.monotonic()
-        for e in burst:
-            producer.produce("lat-in", e)
-            producer.poll(0)
-        producer.flush(10)
+        bf.send_paced(producer, TOPICS[0], burst, float("inf"))
         bf.wait_scored(port, 1 + len(burst), proc, deadline())
         capacity = len(burst) / (time.monotonic() - t0)
-        rate = args.fraction * capacity
-        t0 = time.monotonic()
-        for i, e in enumerate(paced):
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            producer.produce("lat-in", e)
-            producer.poll(0)
-        producer.flush(10)
-        sent = len(paced) / (time.monotonic() - t0)
+        sent = len(paced) / bf.send_paced(producer, TOPICS[0], paced, args.fraction * capacity)
         bf.wait_scored(port, len(events), proc, deadline())
     finally:
         bf.stop(proc)
 
-    reader = Consumer({"bootstrap.servers": brokers, "group.id": f"{tag}-reader", "auto.offset.reset": "earliest"})
-    reader.subscribe(["lat-scores"])
-    scores, until = [], time.monotonic() + 60
-    while len(scores) < len(events) and time.monotonic() < until:
-        m = reader.poll(0.5)
-        if m is not None and not m.error():
-            scores.append(json.loads(m.value()))
-    reader.close()
+    scores = [json.loads(m.value()) for m in bf.read_records(brokers, TOPICS[1], len(events), 60)]
     first_paced = 1 + len(burst)
     parts = [s["latency_ms"] for s in scores if int(s["image_id"].rsplit("-", 1)[1]) >= first_paced]
     if len(parts) < len(paced):
         sys.exit(f"only {len(parts)} of {len(paced)} paced events scored (log: {args.logs}/{tag}.log)")
-    lat = sorted(q["queue"] + q["total"] for q in parts)
-    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-    model = statistics.median(q["inference"] for q in parts)
+    lat = bf.latency_summary(parts)
+    model = lat["median"]["inference"]
     if args.stages:
         _, _, at, infer = bf.stage_sum_ms(args.stages, args.max_batch or None)
         batch_ms, basis = at * infer, f"batch inference {at} x {infer:.1f} ms"
     else:
         batch_ms, basis = model, "the median model run"
     bound = args.max_delay_ms + 3 * batch_ms
-    return (f"latency against the mock cluster (fetch.wait.max.ms 10), {len(parts)} small events paced at {args.fraction:.2f} x a "
-            f"burst's {capacity:.1f} img/s ({sent:.1f} sent): p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms, max {lat[-1]:.0f} ms; "
-            f"medians: in the topic {statistics.median(q['queue'] for q in parts):.0f} ms, consume -> publish "
-            f"{statistics.median(q['total'] for q in parts):.0f} ms, model run {model:.0f} ms; bound max_delay_ms + 3 x {basis} = {bound:.0f} ms; "
-            f"p99 / bound = {pct(0.99) / bound:.2f}")
+    return (f"latency against the mock cluster (fetch.wait.max.ms 10), {lat['n']} small events paced at {args.fraction:.2f} x a "
+            f"burst's {capacity:.1f} img/s ({sent:.1f} sent): p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms, max {lat['max']:.0f} ms; "
+            f"medians: in the topic {lat['median']['queue']:.0f} ms, consume -> publish {lat['median']['total']:.0f} ms, "
+            f"model run {model:.0f} ms; bound max_delay_ms + 3 x {basis} = {bound:.0f} ms; p99 / bound = {lat['p99'] / bound:.2f}")
 
 
 if __name__ == "__main__":
