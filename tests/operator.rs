@@ -254,6 +254,38 @@ fn sigterm_mid_stream_then_restart_loses_nothing() {
     assert!(second.terminate(Duration::from_secs(60)).success());
 }
 
+/// With the whole backlog taken in and plenty left to score, the source stops fetching (a
+/// broker that answers empty fetches at once would otherwise spin against it), and records
+/// published meanwhile are still read once the pipeline runs low: nothing waits forever.
+#[test]
+fn a_caught_up_source_stops_fetching_and_still_reads_what_arrives_later() {
+    let _serial = serial();
+    let Scenario { broker, input, scores, dlq, group, tmp } = Scenario::start(2);
+    let (records, mut ids) = small_image_records(150, "early");
+    publish(&broker.producer(), &input, &records);
+    let mut op = OperatorConfig::new(&broker.brokers, &input, &scores, &dlq, &group, tmp.path()).set("DCAM__HEATMAP__POLICY", "none").spawn("op");
+    op.wait_ready(READY);
+    let first = read_topic(&broker.brokers, &scores, 10, READ);
+    assert!(first.len() >= 10, "{}", op.log_text());
+    let (late, late_ids) = small_image_records(30, "late");
+    publish(&broker.producer(), &input, &late);
+    ids.extend(late_ids);
+    let all = read_topic_until(&broker.brokers, &scores, READ, |got| unique_keys(got) >= ids.len());
+    let scored: HashSet<String> = all.iter().map(|r| String::from_utf8(r.key.clone().unwrap()).unwrap()).collect();
+    let missing: Vec<_> = ids.iter().filter(|id| !scored.contains(*id)).collect();
+    assert!(missing.is_empty(), "never scored: {missing:?}\n{}", op.log_text());
+    assert_eq!(all.len(), ids.len(), "one score per input");
+    let metrics = op.metrics();
+    let pauses: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dcam_caught_up_pauses_total "))
+        .unwrap_or_else(|| panic!("no dcam_caught_up_pauses_total:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(pauses >= 1.0, "the source never stopped fetching while caught up with a backlog to score:\n{metrics}");
+    assert!(op.terminate(Duration::from_secs(60)).success());
+}
+
 #[test]
 fn two_instances_in_one_group_share_the_partitions() {
     let _serial = serial();

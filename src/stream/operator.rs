@@ -211,6 +211,8 @@ fn subscribe(
 ) -> Result<(BaseConsumer<SourceContext>, std::thread::JoinHandle<()>)> {
     let lag_config = kafka::consumer_config(&settings.kafka, &settings.kafka.group_id);
     let mut consumer_config = kafka::consumer_config(&settings.kafka, &settings.kafka.group_id);
+    // The source stops fetching once it has read everything and has enough to score (FetchGate).
+    consumer_config.set("enable.partition.eof", "true");
     if let Some(id) = crate::delivery::static_member_id(&settings.kafka, &settings.delivery) {
         consumer_config.set("group.instance.id", id);
     }
@@ -239,6 +241,7 @@ fn start_source(
         commit_interval: settings.delivery.commit_interval,
         stuck_after: settings.pipeline.stuck_after,
         restart_stalled_after: settings.pipeline.restart_stalled_after,
+        refill_below: pipeline.refill_mark(),
     };
     Ok(std::thread::Builder::new().name("source".into()).spawn(move || {
         let result = source::run(&consumer, &submit, &opts, &shutdown, &metrics, &health);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -130,6 +130,9 @@ pub(crate) struct SourceOptions {
     /// Lag with no input finished for this long ends the source with an error, so the process
     /// exits and the orchestrator restarts it; zero = never.
     pub restart_stalled_after: Duration,
+    /// Once every assigned partition has been read to its end, fetching stops while more than
+    /// this many inputs are unfinished (`FetchGate`).
+    pub refill_below: usize,
 }
 
 /// Turns a record into a job and registers its offset.
@@ -157,6 +160,8 @@ pub(crate) fn run(
 ) -> Result<()> {
     let ctx = consumer.context();
     let tracker = ctx.tracker();
+    let gate = FetchGate { max_in_flight: opts.max_in_flight, max_in_flight_bytes: opts.max_in_flight_bytes, refill_below: opts.refill_below };
+    let mut ends = PartitionEnds::default();
     let mut paused = false;
     let mut last_commit = Instant::now();
     let mut last_pause_check = Instant::now();
@@ -166,25 +171,32 @@ pub(crate) fn run(
         health.beat();
         if ctx.delivery.recovery_due() {
             recover(consumer, shutdown, health)?;
-            paused = true; // recover paused everything; back-pressure resumes it
+            ends.clear();
+            paused = true; // recover paused everything; the gate resumes it
         }
         let (held, held_bytes) = ctx.delivery.held();
         metrics.in_flight.set(held as i64);
         metrics.in_flight_bytes.set(held_bytes as i64);
-        let full = held >= opts.max_in_flight || held_bytes >= opts.max_in_flight_bytes;
-        let half = held <= opts.max_in_flight / 2 && held_bytes <= opts.max_in_flight_bytes / 2;
-        // Back-pressure with hysteresis; re-pause periodically to cover newly assigned partitions.
-        if full && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
+        let caught_up = ends.all_reached(&ctx.assignment.lock().expect("assignment"));
+        let stop = gate.stop_fetching(paused, held, held_bytes, tracker.in_flight(), caught_up);
+        // Re-pause periodically to cover newly assigned partitions.
+        if stop.is_some() && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
+            if !paused && stop == Some(StopReason::CaughtUp) {
+                metrics.caught_up_pauses.inc();
+            }
             pause_all(consumer);
             paused = true;
             last_pause_check = Instant::now();
-        } else if paused && half {
+        } else if paused && stop.is_none() {
             resume(consumer);
+            // Whether a partition grew while paused is known only from what the fetch brings.
+            ends.clear();
             paused = false;
         }
         metrics.partitions_paused.set(if paused { ctx.assignment.lock().expect("assignment").len() as i64 } else { 0 });
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
+                ends.record_read(m.partition());
                 let job = job_from_message(&m, tracker);
                 tracing::trace!(topic = m.topic(), partition = m.partition(), offset = m.offset(), "consumed");
                 drop(m);
@@ -192,6 +204,7 @@ pub(crate) fn run(
                     return Err(anyhow!("pipeline stopped unexpectedly"));
                 }
             }
+            Some(Err(KafkaError::PartitionEOF(partition))) => ends.reached(partition),
             Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
             None => {}
         }
@@ -215,7 +228,9 @@ pub(crate) fn run(
         }
         if last_commit.elapsed() >= opts.commit_interval {
             last_commit = Instant::now();
-            handle_commit(consumer, CommitMode::Async)?;
+            if handle_commit(consumer, CommitMode::Async)? != CommitOutcome::Committed {
+                ends.clear(); // rewound (or about to be): read again from the committed offsets
+            }
         }
     }
     tracing::info!(in_flight = tracker.in_flight(), "shutting down: draining in-flight work");
@@ -228,6 +243,74 @@ pub(crate) fn run(
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+/// Why the source stops fetching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Back-pressure: `max_in_flight` or `max_in_flight_bytes` reached; fetching starts again at
+    /// half of both.
+    Full,
+    /// Every assigned partition has been read to its end and the pipeline has more than
+    /// `refill_below` inputs to score. Fetching now would only ask for records that do not exist
+    /// yet; a broker that answers an empty fetch at once (noida-db) turns that into a loop taking
+    /// CPU from scoring, on both sides. New records wait in the topic instead of in the
+    /// pipeline's queue, behind the same work: fetching resumes with enough left to score to
+    /// cover a fetch round trip, so the engines never wait for it.
+    CaughtUp,
+}
+
+/// When the source fetches: the back-pressure limits, and the refill mark below which it must be
+/// fetching even when caught up.
+#[derive(Debug, Clone, Copy)]
+struct FetchGate {
+    max_in_flight: usize,
+    max_in_flight_bytes: usize,
+    refill_below: usize,
+}
+
+impl FetchGate {
+    /// Whether to be paused, given whether it is now: `held` counts (and weighs) records until
+    /// their outputs are committed, `unfinished` only those still to be scored.
+    fn stop_fetching(&self, paused: bool, held: usize, held_bytes: usize, unfinished: usize, caught_up: bool) -> Option<StopReason> {
+        let full = held >= self.max_in_flight || held_bytes >= self.max_in_flight_bytes;
+        let half = held <= self.max_in_flight / 2 && held_bytes <= self.max_in_flight_bytes / 2;
+        if full || (paused && !half) {
+            Some(StopReason::Full)
+        } else if caught_up && unfinished > self.refill_below {
+            Some(StopReason::CaughtUp)
+        } else {
+            None
+        }
+    }
+}
+
+/// The partitions read to their end (librdkafka's partition-EOF event) with nothing read from
+/// them since. The event names the partition number only, so a number stands for that partition
+/// of every input topic: with several topics a partition may count as read to its end early,
+/// which at worst pauses fetching while the pipeline still has `refill_below` inputs to score.
+#[derive(Debug, Default)]
+struct PartitionEnds {
+    reached: BTreeSet<i32>,
+}
+
+impl PartitionEnds {
+    fn reached(&mut self, partition: i32) {
+        self.reached.insert(partition);
+    }
+
+    fn record_read(&mut self, partition: i32) {
+        self.reached.remove(&partition);
+    }
+
+    fn clear(&mut self) {
+        self.reached.clear();
+    }
+
+    /// True when this member owns partitions and every one has been read to its end.
+    fn all_reached(&self, assignment: &BTreeSet<PartitionKey>) -> bool {
+        !assignment.is_empty() && assignment.iter().all(|(_, partition)| self.reached.contains(partition))
+    }
 }
 
 /// How long the input has been lagging with nothing finishing: the clock runs only while there
@@ -446,6 +529,47 @@ fn offsets_in(tpl: &TopicPartitionList) -> Vec<(PartitionKey, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GATE: FetchGate = FetchGate { max_in_flight: 512, max_in_flight_bytes: 1 << 28, refill_below: 16 };
+
+    #[test]
+    fn a_source_that_read_everything_stops_fetching_while_it_has_enough_to_score() {
+        // Not caught up: fetch however much waits (back-pressure aside).
+        assert_eq!(GATE.stop_fetching(false, 400, 1 << 20, 400, false), None);
+        // Caught up with 400 to score: stop, and stay stopped down to the refill mark.
+        assert_eq!(GATE.stop_fetching(false, 400, 1 << 20, 400, true), Some(StopReason::CaughtUp));
+        assert_eq!(GATE.stop_fetching(true, 200, 1 << 20, 17, true), Some(StopReason::CaughtUp));
+        // At the refill mark fetching starts again, so new records come before the engines run dry.
+        assert_eq!(GATE.stop_fetching(true, 16, 1 << 20, 16, true), None);
+        // Outputs waiting for their commit are not work: only unfinished inputs keep it stopped.
+        assert_eq!(GATE.stop_fetching(false, 100, 1 << 20, 3, true), None);
+    }
+
+    #[test]
+    fn back_pressure_pauses_at_the_limits_and_resumes_at_half() {
+        assert_eq!(GATE.stop_fetching(false, 512, 0, 512, false), Some(StopReason::Full));
+        assert_eq!(GATE.stop_fetching(false, 1, 1 << 28, 1, false), Some(StopReason::Full));
+        assert_eq!(GATE.stop_fetching(true, 300, 0, 300, false), Some(StopReason::Full));
+        assert_eq!(GATE.stop_fetching(true, 256, 0, 256, false), None);
+        assert_eq!(GATE.stop_fetching(false, 300, 0, 300, false), None);
+    }
+
+    #[test]
+    fn a_partition_counts_as_read_to_its_end_until_a_record_comes_from_it() {
+        let assignment: BTreeSet<PartitionKey> = [("in".to_string(), 0), ("in".to_string(), 1)].into();
+        let mut ends = PartitionEnds::default();
+        assert!(!ends.all_reached(&assignment));
+        ends.reached(0);
+        assert!(!ends.all_reached(&assignment), "partition 1 not read to its end yet");
+        ends.reached(1);
+        assert!(ends.all_reached(&assignment));
+        ends.record_read(1);
+        assert!(!ends.all_reached(&assignment), "a record came from partition 1: it grew");
+        ends.reached(1);
+        ends.clear();
+        assert!(!ends.all_reached(&assignment), "after a resume or rewind nothing is known");
+        assert!(!PartitionEnds::default().all_reached(&BTreeSet::new()), "owning nothing is not being caught up");
+    }
 
     #[test]
     fn the_stall_clock_runs_only_while_there_is_lag_and_nothing_finishes() {

@@ -117,6 +117,7 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     pub consumer_lag: Family<PartitionLabels, Gauge>,
     pub partitions_paused: Gauge,
+    pub caught_up_pauses: Counter,
     pub seconds_since_progress: Gauge,
     /// 1 while `/readyz` would answer 200; set at each scrape.
     pub ready: Gauge,
@@ -160,6 +161,7 @@ impl Metrics {
             end_to_end_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             consumer_lag: Family::default(),
             partitions_paused: Gauge::default(),
+            caught_up_pauses: Counter::default(),
             seconds_since_progress: Gauge::default(),
             ready: Gauge::default(),
             threshold: Family::default(),
@@ -206,7 +208,16 @@ impl Metrics {
             );
             r.register("ready", "1 while /readyz answers 200 (started, no partition stuck, not stalled)", m.ready.clone());
             r.register("threshold", "Raw-score threshold in force per class, by source (model, config, runtime)", m.threshold.clone());
-            r.register("partitions_paused", "Assigned partitions paused by back-pressure or recovery", m.partitions_paused.clone());
+            r.register(
+                "partitions_paused",
+                "Assigned partitions paused by back-pressure, recovery, or while caught up with work to score",
+                m.partitions_paused.clone(),
+            );
+            r.register(
+                "caught_up_pauses",
+                "Times fetching stopped because every assigned partition was read to its end while the pipeline had more than its refill mark to score",
+                m.caught_up_pauses.clone(),
+            );
             r.register(
                 "seconds_since_progress",
                 "Seconds with consumer lag and no input finished (0 while inputs finish or nothing lags); /readyz fails past pipeline.stuck_after_ms",
