@@ -117,7 +117,7 @@ struct Decoded {
 pub(crate) struct Pipeline {
     submit: Option<Submitter>,
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// Inputs enough to keep every engine worker busy for two batches (`refill_mark`).
+    /// Inputs enough to keep every engine worker busy for four batches (`refill_mark`).
     refill_mark: usize,
 }
 
@@ -155,7 +155,7 @@ impl Pipeline {
     /// Like `start`, with a decoder set up by the caller (e.g. with S3 access).
     pub(crate) fn start_with(models: Arc<ModelSlot>, decoder: Decoder, batch: &BatchSettings, metrics: Arc<Metrics>, sink: Arc<dyn OutcomeSink>) -> Self {
         let sessions = models.current().engine.session_count();
-        let refill_mark = 2 * sessions * batch.max_batch.max(1);
+        let refill_mark = 4 * sessions * batch.max_batch.max(1);
         let workers = if decoder.settings().workers == 0 { crate::config::usable_cores() } else { decoder.settings().workers };
         let (submit, jobs) = bounded::<(Job, Arc<ActiveModel>)>(batch.queue_capacity);
         let (to_batch, decoded) = bounded::<Decoded>(batch.queue_capacity);
@@ -179,8 +179,8 @@ impl Pipeline {
         Self { submit: Some(Submitter { jobs: submit, models }), threads, refill_mark }
     }
 
-    /// Unfinished inputs below which the source must be fetching again: two full batches for
-    /// every engine worker, so new records arrive long before the engines run dry.
+    /// Unfinished inputs at which the source must be fetching again: four full batches for every
+    /// engine worker, so new records arrive long before the engines run dry.
     pub(crate) fn refill_mark(&self) -> usize {
         self.refill_mark
     }

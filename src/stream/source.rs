@@ -130,8 +130,8 @@ pub(crate) struct SourceOptions {
     /// Lag with no input finished for this long ends the source with an error, so the process
     /// exits and the orchestrator restarts it; zero = never.
     pub restart_stalled_after: Duration,
-    /// Once every assigned partition has been read to its end, fetching stops while more than
-    /// this many inputs are unfinished (`FetchGate`).
+    /// Once every assigned partition has been read to its end with more than twice this many
+    /// inputs unfinished, fetching stops until no more than this many are (`FetchGate`).
     pub refill_below: usize,
 }
 
@@ -251,8 +251,8 @@ enum StopReason {
     /// Back-pressure: `max_in_flight` or `max_in_flight_bytes` reached; fetching starts again at
     /// half of both.
     Full,
-    /// Every assigned partition has been read to its end and the pipeline has more than
-    /// `refill_below` inputs to score. Fetching now would only ask for records that do not exist
+    /// Every assigned partition has been read to its end and the pipeline has more than twice
+    /// `refill_below` inputs to score (then until it is down to `refill_below`). Fetching now would only ask for records that do not exist
     /// yet; a broker that answers an empty fetch at once (noida-db) turns that into a loop taking
     /// CPU from scoring, on both sides. New records wait in the topic instead of in the
     /// pipeline's queue, behind the same work: fetching resumes with enough left to score to
@@ -275,9 +275,12 @@ impl FetchGate {
     fn stop_fetching(&self, paused: bool, held: usize, held_bytes: usize, unfinished: usize, caught_up: bool) -> Option<StopReason> {
         let full = held >= self.max_in_flight || held_bytes >= self.max_in_flight_bytes;
         let half = held <= self.max_in_flight / 2 && held_bytes <= self.max_in_flight_bytes / 2;
+        // Caught up, it stops only with a real backlog (twice the mark) and, once stopped, stays
+        // stopped down to the mark: a stream that keeps the pipeline near its mark never pauses.
+        let backlog = if paused { self.refill_below } else { 2 * self.refill_below };
         if full || (paused && !half) {
             Some(StopReason::Full)
-        } else if caught_up && unfinished > self.refill_below {
+        } else if caught_up && unfinished > backlog {
             Some(StopReason::CaughtUp)
         } else {
             None
@@ -541,6 +544,10 @@ mod tests {
         assert_eq!(GATE.stop_fetching(true, 200, 1 << 20, 17, true), Some(StopReason::CaughtUp));
         // At the refill mark fetching starts again, so new records come before the engines run dry.
         assert_eq!(GATE.stop_fetching(true, 16, 1 << 20, 16, true), None);
+        // Running, it stops only for a real backlog: twice the mark. A paced stream that keeps a
+        // little more than the mark in the pipeline never pauses.
+        assert_eq!(GATE.stop_fetching(false, 32, 1 << 20, 32, true), None);
+        assert_eq!(GATE.stop_fetching(false, 33, 1 << 20, 33, true), Some(StopReason::CaughtUp));
         // Outputs waiting for their commit are not work: only unfinished inputs keep it stopped.
         assert_eq!(GATE.stop_fetching(false, 100, 1 << 20, 3, true), None);
     }
