@@ -136,3 +136,9 @@ pub(crate) fn take_reached_ends(consumer: &rdkafka::consumer::BaseConsumer, ends
     }
     reached
 }
+
+/// Logs a client-wide librdkafka error as rust-rdkafka's default context does; for contexts that
+/// look at some errors first.
+pub(crate) fn log_client_error(error: &rdkafka::error::KafkaError, reason: &str) {
+    tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+}

@@ -153,7 +153,7 @@ impl ClientContext for TxnProducerContext {
         if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown)) {
             self.connection_losses.fetch_add(1, Ordering::SeqCst);
         }
-        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        crate::kafka::log_client_error(&error, reason);
     }
 }
 

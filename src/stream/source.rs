@@ -56,7 +56,7 @@ impl ClientContext for SourceContext {
             tracing::trace!(reason, "reached the end of a partition");
             return;
         }
-        tracing::error!(target: "rdkafka::client", "librdkafka: {error}: {reason}");
+        crate::kafka::log_client_error(&error, reason);
     }
 }
 
@@ -189,7 +189,10 @@ pub(crate) fn run(
         let (held, held_bytes) = ctx.delivery.held();
         metrics.in_flight.set(held as i64);
         metrics.in_flight_bytes.set(held_bytes as i64);
-        let caught_up = ends.all_reached(&ctx.assignment.lock().expect("assignment"));
+        let (owned, caught_up) = {
+            let assignment = ctx.assignment.lock().expect("assignment");
+            (assignment.len(), ends.all_reached(&assignment))
+        };
         let stop = gate.stop_fetching(paused, held, held_bytes, tracker.in_flight(), caught_up);
         // Re-pause periodically to cover newly assigned partitions.
         if stop.is_some() && (!paused || last_pause_check.elapsed() > Duration::from_millis(200)) {
@@ -205,7 +208,7 @@ pub(crate) fn run(
             ends.clear();
             paused = false;
         }
-        metrics.partitions_paused.set(if paused { ctx.assignment.lock().expect("assignment").len() as i64 } else { 0 });
+        metrics.partitions_paused.set(if paused { owned as i64 } else { 0 });
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 ends.record_read(m.partition());
@@ -264,9 +267,9 @@ enum StopReason {
     /// half of both.
     Full,
     /// Every assigned partition has been read to its end and the pipeline has more than twice
-    /// `refill_below` inputs to score (then until it is down to `refill_below`). Fetching now would only ask for records that do not exist
-    /// yet; a broker that answers an empty fetch at once (noida-db) turns that into a loop taking
-    /// CPU from scoring, on both sides. New records wait in the topic instead of in the
+    /// `refill_below` inputs to score (then until it is down to `refill_below`). Fetching now
+    /// would only ask for records that do not exist yet; a broker that answers an empty fetch at
+    /// once (noida-db) turns that into a loop taking CPU from scoring, on both sides. New records wait in the topic instead of in the
     /// pipeline's queue, behind the same work: fetching resumes with enough left to score to
     /// cover a fetch round trip, so the engines never wait for it.
     CaughtUp,
