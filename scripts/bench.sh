@@ -25,6 +25,7 @@ if [ "${NO_SETUP:-0}" != 1 ]; then
   scripts/setup-python.sh
 fi
 if [ -z "${DCAM_BIN:-}" ]; then
+  scripts/build-tools.sh
   cargo build --locked --release --bin dcam-stream
   DCAM_BIN=target/release/dcam-stream
 fi

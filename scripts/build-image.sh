@@ -100,6 +100,7 @@ if [ "$(printf '%s\n2.36\n' "$glibc" | sort -V | tail -1)" != 2.36 ]; then
 fi
 log "release binary (cargo build --release --locked) and ONNX Runtime $ORT_VERSION"
 scripts/fetch-ort.sh
+scripts/build-tools.sh
 cargo build --release --locked
 mkdir -p "$DIST"
 # Without debug info, as the Dockerfile's build stage does (146 -> 30 MB; symbols stay).

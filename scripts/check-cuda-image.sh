@@ -54,6 +54,7 @@ log "docker/Dockerfile ort-download: libonnxruntime.so.$ORT_VERSION identical to
 
 # ---- 3. staged files for the prebuilt stage -------------------------------------------------------
 log "cargo build --release --locked --features cuda,tensorrt (the GPU image's CARGO_FEATURES)"
+scripts/build-tools.sh
 cargo build --release --locked --features cuda,tensorrt
 rm -rf "$DIST"
 mkdir -p "$DIST/ort-gpu"

@@ -33,7 +33,7 @@ fi
 if ! podman image exists "$RUST_STANDIN"; then
   "${PODMAN[@]}" build --pull=never --network=host "${LIMITS[@]}" -t "$RUST_STANDIN" -f - . <<EOF
 FROM $BASE
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev \
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake nasm pkg-config zlib1g-dev \
       perl python3 curl ca-certificates && rm -rf /var/lib/apt/lists/*
 ENV CARGO_HOME=/usr/local/cargo PATH=/usr/local/rust/bin:/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 EOF

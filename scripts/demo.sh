@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-ort.sh
+scripts/build-tools.sh
 cargo run --locked --quiet -- demo "$@"

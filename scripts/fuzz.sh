@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 CASES=${CASES:-20000}
 PROPERTIES=4
 scripts/fetch-ort.sh >/dev/null
+scripts/build-tools.sh
 started=$(date +%s)
 status=0
 PROPTEST_CASES=$CASES cargo test --locked --test fuzz_parsers -- --test-threads=2 || status=$?

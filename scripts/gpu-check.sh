@@ -100,6 +100,7 @@ if [ -z "$bin" ]; then
 fi
 if [ -z "$bin" ]; then
   echo "gpu-check: no prebuilt binary; cargo build --release (not counted in the budget)" >&2
+  scripts/build-tools.sh
   cargo build --locked --offline --release --bin dcam-stream
   bin=target/release/dcam-stream
   start=$SECONDS

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-ort.sh
+scripts/build-tools.sh
 scripts/setup-python.sh
 export DCAM_SOAK_MINUTES="${1:-20}" DCAM_SOAK_RATE="${2:-6}"
 echo "soak: $DCAM_SOAK_MINUTES min at $DCAM_SOAK_RATE events/s per mode; load before the run: $(cut -d' ' -f1-3 /proc/loadavg)"

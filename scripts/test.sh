@@ -30,7 +30,8 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   fi
 fi
 
-echo "== build"
+echo "== build (cmake and nasm for the bundled libjpeg-turbo: scripts/build-tools.sh)"
+scripts/build-tools.sh
 cargo build --locked --bins --tests
 export DCAM_BIN="$PWD/target/debug/dcam-stream"
 

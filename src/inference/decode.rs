@@ -20,15 +20,17 @@ const SUPPORTED: [ImageFormat; 6] = [ImageFormat::Png, ImageFormat::Jpeg, ImageF
 /// frame's buffer is freed after use, so a burst of huge images does not stay resident per worker.
 const KEEP_PIXEL_BYTES: usize = 16 << 20;
 
-/// Per decode worker (each is a thread of its own): the resizer with its scratch buffers and the
-/// decoded pixels, reused from image to image instead of allocated for each.
+/// Per decode worker (each is a thread of its own): the resizer with its scratch buffers, the
+/// decoded pixels and libjpeg-turbo's decompressor, reused from image to image.
 struct Scratch {
     resizer: fr::Resizer,
     pixels: Vec<u8>,
+    /// Made on the worker's first large JPEG (a TurboJPEG handle is not `Send`: one per thread).
+    jpeg: Option<turbojpeg::Decompressor>,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch { resizer: fr::Resizer::new(), pixels: Vec::new() });
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch { resizer: fr::Resizer::new(), pixels: Vec::new(), jpeg: None });
 }
 
 /// An image ready for the model: `size*size*3` RGB bytes, channels last.
@@ -195,7 +197,8 @@ impl Decoder {
                 match self.decode_jpeg_scaled(bytes, (w, h), k) {
                     Some(Ok(input)) => return Ok(input),
                     Some(Err(e)) if e.kind != ErrorKind::Decode => return Err(e),
-                    // Not for this path, or jpeg-decoder refused it: the full decoder decides.
+                    // Not for this path, or libjpeg-turbo refused it (even a warning, such as a
+                    // truncated scan, is a refusal there): the full decoder decides.
                     _ => {}
                 }
             }
@@ -222,7 +225,7 @@ impl Decoder {
         let resized = if decoder.color_type() == image::ColorType::Rgb8 {
             // Already what the model takes: decoded straight into this worker's pixel buffer.
             SCRATCH.with_borrow_mut(|scratch| {
-                let Scratch { resizer, pixels } = scratch;
+                let Scratch { resizer, pixels, .. } = scratch;
                 pixels.clear();
                 pixels.resize(native as usize, 0);
                 let resized = decoder.read_image(pixels).map_err(failed).and_then(|()| resize_with(resizer, pixels, w, h, self.size));
@@ -240,50 +243,49 @@ impl Decoder {
 }
 
 impl Decoder {
-    /// A JPEG much larger than S: the IDCT runs at 1/`k` scale (as libjpeg-turbo and Pillow's
-    /// `draft()` do), so a 2048² camera frame becomes 256² before the resize touches it.
-    /// None: not for this path (CMYK, 16-bit, or a header jpeg-decoder cannot read); the caller
-    /// decodes at full scale as for any other image.
+    /// A JPEG much larger than S: libjpeg-turbo runs the IDCT at 1/`k` scale (as Pillow's `draft()`
+    /// does), so a 2048² camera frame becomes 256² before the resize touches it, decoded straight
+    /// into this worker's pixel buffer. None: not for this path (CMYK, lossless, or a header
+    /// libjpeg-turbo cannot read); the caller decodes at full scale as for any other image.
     fn decode_jpeg_scaled(&self, bytes: &[u8], (w, h): (u32, u32), k: u32) -> Option<Result<ModelInput, Rejection>> {
-        use jpeg_decoder::PixelFormat as P;
-        let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-        decoder.read_info().ok()?;
-        let format = decoder.info()?.pixel_format;
-        if !matches!(format, P::RGB24 | P::L8) {
-            return None;
-        }
-        Some(self.decode_jpeg_scaled_with(decoder, format, (w, h), k))
-    }
-
-    fn decode_jpeg_scaled_with(
-        &self,
-        mut decoder: jpeg_decoder::Decoder<Cursor<&[u8]>>,
-        format: jpeg_decoder::PixelFormat,
-        (w, h): (u32, u32),
-        k: u32,
-    ) -> Result<ModelInput, Rejection> {
-        use jpeg_decoder::PixelFormat as P;
-        let fail = |e: jpeg_decoder::Error| Rejection::new(ErrorKind::Decode, format!("cannot decode Jpeg: {e}"));
-        let (sw, sh) = decoder.scale(w.div_ceil(k) as u16, h.div_ceil(k) as u16).map_err(fail)?;
-        let (sw, sh) = (sw as u32, sh as u32);
-        let scaled = sw as u64 * sh as u64;
-        let need = scaled * (format.pixel_bytes() as u64 + 3);
-        let Some(_reservation) = self.budget.reserve(need) else {
-            return Err(Rejection::new(
-                ErrorKind::TooLarge,
-                format!("decoding this {w}x{h} JPEG at 1/{k} scale needs {need} bytes, over decode.max_decode_bytes = {}", self.budget.limit()),
-            ));
-        };
-        let pixels = decoder.decode().map_err(fail)?;
-        if pixels.len() as u64 != scaled * format.pixel_bytes() as u64 {
-            return Err(Rejection::new(ErrorKind::Decode, format!("JPEG decoded to {} bytes for {sw}x{sh} {format:?}", pixels.len())));
-        }
-        let rgb: Vec<u8> = match format {
-            P::L8 => pixels.iter().flat_map(|&l| [l, l, l]).collect(),
-            _ => pixels,
-        };
-        let resized = resize_rgb(&rgb, sw, sh, self.size)?;
-        Ok(ModelInput { rgb: resized, size: self.size, original_width: w, original_height: h })
+        use turbojpeg::Colorspace as C;
+        SCRATCH.with_borrow_mut(|scratch| {
+            let Scratch { resizer, pixels, jpeg } = scratch;
+            if jpeg.is_none() {
+                *jpeg = Some(turbojpeg::Decompressor::new().ok()?);
+            }
+            let decompressor = jpeg.as_mut()?;
+            let header = decompressor.read_header(bytes).ok()?;
+            let readable = matches!(header.colorspace, C::YCbCr | C::Gray | C::RGB) && !header.is_lossless;
+            if !readable || (header.width, header.height) != (w as usize, h as usize) {
+                return None;
+            }
+            let factor = turbojpeg::ScalingFactor::new(1, k as usize);
+            decompressor.set_scaling_factor(factor).ok()?;
+            let scaled = header.scaled(factor);
+            let (sw, sh) = (scaled.width, scaled.height);
+            // A progressive JPEG keeps every DCT coefficient of the full frame while it decodes:
+            // 2 bytes per sample, at most 3 samples per pixel.
+            let coefficients = if header.is_progressive { w as u64 * h as u64 * 6 } else { 0 };
+            let need = (sw * sh * 3) as u64 + coefficients;
+            let Some(_reservation) = self.budget.reserve(need) else {
+                return Some(Err(Rejection::new(
+                    ErrorKind::TooLarge,
+                    format!("decoding this {w}x{h} JPEG at 1/{k} scale needs {need} bytes, over decode.max_decode_bytes = {}", self.budget.limit()),
+                )));
+            };
+            pixels.clear();
+            pixels.resize(sw * sh * 3, 0);
+            let image = turbojpeg::Image { pixels: pixels.as_mut_slice(), width: sw, pitch: sw * 3, height: sh, format: turbojpeg::PixelFormat::RGB };
+            let resized = decompressor
+                .decompress(bytes, image)
+                .map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode Jpeg: {e}")))
+                .and_then(|()| resize_with(resizer, pixels, sw as u32, sh as u32, self.size));
+            if pixels.capacity() > KEEP_PIXEL_BYTES {
+                *pixels = Vec::new();
+            }
+            Some(resized.map(|rgb| ModelInput { rgb, size: self.size, original_width: w, original_height: h }))
+        })
     }
 }
 
@@ -554,8 +556,51 @@ mod tests {
         }
         // Grayscale JPEGs take the scaled path too and still come out as three equal channels.
         let gray = encode(image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(1200, 1200, |x, _| image::Luma([(x / 5) as u8]))), ImageFormat::Jpeg);
-        let out = Decoder::new(l, 256).decode_bytes(&gray).unwrap();
+        let d = Decoder::new(l, 256);
+        assert!(matches!(d.decode_jpeg_scaled(&gray, (1200, 1200), 4), Some(Ok(_))), "libjpeg-turbo decoded it");
+        let out = d.decode_bytes(&gray).unwrap();
         assert!(out.rgb.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+    }
+
+    #[test]
+    fn the_scaled_path_serves_baseline_and_progressive_jpegs_and_budgets_their_coefficients() {
+        let l = DecodeSettings { max_payload_bytes: 16 << 20, max_pixels: 40_000_000, ..limits() };
+        let frame = image::load_from_memory(&large_jpeg(1024, 768)).unwrap().into_rgb8();
+        let mut compressor = turbojpeg::Compressor::new().unwrap();
+        compressor.set_quality(90).unwrap();
+        let source = turbojpeg::Image { pixels: frame.as_raw().as_slice(), width: 1024, pitch: 1024 * 3, height: 768, format: turbojpeg::PixelFormat::RGB };
+        let baseline = compressor.compress_to_vec(source).unwrap();
+        compressor.set_progressive(true).unwrap();
+        let progressive = compressor.compress_to_vec(source).unwrap();
+        let d = Decoder::new(l.clone(), 256);
+        for bytes in [&baseline, &progressive] {
+            let scaled = d.decode_jpeg_scaled(bytes, (1024, 768), 2).expect("for this path").expect("decoded");
+            let full = d.clone().with_jpeg_scaling(false).decode_bytes(bytes).unwrap();
+            let mean = scaled.rgb.iter().zip(&full.rgb).map(|(a, b)| (*a as i32 - *b as i32).abs()).sum::<i32>() as f64 / full.rgb.len() as f64;
+            assert!(mean < 2.0, "mean |diff| {mean:.2}");
+            assert_eq!(d.budget().in_use(), 0);
+        }
+        // The budget holds the 512x384 output (0.6 MB) but not the progressive coefficients (4.7 MB).
+        let tight = Decoder::new(DecodeSettings { max_decode_bytes: 2 << 20, ..l }, 256);
+        assert!(matches!(tight.decode_jpeg_scaled(&baseline, (1024, 768), 2), Some(Ok(_))));
+        let err = tight.decode_jpeg_scaled(&progressive, (1024, 768), 2).expect("for this path").unwrap_err();
+        assert_eq!(err.kind, ErrorKind::TooLarge, "{err}");
+    }
+
+    #[test]
+    fn a_jpeg_the_scaled_path_refuses_gets_the_full_decoders_answer() {
+        let l = DecodeSettings { max_payload_bytes: 16 << 20, max_pixels: 40_000_000, ..limits() };
+        let whole = large_jpeg(1024, 1024);
+        let d = Decoder::new(l, 256);
+        for cut in [whole.len() / 2, whole.len() - 2, 700] {
+            let bytes = &whole[..cut];
+            // libjpeg-turbo stops at the missing data (a warning, which TurboJPEG 3 reports as failure)...
+            assert!(matches!(d.decode_jpeg_scaled(bytes, (1024, 1024), 4), Some(Err(_)) | None), "cut at {cut}");
+            // ...and the operator's answer is the full decoder's, whatever that is.
+            let full = d.clone().with_jpeg_scaling(false).decode_bytes(bytes).map(|m| m.rgb).map_err(|e| e.kind);
+            assert_eq!(d.decode_bytes(bytes).map(|m| m.rgb).map_err(|e| e.kind), full, "cut at {cut}");
+            assert_eq!(d.budget().in_use(), 0);
+        }
     }
 
     #[test]
