@@ -5,6 +5,8 @@ from outside (scripts/bench.sh runs it after `dcam-stream bench`):
 - `dcam-stream run` with the default configuration (control topic on; heatmaps off, as the Python
   consumer writes none), and scripts/bench_python_consumer.py, read the same N events from the
   same topic, ROUNDS times each, alternating (op, py, py, op, op, py, ...);
+- before each run the broker is left to settle (quiet for two seconds in a row, at most a minute),
+  so no side pays for the state rewrites the step before it set off;
 - each process's own CPU time (utime + stime of every thread, /proc/PID/stat) is sampled every
   100 ms, as is the broker's (every process of its process group) and this script's; nothing is
   charged to the side it does not belong to. The scores are read back after each run (a reader
@@ -247,8 +249,22 @@ def paced_latency(args, rate):
     return {"rate": len(paced) / sent_s, **latency_summary(parts)}
 
 
+def settle(broker_pgid, quiet_cores=0.35, quiet_windows=2, limit_s=60.0):
+    """Waits until the broker has been quiet (under `quiet_cores` for `quiet_windows` one-second
+    windows in a row; an idle noida-db takes ~0.2 of a core), so no side pays for what the step
+    before it left behind: noida-db rewrites its whole state file (~2 s of CPU with the bench's
+    images) after produces and commits (docs/DESIGN.md §5). Seconds waited."""
+    pids, start, quiet = group_pids(broker_pgid), time.monotonic(), 0
+    while quiet < quiet_windows and time.monotonic() - start < limit_s:
+        before = sum(proc_cpu_s(p) or 0.0 for p in pids)
+        time.sleep(1.0)
+        quiet = quiet + 1 if sum(proc_cpu_s(p) or 0.0 for p in pids) - before < quiet_cores else 0
+    return time.monotonic() - start
+
+
 def measure(side, argv, env, scores_topic, args, metrics_port=None):
     """Runs one side until it scored args.count events; its window figures."""
+    settled = settle(args.broker_pgid) if args.broker_pgid else 0.0
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(f"{args.logs}/{scores_topic}.log", "w"), start_new_session=True)
     sampler = Sampler(proc.pid, args.broker_pgid)
     sampler.start()
@@ -281,6 +297,7 @@ def measure(side, argv, env, scores_topic, args, metrics_port=None):
         "reader_cores": (reader1 - reader0) / window,
         "window_s": window,
         "peak_rss_mb": sampler.peak_rss_mb,
+        "settled_s": settled,
     }
 
 
@@ -345,11 +362,11 @@ def main():
             runs.append(run)
             print(f"  round {r + 1} {side}: {run['img_s']:.1f} img/s", file=sys.stderr)
 
-    print("| round | side | img/s | CPU ms/image (own process) | cores used | broker cores | bench script cores | peak RSS MB | window s |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| round | side | img/s | CPU ms/image (own process) | cores used | broker cores | bench script cores | peak RSS MB | window s | broker settled s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for x in runs:
         print(f"| {x['round']} | {x['side']} | {x['img_s']:.1f} | {x['cpu_ms_per_image']:.1f} | {x['cores_used']:.2f} | {x['broker_cores']:.2f} "
-              f"| {x['reader_cores']:.2f} | {x['peak_rss_mb']:.0f} | {x['window_s']:.1f} |")
+              f"| {x['reader_cores']:.2f} | {x['peak_rss_mb']:.0f} | {x['window_s']:.1f} | {x['settled_s']:.0f} |")
     op = [x for x in runs if x["side"] == "operator"]
     py = [x for x in runs if x["side"] == "python"]
     print()
