@@ -175,3 +175,37 @@ fn a_model_with_a_fixed_batch_dimension_is_refused() {
     let err = text(&out.stderr);
     assert!(err.contains("fixed batch dimension of 4"), "the refusal names the dimension: {err}");
 }
+
+/// A camera-size JPEG must get the verdict its own pixels get. Each bottle image is re-encoded as a
+/// 2048² JPEG (q90) and, decoded at full scale, saved again as a PNG: the operator's reduced-scale
+/// JPEG path must score the JPEG as the PNG scores. (With the IDCT at 1/8 straight to the model's
+/// 256 px, every good frame was flagged: raw scores 10-15 against a threshold of 7.15.)
+#[test]
+fn a_camera_size_jpeg_gets_the_verdict_of_its_full_decode() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = datasets();
+    let sources = ["good/000.png", "good/005.png", "good/011.png", "broken_small/000.png", "contamination/003.png"];
+    let mut args = vec!["score".to_string(), "--class".into(), "bottle".into()];
+    for (i, name) in sources.iter().enumerate() {
+        let img = image::open(data.join("bottle/test").join(name)).unwrap().to_rgb8();
+        let frame = image::imageops::resize(&img, 2048, 2048, image::imageops::FilterType::CatmullRom);
+        let jpeg = tmp.path().join(format!("{i}.jpg"));
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90).encode_image(&frame).unwrap();
+        std::fs::write(&jpeg, &bytes).unwrap();
+        let png = tmp.path().join(format!("{i}.png"));
+        image::load_from_memory(&bytes).unwrap().save(&png).unwrap();
+        args.extend([jpeg.display().to_string(), png.display().to_string()]);
+    }
+    let out = dcam(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2 * sources.len());
+    for (pair, name) in lines.chunks(2).zip(sources) {
+        let (jpeg, png) = (&pair[0], &pair[1]);
+        let (a, b) = (jpeg["raw_score"].as_f64().unwrap(), png["raw_score"].as_f64().unwrap());
+        assert!((a - b).abs() < 1.0, "{name}: raw score {a:.2} as a 2048² JPEG, {b:.2} decoded at full scale");
+        assert_eq!(jpeg["is_anomaly"], png["is_anomaly"], "{name}: {jpeg} vs {png}");
+        assert_eq!(png["is_anomaly"], !name.starts_with("good"), "{name}: the model's own verdict on it: {png}");
+    }
+}

@@ -19,7 +19,7 @@ fn decoder() -> Decoder {
     Decoder::new(limits, 32)
 }
 
-/// Small valid images of every supported format, and JPEGs at least twice the decoder's 32 px
+/// Small valid images of every supported format, and JPEGs at least eight times the decoder's 32 px
 /// (baseline, grayscale, progressive), which take libjpeg-turbo's reduced-scale path: seeds for mutation.
 const SEED_COUNT: usize = 10;
 
@@ -42,8 +42,8 @@ fn seeds() -> &'static Vec<Vec<u8>> {
             img.write_to(&mut std::io::Cursor::new(&mut bytes), format).unwrap();
             out.push(bytes);
         }
-        let large = image::RgbImage::from_fn(72, 64, |x, y| image::Rgb([(x * 3) as u8, (y * 4) as u8, ((x + y) * 2) as u8]));
-        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(64, 80, |x, y| image::Luma([(x * y) as u8])));
+        let large = image::RgbImage::from_fn(264, 256, |x, y| image::Rgb([x as u8, y as u8, ((x + y) / 2) as u8]));
+        let gray = image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(256, 280, |x, y| image::Luma([((x * y) / 64) as u8])));
         for img in [&image::DynamicImage::ImageRgb8(large.clone()), &gray] {
             let mut bytes = Vec::new();
             img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Jpeg).unwrap();
@@ -51,7 +51,7 @@ fn seeds() -> &'static Vec<Vec<u8>> {
         }
         let mut progressive = turbojpeg::Compressor::new().unwrap();
         progressive.set_progressive(true).unwrap();
-        let pixels = turbojpeg::Image { pixels: large.as_raw().as_slice(), width: 72, pitch: 72 * 3, height: 64, format: turbojpeg::PixelFormat::RGB };
+        let pixels = turbojpeg::Image { pixels: large.as_raw().as_slice(), width: 264, pitch: 264 * 3, height: 256, format: turbojpeg::PixelFormat::RGB };
         out.push(progressive.compress_to_vec(pixels).unwrap());
         assert_eq!(out.len(), SEED_COUNT);
         out
