@@ -35,6 +35,7 @@ def main():
     p.add_argument("--step", type=int, default=5, help="every Nth training image (the test split is read whole)")
     p.add_argument("--size", type=int, default=2048, help="the camera frame's side")
     p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--limit", type=int, default=0, help="at most this many images per split (0: all)")
     args = p.parse_args()
 
     meta = {m.key: m.value for m in onnx.load(args.model, load_external_data=False).metadata_props}
@@ -57,6 +58,8 @@ def main():
             raise SystemExit(f"no images under {os.path.join(args.dataset, args.cls, split)}")
         if split == "train":
             paths = paths[:: args.step]
+        if args.limit:
+            paths = paths[:: max(1, len(paths) // args.limit)][: args.limit]
         rows = []
         for path in paths:
             frame = io.BytesIO()
