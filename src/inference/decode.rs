@@ -50,7 +50,8 @@ pub struct Decoder {
     size: u32,
     budget: Arc<MemoryBudget>,
     s3: Option<S3Fetcher>,
-    /// JPEGs at least twice S on both sides decode at a reduced DCT scale (1/2, 1/4, 1/8) first.
+    /// JPEGs at least 8×S on both sides decode at a reduced DCT scale (1/2, 1/4, 1/8) first, down to
+    /// no less than 4×S (`IDCT_KEEPS_SIZES`).
     jpeg_scaling: bool,
 }
 
