@@ -227,13 +227,7 @@ impl Decoder {
             // Already what the model takes: decoded straight into this worker's pixel buffer.
             SCRATCH.with_borrow_mut(|scratch| {
                 let Scratch { resizer, pixels, .. } = scratch;
-                pixels.clear();
-                pixels.resize(native as usize, 0);
-                let resized = decoder.read_image(pixels).map_err(failed).and_then(|()| resize_with(resizer, pixels, w, h, self.size));
-                if pixels.capacity() > KEEP_PIXEL_BYTES {
-                    *pixels = Vec::new();
-                }
-                resized
+                decode_in_place(resizer, pixels, (w, h), self.size, |buf| decoder.read_image(buf).map_err(failed))
             })?
         } else {
             let rgb = image::DynamicImage::from_decoder(decoder).map_err(failed)?.into_rgb8();
@@ -244,9 +238,9 @@ impl Decoder {
 }
 
 impl Decoder {
-    /// A JPEG much larger than S: libjpeg-turbo runs the IDCT at 1/`k` scale (as Pillow's `draft()`
-    /// does), so a 2048² camera frame becomes 256² before the resize touches it, decoded straight
-    /// into this worker's pixel buffer. None: not for this path (CMYK, lossless, or a header
+    /// A JPEG much larger than S: libjpeg-turbo runs the IDCT at 1/`k` scale (`jpeg_scale_divisor`),
+    /// so a 2048² camera frame becomes 1024² before the resize touches it, decoded straight into
+    /// this worker's pixel buffer. None: not for this path (CMYK, lossless, or a header
     /// libjpeg-turbo cannot read); the caller decodes at full scale as for any other image.
     fn decode_jpeg_scaled(&self, bytes: &[u8], (w, h): (u32, u32), k: u32) -> Option<Result<ModelInput, Rejection>> {
         use turbojpeg::Colorspace as C;
@@ -275,16 +269,10 @@ impl Decoder {
                     format!("decoding this {w}x{h} JPEG at 1/{k} scale needs {need} bytes, over decode.max_decode_bytes = {}", self.budget.limit()),
                 )));
             };
-            pixels.clear();
-            pixels.resize(sw * sh * 3, 0);
-            let image = turbojpeg::Image { pixels: pixels.as_mut_slice(), width: sw, pitch: sw * 3, height: sh, format: turbojpeg::PixelFormat::RGB };
-            let resized = decompressor
-                .decompress(bytes, image)
-                .map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode Jpeg: {e}")))
-                .and_then(|()| resize_with(resizer, pixels, sw as u32, sh as u32, self.size));
-            if pixels.capacity() > KEEP_PIXEL_BYTES {
-                *pixels = Vec::new();
-            }
+            let resized = decode_in_place(resizer, pixels, (sw as u32, sh as u32), self.size, |buf| {
+                let image = turbojpeg::Image { pixels: buf, width: sw, pitch: sw * 3, height: sh, format: turbojpeg::PixelFormat::RGB };
+                decompressor.decompress(bytes, image).map_err(|e| Rejection::new(ErrorKind::Decode, format!("cannot decode Jpeg: {e}")))
+            });
             Some(resized.map(|rgb| ModelInput { rgb, size: self.size, original_width: w, original_height: h }))
         })
     }
@@ -358,6 +346,24 @@ fn png_dimensions(bytes: &[u8]) -> Option<(u32, u32)> {
 
 fn too_large_bytes(len: usize, max: usize) -> Rejection {
     Rejection::new(ErrorKind::TooLarge, format!("payload is {len} bytes, over decode.max_payload_bytes = {max}"))
+}
+
+/// Decodes `w`×`h` packed RGB into this worker's `pixels` (by `decode`, which fills the slice it is
+/// given) and resizes it to S; a buffer over `KEEP_PIXEL_BYTES` is freed afterwards.
+fn decode_in_place(
+    resizer: &mut fr::Resizer,
+    pixels: &mut Vec<u8>,
+    (w, h): (u32, u32),
+    size: u32,
+    decode: impl FnOnce(&mut [u8]) -> Result<(), Rejection>,
+) -> Result<Vec<u8>, Rejection> {
+    pixels.clear();
+    pixels.resize(w as usize * h as usize * 3, 0);
+    let resized = decode(pixels).and_then(|()| resize_with(resizer, pixels, w, h, size));
+    if pixels.capacity() > KEEP_PIXEL_BYTES {
+        *pixels = Vec::new();
+    }
+    resized
 }
 
 /// Bilinear (antialiased, like PIL's) resize of packed RGB with SIMD, with this thread's resizer.
