@@ -269,9 +269,9 @@ enum StopReason {
     /// Every assigned partition has been read to its end and the pipeline has more than twice
     /// `refill_below` inputs to score (then until it is down to `refill_below`). Fetching now
     /// would only ask for records that do not exist yet; a broker that answers an empty fetch at
-    /// once (noida-db) turns that into a loop taking CPU from scoring, on both sides. New records wait in the topic instead of in the
-    /// pipeline's queue, behind the same work: fetching resumes with enough left to score to
-    /// cover a fetch round trip, so the engines never wait for it.
+    /// once (noida-db) turns that into a loop taking CPU from scoring, on both sides. New records
+    /// wait in the topic instead of in the pipeline's queue, behind the same work: fetching resumes
+    /// with enough left to score to cover a fetch round trip, so the engines never wait for it.
     CaughtUp,
 }
 
